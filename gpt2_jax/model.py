@@ -1,0 +1,245 @@
+"""GPT-2 decoder as pure functional Flax linen modules.
+
+Parameter names mirror Hugging Face's ``GPT2LMHeadModel`` (``wte, wpe, h_<i>/{ln_1,
+attn/{c_attn, c_proj}, ln_2, mlp/{c_fc, c_proj}}, ln_f``); with ``scan_layers=True`` the
+blocks are one module scanned over the layers and their parameters are stacked under
+``h`` (leading axis = layer). The output head is tied to ``wte``.
+
+This module never sees the experiment config: ``train.py`` builds a ``GPT2Config``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+# Named sizes: (n_layer, n_head, n_embd), as in Hugging Face's configs.
+SIZES = {
+    "gpt2": dict(n_layer=12, n_head=12, n_embd=768),
+    "gpt2-medium": dict(n_layer=24, n_head=16, n_embd=1024),
+    "gpt2-large": dict(n_layer=36, n_head=20, n_embd=1280),
+    "gpt2-xl": dict(n_layer=48, n_head=25, n_embd=1600),
+}
+
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
+
+
+@dataclasses.dataclass(frozen=True)
+class GPT2Config:
+    """Model config. Field names are Hugging Face ``GPT2Config``'s where they exist."""
+
+    vocab_size: int = 50257
+    n_positions: int = 1024
+    n_embd: int = 768
+    n_layer: int = 12
+    n_head: int = 12
+    n_inner: int | None = None  # None -> 4 * n_embd
+    resid_pdrop: float = 0.1
+    embd_pdrop: float = 0.1
+    attn_pdrop: float = 0.1
+    layer_norm_epsilon: float = 1e-5
+    initializer_range: float = 0.02
+    # Not in Hugging Face's config: how we compute, not what the model is.
+    dtype: str = "float32"  # compute dtype (activations, matmuls)
+    param_dtype: str = "float32"  # parameter (and optimizer state) dtype
+    scan_layers: bool = True  # one block compiled and scanned over layers, params under "h"
+    remat: bool = False  # recompute block activations in the backward pass (saves memory)
+
+    @classmethod
+    def from_size(cls, size: str, **overrides: Any) -> GPT2Config:
+        if size not in SIZES:
+            raise ValueError(f"model.size={size!r} is not one of {sorted(SIZES)}")
+        return cls(**{**SIZES[size], **overrides})
+
+    @property
+    def inner_dim(self) -> int:
+        return self.n_inner or 4 * self.n_embd
+
+    def validate(self) -> None:
+        """Raises ValueError naming the field for an impossible config."""
+        for name in ("vocab_size", "n_positions", "n_embd", "n_layer", "n_head"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"model.{name} must be positive, got {getattr(self, name)}")
+        if self.n_embd % self.n_head:
+            raise ValueError(
+                f"model.n_embd={self.n_embd} is not divisible by model.n_head={self.n_head}"
+            )
+        for name in ("resid_pdrop", "embd_pdrop", "attn_pdrop"):
+            if not 0.0 <= getattr(self, name) < 1.0:
+                raise ValueError(f"model.{name} must be in [0, 1), got {getattr(self, name)}")
+        for name in ("dtype", "param_dtype"):
+            if getattr(self, name) not in DTYPES:
+                raise ValueError(f"model.{name}={getattr(self, name)!r} is not one of {list(DTYPES)}")
+
+
+def _dense(cfg: GPT2Config, features: int, name: str, std: float) -> nn.Dense:
+    # HF Conv1D stores weights as (in, out): the same layout as a Dense kernel.
+    return nn.Dense(
+        features,
+        dtype=DTYPES[cfg.dtype],
+        param_dtype=DTYPES[cfg.param_dtype],
+        kernel_init=nn.initializers.normal(std),
+        bias_init=nn.initializers.zeros,
+        name=name,
+    )
+
+
+def _layer_norm(cfg: GPT2Config, name: str) -> nn.LayerNorm:
+    return nn.LayerNorm(
+        epsilon=cfg.layer_norm_epsilon,
+        dtype=DTYPES[cfg.dtype],
+        param_dtype=DTYPES[cfg.param_dtype],
+        name=name,
+    )
+
+
+class Attention(nn.Module):
+    cfg: GPT2Config
+
+    @nn.compact
+    def __call__(self, x: jax.Array, deterministic: bool) -> jax.Array:
+        cfg = self.cfg
+        B, T, C = x.shape
+        nh, hs = cfg.n_head, C // cfg.n_head
+        # Residual projections scaled by 1/sqrt(2 * n_layer), as in GPT-2 and HF's init.
+        proj_std = cfg.initializer_range / math.sqrt(2 * cfg.n_layer)
+
+        qkv = _dense(cfg, 3 * C, "c_attn", cfg.initializer_range)(x)  # (B, T, 3C)
+        q, k, v = jnp.split(qkv, 3, axis=-1)
+        q, k, v = (t.reshape(B, T, nh, hs) for t in (q, k, v))  # (B, T, nh, hs)
+        if deterministic or cfg.attn_pdrop == 0.0:
+            y = jax.nn.dot_product_attention(q, k, v, is_causal=True)  # (B, T, nh, hs)
+        else:
+            # dot_product_attention has no dropout on the probabilities: spell it out.
+            att = jnp.einsum("btnh,bsnh->bnts", q, k, preferred_element_type=jnp.float32)
+            att = att / math.sqrt(hs)
+            causal = jnp.tril(jnp.ones((T, T), dtype=bool))
+            att = jnp.where(causal, att, jnp.finfo(jnp.float32).min)
+            att = jax.nn.softmax(att, axis=-1).astype(v.dtype)  # (B, nh, T, T)
+            att = nn.Dropout(cfg.attn_pdrop)(att, deterministic=False)
+            y = jnp.einsum("bnts,bsnh->btnh", att, v)  # (B, T, nh, hs)
+        y = y.reshape(B, T, C)
+        y = _dense(cfg, C, "c_proj", proj_std)(y)
+        return nn.Dropout(cfg.resid_pdrop)(y, deterministic=deterministic)
+
+
+class MLP(nn.Module):
+    cfg: GPT2Config
+
+    @nn.compact
+    def __call__(self, x: jax.Array, deterministic: bool) -> jax.Array:
+        cfg = self.cfg
+        proj_std = cfg.initializer_range / math.sqrt(2 * cfg.n_layer)
+        h = _dense(cfg, cfg.inner_dim, "c_fc", cfg.initializer_range)(x)
+        h = jax.nn.gelu(h, approximate=True)  # HF "gelu_new"
+        h = _dense(cfg, cfg.n_embd, "c_proj", proj_std)(h)
+        return nn.Dropout(cfg.resid_pdrop)(h, deterministic=deterministic)
+
+
+class Block(nn.Module):
+    cfg: GPT2Config
+    scanned: bool = False  # nn.scan wants a (carry, out) pair back
+
+    @nn.compact
+    def __call__(self, x: jax.Array, deterministic: bool):
+        x = x + Attention(self.cfg, name="attn")(_layer_norm(self.cfg, "ln_1")(x), deterministic)
+        x = x + MLP(self.cfg, name="mlp")(_layer_norm(self.cfg, "ln_2")(x), deterministic)
+        return (x, None) if self.scanned else x
+
+
+class GPT2(nn.Module):
+    """GPT-2 language model with a tied output head.
+
+    ``__call__(input_ids [B, T] int) -> logits [B, T, vocab_size] float32``.
+    Dropout runs only with ``deterministic=False`` and a ``"dropout"`` rng.
+    """
+
+    cfg: GPT2Config
+
+    @nn.compact
+    def __call__(
+        self, input_ids: jax.Array, deterministic: bool = True, return_hidden: bool = False
+    ) -> jax.Array:
+        cfg = self.cfg
+        dtype, param_dtype = DTYPES[cfg.dtype], DTYPES[cfg.param_dtype]
+        B, T = input_ids.shape
+        if T > cfg.n_positions:
+            raise ValueError(f"sequence length {T} exceeds model.n_positions={cfg.n_positions}")
+
+        init = nn.initializers.normal(cfg.initializer_range)
+        wte = nn.Embed(cfg.vocab_size, cfg.n_embd, dtype=dtype, param_dtype=param_dtype,
+                       embedding_init=init, name="wte")
+        wpe = nn.Embed(cfg.n_positions, cfg.n_embd, dtype=dtype, param_dtype=param_dtype,
+                       embedding_init=init, name="wpe")
+        x = wte(input_ids) + wpe(jnp.arange(T)[None, :])  # (B, T, C)
+        x = nn.Dropout(cfg.embd_pdrop)(x, deterministic=deterministic)
+
+        block = nn.remat(Block, static_argnums=(2,)) if cfg.remat else Block
+        if cfg.scan_layers:
+            x, _ = nn.scan(
+                block,
+                variable_axes={"params": 0},
+                split_rngs={"params": True, "dropout": True},
+                in_axes=(nn.broadcast,),
+                length=cfg.n_layer,
+            )(cfg, scanned=True, name="h")(x, deterministic)
+        else:
+            for i in range(cfg.n_layer):
+                x = block(cfg, name=f"h_{i}")(x, deterministic)
+
+        x = _layer_norm(cfg, "ln_f")(x)  # (B, T, C)
+        if return_hidden:
+            return x
+        # Tied head; logits accumulate in float32 whatever the compute dtype.
+        return jnp.einsum("btc,vc->btv", x, wte.embedding.astype(dtype),
+                          preferred_element_type=jnp.float32)  # (B, T, V)
+
+
+# ---------------------------------------------------------------------------- loss
+
+
+def token_nll(logits: jax.Array, input_ids: jax.Array) -> jax.Array:
+    """Shifted next-token negative log-likelihood, as Hugging Face's GPT-2 loss.
+
+    logits: [B, T, V] float; input_ids: [B, T] int -> [B, T - 1] float32, where entry t
+    is -log p(input_ids[:, t + 1] | input_ids[:, : t + 1]).
+    """
+    logits = logits[:, :-1].astype(jnp.float32)
+    targets = input_ids[:, 1:]
+    logz = jax.nn.logsumexp(logits, axis=-1)
+    picked = jnp.take_along_axis(logits, targets[..., None], axis=-1)[..., 0]
+    return logz - picked
+
+
+# ------------------------------------------------------------ parameter layouts
+
+
+def init_params(cfg: GPT2Config, rng: jax.Array) -> dict:
+    """Random parameters for ``cfg`` (the layout follows ``cfg.scan_layers``)."""
+    return GPT2(cfg).init(rng, jnp.zeros((1, 1), jnp.int32))["params"]
+
+
+def stack_layers(params: dict, n_layer: int) -> dict:
+    """Unrolled layout (``h_0 .. h_{L-1}``) -> scanned layout (``h`` with a leading L axis)."""
+    out = {k: v for k, v in params.items() if not k.startswith("h_")}
+    layers = [params[f"h_{i}"] for i in range(n_layer)]
+    out["h"] = jax.tree.map(lambda *xs: jnp.stack(xs), *layers)
+    return out
+
+
+def unstack_layers(params: dict) -> dict:
+    """Scanned layout (``h``) -> unrolled layout (``h_0 .. h_{L-1}``)."""
+    out = {k: v for k, v in params.items() if k != "h"}
+    n_layer = jax.tree.leaves(params["h"])[0].shape[0]
+    for i in range(n_layer):
+        out[f"h_{i}"] = jax.tree.map(lambda x, i=i: x[i], params["h"])
+    return out
+
+
+def count_params(params: dict) -> int:
+    return sum(int(x.size) for x in jax.tree.leaves(params))
