@@ -74,7 +74,9 @@ class GPT2Config:
                 raise ValueError(f"model.{name} must be in [0, 1), got {getattr(self, name)}")
         for name in ("dtype", "param_dtype"):
             if getattr(self, name) not in DTYPES:
-                raise ValueError(f"model.{name}={getattr(self, name)!r} is not one of {list(DTYPES)}")
+                raise ValueError(
+                    f"model.{name}={getattr(self, name)!r} is not one of {list(DTYPES)}"
+                )
 
 
 def _dense(cfg: GPT2Config, features: int, name: str, std: float) -> nn.Dense:
@@ -172,10 +174,22 @@ class GPT2(nn.Module):
             raise ValueError(f"sequence length {T} exceeds model.n_positions={cfg.n_positions}")
 
         init = nn.initializers.normal(cfg.initializer_range)
-        wte = nn.Embed(cfg.vocab_size, cfg.n_embd, dtype=dtype, param_dtype=param_dtype,
-                       embedding_init=init, name="wte")
-        wpe = nn.Embed(cfg.n_positions, cfg.n_embd, dtype=dtype, param_dtype=param_dtype,
-                       embedding_init=init, name="wpe")
+        wte = nn.Embed(
+            cfg.vocab_size,
+            cfg.n_embd,
+            dtype=dtype,
+            param_dtype=param_dtype,
+            embedding_init=init,
+            name="wte",
+        )
+        wpe = nn.Embed(
+            cfg.n_positions,
+            cfg.n_embd,
+            dtype=dtype,
+            param_dtype=param_dtype,
+            embedding_init=init,
+            name="wpe",
+        )
         x = wte(input_ids) + wpe(jnp.arange(T)[None, :])  # (B, T, C)
         x = nn.Dropout(cfg.embd_pdrop)(x, deterministic=deterministic)
 
@@ -196,8 +210,9 @@ class GPT2(nn.Module):
         if return_hidden:
             return x
         # Tied head; logits accumulate in float32 whatever the compute dtype.
-        return jnp.einsum("btc,vc->btv", x, wte.embedding.astype(dtype),
-                          preferred_element_type=jnp.float32)  # (B, T, V)
+        return jnp.einsum(
+            "btc,vc->btv", x, wte.embedding.astype(dtype), preferred_element_type=jnp.float32
+        )  # (B, T, V)
 
 
 # ---------------------------------------------------------------------------- loss

@@ -103,7 +103,9 @@ def get_tokenizer(vocab_dir: str | None = None) -> tiktoken.Encoding:
             return tiktoken.get_encoding("gpt2")
         except Exception as e:  # network errors come in many types
             raise TokenizerError(f"{local_error}; tiktoken's download failed too: {e}") from e
-    ranks = data_gym_to_mergeable_bpe_ranks(vocab_bpe_file=str(bpe), encoder_json_file=str(enc_json))
+    ranks = data_gym_to_mergeable_bpe_ranks(
+        vocab_bpe_file=str(bpe), encoder_json_file=str(enc_json)
+    )
     return tiktoken.Encoding(
         name="gpt2",
         pat_str=PAT_STR,

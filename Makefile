@@ -1,0 +1,39 @@
+# `make demo` and `make test` each work on a fresh clone: they create .venv when missing.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+DEMO_DIR ?= runs/demo
+# Pinned CPU torch for the test extras: an unpinned torch would pull a multi-GB CUDA build.
+PIP_INSTALL := $(PY) -m pip install --disable-pip-version-check -q
+
+.PHONY: demo test test-all lint setup clean
+
+$(VENV)/.installed: pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PIP_INSTALL) -e .
+	touch $@
+
+$(VENV)/.installed-test: $(VENV)/.installed
+	$(PIP_INSTALL) -e '.[test,dev]'
+	touch $@
+
+setup: $(VENV)/.installed-test
+
+demo: $(VENV)/.installed
+	rm -rf $(DEMO_DIR)
+	$(PY) -m gpt2_jax train --config=configs/quickstart.py --workdir=$(DEMO_DIR)
+	$(PY) -m gpt2_jax eval --workdir=$(DEMO_DIR)
+	$(PY) -m gpt2_jax generate --workdir=$(DEMO_DIR) --prompt="The if statement" --max_new_tokens=80
+	@echo "demo run: $(DEMO_DIR)/checkpoints (Orbax), $(DEMO_DIR)/metrics.jsonl, $(DEMO_DIR)/tensorboard (tensorboard --logdir $(DEMO_DIR))"
+
+test: $(VENV)/.installed-test
+	$(PY) -m pytest -q -m "not slow"
+
+test-all: $(VENV)/.installed-test
+	$(PY) -m pytest -q
+
+lint: $(VENV)/.installed-test
+	$(VENV)/bin/ruff check gpt2_jax tests configs
+
+clean:
+	rm -rf $(VENV) runs .pytest_cache

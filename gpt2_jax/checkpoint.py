@@ -1,0 +1,119 @@
+"""Orbax checkpoints of plain pytrees, with the run's resolved config saved beside each.
+
+Layout: ``<workdir>/checkpoints/<step>/{state, config}``. Saves are asynchronous; Orbax
+writes each into a temporary directory renamed on completion, so a ``kill -9`` leaves the
+last finished checkpoint intact (leftover temporaries are removed at the next start).
+This module knows pytrees, not models.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import jax
+import orbax.checkpoint as ocp
+
+
+class CheckpointError(RuntimeError):
+    pass
+
+
+class Checkpointer:
+    """A thin wrapper over ``ocp.CheckpointManager`` that fails loudly.
+
+    Orbax reports an async save's error only at the next save/wait/close, and returns
+    False (silently) for a step at or below the latest one: both become exceptions here.
+    """
+
+    def __init__(
+        self,
+        directory: str | os.PathLike,
+        max_to_keep: int = 3,
+        async_save: bool = True,
+        read_only: bool = False,
+    ):
+        # Relative paths break async saves (the error surfaces only at the next save).
+        self.directory = Path(directory).absolute()
+        if read_only and not self.directory.is_dir():
+            raise CheckpointError(f"no checkpoint directory at {self.directory}")
+        options = ocp.CheckpointManagerOptions(
+            max_to_keep=max_to_keep or None,
+            enable_async_checkpointing=async_save,
+            cleanup_tmp_directories=not read_only,
+            create=not read_only,
+            read_only=read_only,
+        )
+        self._mngr = ocp.CheckpointManager(
+            self.directory, options=options, item_names=("state", "config")
+        )
+
+    def latest_step(self) -> int | None:
+        return self._mngr.latest_step()
+
+    def all_steps(self) -> list[int]:
+        return list(self._mngr.all_steps())
+
+    def save(self, step: int, state: Any, config: dict, force: bool = True) -> None:
+        """Starts an async save of ``state`` (any pytree of arrays) and ``config`` (JSON)."""
+        saved = self._mngr.save(
+            step,
+            args=ocp.args.Composite(
+                state=ocp.args.PyTreeSave(state), config=ocp.args.JsonSave(config)
+            ),
+            force=force,
+        )
+        if not saved and step not in self._mngr.all_steps():
+            raise CheckpointError(
+                f"checkpoint for step {step} was not saved in {self.directory} "
+                f"(latest saved step: {self._mngr.latest_step()})"
+            )
+
+    def restore(self, step: int | None, abstract_state: Any = None, partial: bool = False) -> Any:
+        """Restores ``abstract_state``'s structure (ShapeDtypeStructs with shardings).
+
+        ``step=None`` is the latest; ``abstract_state=None`` restores the tree as saved.
+        ``partial=True`` restores only the subtrees given (e.g. ``{"params": ...}``).
+        Shape or structure mismatches raise CheckpointError naming the directory.
+        """
+        step = self.latest_step() if step is None else step
+        if step is None:
+            raise CheckpointError(f"no checkpoint in {self.directory}")
+        if abstract_state is None:  # as saved, on the default device (inspection, tests)
+            args = ocp.args.PyTreeRestore()
+        else:
+            args = ocp.args.PyTreeRestore(
+                item=abstract_state,
+                partial_restore=partial,
+                restore_args=ocp.checkpoint_utils.construct_restore_args(abstract_state),
+            )
+        try:
+            out = self._mngr.restore(step, args=ocp.args.Composite(state=args))
+        except Exception as e:  # orbax raises ValueError/KeyError/etc. for mismatches
+            raise CheckpointError(
+                f"checkpoint {self.directory / str(step)} does not match this model/optimizer: "
+                f"{type(e).__name__}: {str(e)[:2000]}"
+            ) from e
+        return out.state
+
+    def restore_config(self, step: int | None = None) -> dict:
+        step = self.latest_step() if step is None else step
+        if step is None:
+            raise CheckpointError(f"no checkpoint in {self.directory}")
+        out = self._mngr.restore(step, args=ocp.args.Composite(config=ocp.args.JsonRestore()))
+        return out.config
+
+    def wait(self) -> None:
+        """Blocks until pending saves finish; re-raises their errors."""
+        self._mngr.wait_until_finished()
+
+    def close(self) -> None:
+        self._mngr.close()
+
+
+def abstract_like(tree: Any, shardings: Any) -> Any:
+    """ShapeDtypeStructs of ``tree`` (arrays or ShapeDtypeStructs) carrying ``shardings``."""
+    return jax.tree.map(
+        lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), tree, shardings
+    )

@@ -1,0 +1,236 @@
+"""``gpt2-jax train | eval | generate | export``: parses flags, calls the library.
+
+gpt2-jax train    --config=configs/NAME.py[:ARG] --workdir=DIR [--config.KEY=VALUE ...]
+gpt2-jax eval     --workdir=DIR [--config.KEY=VALUE ...]
+gpt2-jax eval     --config=configs/NAME.py --config.init_from=hf:PATH_OR_HUB_ID
+gpt2-jax generate --workdir=DIR | --init_from=hf:PATH_OR_HUB_ID --prompt=TEXT [...]
+gpt2-jax export   --workdir=DIR --out=HF_DIR
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import json
+import sys
+from pathlib import Path
+
+COMMANDS = ("train", "eval", "generate", "export")
+
+
+def _parser(command: str) -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog=f"gpt2-jax {command}",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("--config", help="configs/NAME.py[:ARG]")
+    p.add_argument("--workdir", help="run directory (checkpoints, metrics, config.json)")
+    if command == "generate":
+        p.add_argument("--init_from", default="", help="hf:<dir or hub id>")
+        p.add_argument("--prompt", default="\n")
+        p.add_argument("--max_new_tokens", type=int, default=100)
+        p.add_argument("--temperature", type=float, default=0.8, help="0 = greedy")
+        p.add_argument("--top_k", type=int, default=200, help="0 = off")
+        p.add_argument("--top_p", type=float, default=1.0, help="1 = off")
+        p.add_argument("--seed", type=int, default=0)
+    if command == "export":
+        p.add_argument("--out", required=True, help="output Hugging Face directory")
+        p.add_argument("--overwrite", action="store_true")
+    return p
+
+
+def _load_config(args, overrides):
+    """The config from --config, else the one saved in --workdir; overrides applied."""
+    from gpt2_jax import config as config_lib
+
+    if args.config:
+        cfg = config_lib.load_config_file(args.config)
+    elif args.workdir and (Path(args.workdir) / "config.json").is_file():
+        cfg = config_lib.from_json((Path(args.workdir) / "config.json").read_text())
+    elif args.workdir:
+        raise config_lib.ConfigError(
+            f"--workdir={args.workdir} has no config.json (is it a gpt2-jax run directory?); "
+            f"pass --config=configs/NAME.py too"
+        )
+    else:
+        raise config_lib.ConfigError("give --config=configs/NAME.py or --workdir=DIR")
+    config_lib.apply_overrides(cfg, overrides)
+    return cfg
+
+
+def _model_and_params(cfg, workdir: str | None):
+    """(model config, params): the workdir's latest checkpoint, else ``init_from`` weights."""
+    import jax
+
+    from gpt2_jax import checkpoint as ckpt_lib
+    from gpt2_jax import config as config_lib
+    from gpt2_jax import model as model_lib
+    from gpt2_jax import train as train_lib
+
+    ckpt_dir = Path(workdir) / "checkpoints" if workdir else None
+    if ckpt_dir is not None and ckpt_dir.is_dir():
+        ckpt = ckpt_lib.Checkpointer(ckpt_dir, read_only=True)
+        if ckpt.latest_step() is not None:
+            saved = config_lib.from_json(ckpt.restore_config())
+            with cfg.unlocked():
+                # The weights decide the shape; only how to compute may be overridden.
+                shape_keys = (
+                    "size",
+                    "n_layer",
+                    "n_head",
+                    "n_embd",
+                    "n_positions",
+                    "vocab_size",
+                    "scan_layers",
+                )
+                for k in shape_keys:
+                    cfg.model[k] = saved.model[k]
+            model_cfg = config_lib.model_config(cfg)
+            abstract = jax.eval_shape(
+                functools.partial(model_lib.init_params, model_cfg), jax.random.PRNGKey(0)
+            )
+            state = ckpt.restore(None, {"params": abstract}, partial=True)
+            print(f"loaded {ckpt_dir / str(ckpt.latest_step())}", file=sys.stderr)
+            return model_cfg, state["params"]
+    if cfg.init_from:
+        from gpt2_jax import hf
+
+        model_cfg, params = hf.load_pretrained(
+            cfg.init_from[3:], **train_lib._runtime_overrides(cfg)
+        )
+        return model_cfg, params
+    where = f"{ckpt_dir} has no checkpoint" if ckpt_dir else "no --workdir given"
+    raise ckpt_lib.CheckpointError(
+        f"no weights to use: {where}, and init_from is empty "
+        f"(give --config.init_from=hf:<dir or hub id>)"
+    )
+
+
+def cmd_train(args, overrides) -> int:
+    from gpt2_jax import train as train_lib
+
+    if not args.workdir:
+        raise SystemExit("gpt2-jax train: --workdir=DIR is required")
+    if not args.config and not (Path(args.workdir) / "config.json").is_file():
+        raise SystemExit("gpt2-jax train: --config=configs/NAME.py is required for a new workdir")
+    cfg = _load_config(args, overrides)
+    try:
+        results = train_lib.train(cfg, args.workdir)
+    except train_lib.Preempted:
+        return 143
+    for r in results.values():
+        print(json.dumps(r))
+    return 0
+
+
+def cmd_eval(args, overrides) -> int:
+    import jax
+
+    from gpt2_jax import config as config_lib
+    from gpt2_jax import data as data_lib
+    from gpt2_jax import sharding
+    from gpt2_jax import train as train_lib
+
+    cfg = _load_config(args, overrides)
+    model_cfg, params = _model_and_params(cfg, args.workdir)
+    with cfg.model.unlocked():
+        for k in ("n_layer", "n_head", "n_embd", "n_positions", "vocab_size"):
+            cfg.model[k] = getattr(model_cfg, k)
+        cfg.model.size = ""
+    config_lib.validate(cfg, jax.device_count())
+    splits = data_lib.load_splits(cfg.data, tuple(cfg.eval.splits))
+    mesh = sharding.make_mesh(cfg.mesh)
+    results = train_lib.evaluate_splits(cfg, model_cfg, params, splits, mesh, progress=True)
+    for r in results:
+        print(json.dumps(r))
+    return 0
+
+
+def cmd_generate(args, overrides) -> int:
+    from gpt2_jax import config as config_lib
+    from gpt2_jax import generate as gen_lib
+    from gpt2_jax import tokenizer
+
+    if args.init_from and not args.config and not args.workdir:
+        cfg = config_lib.base_config()
+        cfg.lock()
+    else:
+        cfg = _load_config(args, overrides)
+    if args.init_from:
+        with cfg.unlocked():
+            cfg.init_from = args.init_from
+        if not args.init_from.startswith("hf:"):
+            raise config_lib.ConfigError(f"--init_from={args.init_from!r} must be hf:<dir or id>")
+    model_cfg, params = _model_and_params(cfg, None if args.init_from else args.workdir)
+    enc = tokenizer.get_tokenizer()
+    prompt_ids = enc.encode_ordinary(args.prompt)
+    new = gen_lib.generate(
+        model_cfg,
+        params,
+        prompt_ids,
+        args.max_new_tokens,
+        temperature=args.temperature,
+        top_k=args.top_k,
+        top_p=args.top_p,
+        seed=args.seed,
+    )
+    print(tokenizer.decode(enc, prompt_ids + new))
+    return 0
+
+
+def cmd_export(args, overrides) -> int:
+    from gpt2_jax import hf
+
+    if not args.workdir:
+        raise SystemExit("gpt2-jax export: --workdir=DIR is required")
+    cfg = _load_config(args, overrides)
+    model_cfg, params = _model_and_params(cfg, args.workdir)
+    hf.save_pretrained(model_cfg, params, args.out, overwrite=args.overwrite)
+    print(f"wrote {args.out}")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help") or argv[0] not in COMMANDS:
+        print(__doc__, file=sys.stderr)
+        return 0 if argv and argv[0] in ("-h", "--help") else 2
+    command, rest = argv[0], argv[1:]
+
+    from gpt2_jax import config as config_lib
+
+    try:
+        rest, overrides = config_lib.split_override_args(rest)
+        args = _parser(command).parse_args(rest)
+        handler = {
+            "train": cmd_train,
+            "eval": cmd_eval,
+            "generate": cmd_generate,
+            "export": cmd_export,
+        }[command]
+        return handler(args, overrides)
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+    except Exception as e:  # user-facing errors: one line, no traceback
+        if _is_user_error(e):
+            print(f"gpt2-jax {command}: error: {e}", file=sys.stderr)
+            return 2
+        raise
+
+
+def _is_user_error(e: Exception) -> bool:
+    names = {
+        "ConfigError",
+        "DataError",
+        "CheckpointError",
+        "TrainingError",
+        "HFImportError",
+        "TokenizerError",
+    }
+    return any(cls.__name__ in names for cls in type(e).__mro__)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

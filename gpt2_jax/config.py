@@ -1,0 +1,306 @@
+"""Experiment configs: ``.py`` files with ``get_config(arg=None)``, overrides, validation.
+
+``--config=configs/NAME.py:ARG`` calls ``get_config("ARG")`` (big_vision style), then
+``--config.a.b=VALUE`` overrides are applied to the locked ConfigDict, parsed to the type of
+the existing value. Everything is validated here, before anything compiles, and every error
+names the key.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+from pathlib import Path
+
+import ml_collections
+
+from gpt2_jax import model as model_lib
+
+
+class ConfigError(ValueError):
+    pass
+
+
+# ---------------------------------------------------------------------------- defaults
+
+
+def base_config() -> ml_collections.ConfigDict:
+    """Defaults shared by every experiment config; each key with a one-line comment."""
+    from gpt2_jax.data import default_data_config
+
+    c = ml_collections.ConfigDict()
+    c.init_from = ""  # '' = random init; 'hf:<dir or hub id>' = start from Hugging Face weights
+
+    c.model = m = ml_collections.ConfigDict()
+    m.size = ""  # gpt2 | gpt2-medium | gpt2-large | gpt2-xl; n_layer/n_head/n_embd > 0 override it
+    m.n_layer = 0  # transformer blocks
+    m.n_head = 0  # attention heads (n_embd % n_head == 0)
+    m.n_embd = 0  # model width
+    m.n_positions = 1024  # longest context (learned position table)
+    m.vocab_size = 50257  # GPT-2 BPE vocabulary
+    m.dropout = 0.1  # embd/attn/resid dropout (HF's *_pdrop)
+    m.dtype = "float32"  # compute dtype: float32 | bfloat16
+    m.param_dtype = "float32"  # parameter and optimizer-state dtype
+    m.scan_layers = True  # scan one compiled block over layers (fast compile) vs unrolled h_<i>
+    m.remat = False  # recompute activations in backward (less memory, ~1/3 more compute)
+
+    c.data = default_data_config()
+
+    c.train = t = ml_collections.ConfigDict()
+    t.batch_size = 8  # sequences per optimizer step (global, over all devices and microbatches)
+    t.steps = 0  # optimizer steps; 0 = train.epochs over the train split
+    t.epochs = 0  # used when steps == 0
+    t.seed = 0  # parameter init, data order and dropout
+    t.log_every = 10  # steps between train-metric fetches (the only host syncs)
+    t.eval_every = 0  # steps between evaluations (0: only at the end)
+    t.checkpoint_every = 0  # steps between checkpoints (0: only at the end and on SIGTERM)
+    t.keep_checkpoints = 3  # newest checkpoints kept
+    t.progress = True  # tqdm progress bar on stderr
+
+    c.optim = o = ml_collections.ConfigDict()
+    o.learning_rate = 6e-4  # peak learning rate
+    o.warmup_steps = 0  # linear warmup from 0
+    o.schedule = "cosine"  # cosine | linear | constant (after warmup)
+    o.min_lr_ratio = 0.1  # cosine floor as a fraction of the peak
+    o.weight_decay = 0.0  # AdamW decoupled decay (kernels only; see decay_embeddings)
+    o.decay_embeddings = False  # also decay wte/wpe
+    o.b1 = 0.9
+    o.b2 = 0.999
+    o.eps = 1e-8
+    o.grad_clip = 1.0  # global-norm clipping (0: off)
+    o.accumulation_steps = 1  # microbatches per optimizer step (scanned inside the jitted step)
+
+    c.eval = e = ml_collections.ConfigDict()
+    e.batch_size = 0  # 0: train.batch_size / optim.accumulation_steps
+    e.max_batches = 0  # 0: the whole split; N: only the first N batches (quick looks)
+    e.stride = 0  # 0: run_clm blocks; S > 0: sliding-window perplexity with stride S
+    e.splits = ("validation",)  # splits scored by eval steps and `gpt2-jax eval`
+
+    c.mesh = ml_collections.ConfigDict()
+    c.mesh.data = -1  # data-parallel axis size (-1: all devices not used by fsdp)
+    c.mesh.fsdp = 1  # parameter-sharding axis size
+
+    c.distributed = d = ml_collections.ConfigDict()
+    d.coordinator_address = ""  # 'host:port' of process 0 for multi-host runs ('' = one process)
+    d.num_processes = 1
+    d.process_id = 0
+    d.cpu_collectives = ""  # e.g. 'gloo' for multi-process CPU runs
+
+    c.generate = g = ml_collections.ConfigDict()
+    g.prompt = "\n"  # default prompt for the end-of-run sample
+    g.max_new_tokens = 100
+    g.temperature = 0.8
+    g.top_k = 200
+    g.top_p = 1.0
+    return c
+
+
+# ----------------------------------------------------------------------------- loading
+
+
+def load_config_file(spec: str) -> ml_collections.ConfigDict:
+    """``path/to/file.py[:arg]`` -> the locked ConfigDict its ``get_config`` returns."""
+    path, _, arg = spec.partition(":")
+    file = Path(path)
+    if not file.is_file():
+        raise ConfigError(f"--config: no such config file: {path}")
+    module_spec = importlib.util.spec_from_file_location(f"_gpt2_jax_config_{file.stem}", file)
+    module = importlib.util.module_from_spec(module_spec)
+    module_spec.loader.exec_module(module)
+    if not hasattr(module, "get_config"):
+        raise ConfigError(f"--config: {path} has no get_config(arg=None) function")
+    cfg = module.get_config(arg or None) if arg else module.get_config()
+    if not isinstance(cfg, ml_collections.ConfigDict):
+        raise ConfigError(f"--config: {path}:get_config() must return an ml_collections.ConfigDict")
+    cfg.lock()
+    return cfg
+
+
+def from_json(text_or_dict) -> ml_collections.ConfigDict:
+    d = json.loads(text_or_dict) if isinstance(text_or_dict, str) else text_or_dict
+    cfg = ml_collections.ConfigDict(d)
+    cfg.lock()
+    return cfg
+
+
+def to_dict(cfg: ml_collections.ConfigDict) -> dict:
+    return json.loads(cfg.to_json())
+
+
+def _parse_value(key: str, text: str, current):
+    if isinstance(current, bool):
+        low = text.lower()
+        if low in ("true", "1", "yes"):
+            return True
+        if low in ("false", "0", "no"):
+            return False
+        raise ConfigError(f"--config.{key}={text!r}: expected true or false")
+    if isinstance(current, int):
+        try:
+            return int(text)
+        except ValueError:
+            raise ConfigError(f"--config.{key}={text!r}: expected an integer") from None
+    if isinstance(current, float):
+        try:
+            return float(text)
+        except ValueError:
+            raise ConfigError(f"--config.{key}={text!r}: expected a number") from None
+    if isinstance(current, (tuple, list)):
+        items = [t.strip() for t in text.strip("()[]").split(",") if t.strip()]
+        return type(current)(items)
+    if current is None or isinstance(current, str):
+        return text
+    raise ConfigError(
+        f"--config.{key}: values of type {type(current).__name__} can't be overridden"
+    )
+
+
+def apply_overrides(cfg: ml_collections.ConfigDict, overrides: dict[str, str]) -> None:
+    """Sets ``{"a.b": "text"}`` on ``cfg`` in place; an unknown key is a ConfigError."""
+    for key, text in overrides.items():
+        node, parts = cfg, key.split(".")
+        for i, part in enumerate(parts):
+            if not isinstance(node, ml_collections.ConfigDict) or part not in node:
+                where = ".".join(parts[:i]) or "<top>"
+                known = sorted(node.keys()) if isinstance(node, ml_collections.ConfigDict) else []
+                raise ConfigError(f"unknown config key {key!r} (keys under {where}: {known})")
+            if i < len(parts) - 1:
+                node = node[part]
+        leaf = parts[-1]
+        if isinstance(node[leaf], ml_collections.ConfigDict):
+            raise ConfigError(
+                f"--config.{key} is a group; set one of its keys: {sorted(node[leaf])}"
+            )
+        value = _parse_value(key, text, node[leaf])
+        with node.unlocked():
+            node[leaf] = value
+
+
+def split_override_args(argv: list[str]) -> tuple[list[str], dict[str, str]]:
+    """Separates ``--config.a.b=v`` / ``--config.a.b v`` from the other arguments."""
+    rest, overrides, i = [], {}, 0
+    while i < len(argv):
+        arg = argv[i]
+        if arg.startswith("--config."):
+            key, eq, value = arg[len("--config.") :].partition("=")
+            if not eq:
+                if i + 1 >= len(argv):
+                    raise ConfigError(f"{arg} needs a value (--config.{key}=VALUE)")
+                value, i = argv[i + 1], i + 1
+            overrides[key] = value
+        else:
+            rest.append(arg)
+        i += 1
+    return rest, overrides
+
+
+# -------------------------------------------------------------------------- the model
+
+
+def model_config(cfg: ml_collections.ConfigDict) -> model_lib.GPT2Config:
+    """The frozen model config from ``cfg.model`` (``size`` first, explicit fields win)."""
+    m = cfg.model
+    fields = {}
+    if m.size:
+        if m.size not in model_lib.SIZES:
+            raise ConfigError(f"model.size={m.size!r} is not one of {sorted(model_lib.SIZES)}")
+        fields.update(model_lib.SIZES[m.size])
+    for name in ("n_layer", "n_head", "n_embd"):
+        if m[name]:
+            fields[name] = m[name]
+        elif name not in fields:
+            raise ConfigError(f"model.{name} is not set (set it, or model.size)")
+    return model_lib.GPT2Config(
+        **fields,
+        vocab_size=m.vocab_size,
+        n_positions=m.n_positions,
+        resid_pdrop=m.dropout,
+        embd_pdrop=m.dropout,
+        attn_pdrop=m.dropout,
+        dtype=m.dtype,
+        param_dtype=m.param_dtype,
+        scan_layers=m.scan_layers,
+        remat=m.remat,
+    )
+
+
+# ------------------------------------------------------------------------- validation
+
+
+def _check(cond: bool, key: str, message: str) -> None:
+    if not cond:
+        raise ConfigError(f"{key}: {message}")
+
+
+def validate(cfg: ml_collections.ConfigDict, num_devices: int) -> model_lib.GPT2Config:
+    """Checks everything that can be checked before data loads or anything compiles.
+
+    Returns the model config. Raises ConfigError naming the offending key.
+    """
+    try:
+        mcfg = model_config(cfg)
+        mcfg.validate()
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
+    d, t, o = cfg.data, cfg.train, cfg.optim
+    _check(
+        1 < d.block_size <= mcfg.n_positions,
+        "data.block_size",
+        f"{d.block_size} must be in [2, model.n_positions={mcfg.n_positions}]",
+    )
+    if not cfg.init_from:
+        pass
+    elif not cfg.init_from.startswith("hf:") or len(cfg.init_from) <= 3:
+        raise ConfigError(f"init_from: {cfg.init_from!r} must be '' or 'hf:<dir or hub id>'")
+    _check(t.batch_size > 0, "train.batch_size", f"must be positive, got {t.batch_size}")
+    _check(
+        t.steps >= 0 and t.epochs >= 0, "train.steps", "train.steps and train.epochs must be >= 0"
+    )
+    _check(t.steps > 0 or t.epochs > 0, "train.steps", "set train.steps or train.epochs")
+    for key in ("log_every", "eval_every", "checkpoint_every"):
+        _check(t[key] >= 0, f"train.{key}", f"must be >= 0, got {t[key]}")
+    _check(t.log_every > 0, "train.log_every", "must be positive")
+    _check(o.accumulation_steps >= 1, "optim.accumulation_steps", "must be >= 1")
+    _check(
+        t.batch_size % o.accumulation_steps == 0,
+        "optim.accumulation_steps",
+        f"train.batch_size={t.batch_size} is not divisible by "
+        f"optim.accumulation_steps={o.accumulation_steps}",
+    )
+    micro = t.batch_size // o.accumulation_steps
+    _check(
+        micro % num_devices == 0,
+        "train.batch_size",
+        f"the microbatch train.batch_size/optim.accumulation_steps={micro} is not divisible "
+        f"by the {num_devices} devices",
+    )
+    _check(o.learning_rate > 0, "optim.learning_rate", f"must be positive, got {o.learning_rate}")
+    _check(
+        o.schedule in ("cosine", "linear", "constant"),
+        "optim.schedule",
+        f"{o.schedule!r} is not one of cosine, linear, constant",
+    )
+    _check(o.warmup_steps >= 0, "optim.warmup_steps", "must be >= 0")
+    _check(
+        t.steps == 0 or o.warmup_steps <= t.steps,
+        "optim.warmup_steps",
+        f"{o.warmup_steps} exceeds train.steps={t.steps}",
+    )
+    _check(o.weight_decay >= 0, "optim.weight_decay", "must be >= 0")
+    _check(o.grad_clip >= 0, "optim.grad_clip", "must be >= 0 (0 disables clipping)")
+    _check(0 <= o.min_lr_ratio <= 1, "optim.min_lr_ratio", "must be in [0, 1]")
+    _check(cfg.eval.batch_size >= 0, "eval.batch_size", "must be >= 0 (0: train.batch_size)")
+    eval_bs = cfg.eval.batch_size or micro
+    _check(
+        eval_bs % num_devices == 0,
+        "eval.batch_size",
+        f"{eval_bs} is not divisible by the {num_devices} devices",
+    )
+    _check(cfg.eval.stride >= 0, "eval.stride", "must be >= 0 (0: non-overlapping blocks)")
+    try:
+        from gpt2_jax import sharding
+
+        sharding.mesh_shape(cfg.mesh, num_devices)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
+    return mcfg

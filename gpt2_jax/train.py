@@ -1,0 +1,487 @@
+"""Training: state, loss, the one jitted train step, and the loop.
+
+This is the one module that knows everything (config, model, data, optimizer, mesh,
+checkpoints). ``train_step`` is a module-level pure function, jitted once per run with
+explicit shardings and a donated state.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import math
+import signal
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+
+from gpt2_jax import checkpoint as ckpt_lib
+from gpt2_jax import config as config_lib
+from gpt2_jax import data as data_lib
+from gpt2_jax import model as model_lib
+from gpt2_jax import optim, sharding
+
+State = dict[str, Any]  # {"step": int32[], "params": ..., "opt_state": ..., "rng": uint32[2]}
+
+
+class TrainingError(RuntimeError):
+    pass
+
+
+# ------------------------------------------------------------------ pure functions
+
+
+def init_state(
+    rng: jax.Array,
+    *,
+    model_cfg: model_lib.GPT2Config,
+    tx: optax.GradientTransformation,
+    params=None,
+) -> State:
+    """A fresh train state (random params unless ``params`` is given)."""
+    init_rng, train_rng = jax.random.split(rng)
+    if params is None:
+        params = model_lib.init_params(model_cfg, init_rng)
+    return {
+        "step": jnp.zeros((), jnp.int32),
+        "params": params,
+        "opt_state": tx.init(params),
+        "rng": train_rng,
+    }
+
+
+def loss_fn(
+    params,
+    batch: jax.Array,
+    dropout_rng: jax.Array,
+    *,
+    model_cfg: model_lib.GPT2Config,
+    deterministic: bool = False,
+) -> jax.Array:
+    """Mean next-token cross-entropy over a batch [B, T] (each block's T-1 predictions)."""
+    logits = model_lib.GPT2(model_cfg).apply(
+        {"params": params}, batch, deterministic=deterministic, rngs={"dropout": dropout_rng}
+    )
+    return jnp.mean(model_lib.token_nll(logits, batch))
+
+
+def train_step(
+    state: State,
+    batch: jax.Array,
+    *,
+    model_cfg: model_lib.GPT2Config,
+    tx: optax.GradientTransformation,
+) -> tuple[State, dict]:
+    """One optimizer update from ``batch`` [accum, micro_batch, T] int32.
+
+    Gradients of the ``accum`` microbatches are averaged by a scan inside the step (every
+    block has the same T-1 targets, so this is the mean over all tokens).
+    """
+    rng = jax.random.fold_in(state["rng"], state["step"])
+    grad_fn = jax.value_and_grad(functools.partial(loss_fn, model_cfg=model_cfg))
+    accum = batch.shape[0]
+    params = state["params"]
+
+    if accum == 1:
+        loss, grads = grad_fn(params, batch[0], jax.random.fold_in(rng, 0))
+    else:
+
+        def micro(carry, xs):
+            mb, i = xs
+            loss_i, grads_i = grad_fn(params, mb, jax.random.fold_in(rng, i))
+            return jax.tree.map(jnp.add, carry, (loss_i, grads_i)), None
+
+        zeros = (jnp.zeros((), jnp.float32), jax.tree.map(jnp.zeros_like, params))
+        (loss, grads), _ = jax.lax.scan(micro, zeros, (batch, jnp.arange(accum)))
+        loss, grads = jax.tree.map(lambda x: x / accum, (loss, grads))
+
+    updates, opt_state = tx.update(grads, state["opt_state"], params)
+    new_state = {
+        "step": state["step"] + 1,
+        "params": optax.apply_updates(params, updates),
+        "opt_state": opt_state,
+        "rng": state["rng"],
+    }
+    return new_state, {"loss": loss, "grad_norm": optax.global_norm(grads)}
+
+
+# --------------------------------------------------------------------- logging
+
+
+class MetricLogger:
+    """metrics.jsonl + TensorBoard + stdout, written by process 0 only."""
+
+    def __init__(self, workdir: Path, resume_step: int | None, progress):
+        self.enabled = jax.process_index() == 0
+        self.progress = progress
+        self.path = workdir / "metrics.jsonl"
+        self._tb = None
+        if not self.enabled:
+            return
+        if resume_step is not None and self.path.exists():
+            # Lines past the restored step were from work that the resume redoes.
+            kept = [
+                ln
+                for ln in self.path.read_text().splitlines()
+                if ln.strip() and json.loads(ln).get("step", 0) <= resume_step
+            ]
+            self.path.write_text("".join(ln + "\n" for ln in kept))
+        try:
+            from tensorboardX import SummaryWriter
+
+            self._tb = SummaryWriter(str(workdir / "tensorboard"))
+        except ImportError:  # pragma: no cover - tensorboardX is a dependency
+            self._tb = None
+
+    def write(self, record: dict) -> None:
+        if not self.enabled:
+            return
+        with self.path.open("a") as f:
+            f.write(json.dumps(record) + "\n")
+        if self._tb is not None:
+            split = record["split"]
+            for k, v in record.items():
+                if k not in ("step", "split") and isinstance(v, (int, float)):
+                    self._tb.add_scalar(f"{split}/{k}", v, record["step"])
+            self._tb.flush()
+        self.echo(" ".join(f"{k}={_fmt(v)}" for k, v in record.items()))
+
+    def echo(self, text: str) -> None:
+        if not self.enabled:
+            return
+        if self.progress is not None:
+            self.progress.write(text)
+        else:
+            print(text, flush=True)
+
+    def close(self) -> None:
+        if self._tb is not None:
+            self._tb.close()
+
+
+def _fmt(v) -> str:
+    if isinstance(v, float):
+        return f"{v:.4g}" if abs(v) < 1e4 else f"{v:.0f}"
+    return str(v)
+
+
+# ------------------------------------------------------------------------ the loop
+
+
+class _Head:
+    """The first ``n`` examples of an indexable dataset."""
+
+    def __init__(self, blocks, n: int):
+        self.blocks, self.n = blocks, min(n, len(blocks))
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __getitem__(self, idx):
+        return self.blocks[idx]
+
+
+class _Sigterm:
+    """Turns SIGTERM into a flag the loop checks between steps (save, then exit)."""
+
+    def __init__(self):
+        self.requested = False
+        self._previous = None
+
+    def __enter__(self):
+        try:
+            self._previous = signal.signal(signal.SIGTERM, self._handle)
+        except ValueError:  # not the main thread (e.g. some test runners)
+            self._previous = None
+        return self
+
+    def _handle(self, signum, frame):
+        self.requested = True
+
+    def __exit__(self, *exc):
+        if self._previous is not None:
+            signal.signal(signal.SIGTERM, self._previous)
+
+
+def evaluate_splits(cfg, model_cfg, params, splits: dict, mesh, progress: bool) -> list[dict]:
+    """Loss / perplexity on each split: run_clm blocks, or sliding windows if eval.stride."""
+    from gpt2_jax import evaluate
+
+    micro = cfg.train.batch_size // cfg.optim.accumulation_steps
+    batch_size = cfg.eval.batch_size or micro
+    out = []
+    for name, blocks in splits.items():
+        if cfg.eval.stride:
+            tokens, _ = data_lib.load_token_stream(cfg.data, name)
+            if cfg.eval.max_batches:
+                tokens = tokens[: cfg.eval.max_batches * batch_size * cfg.data.block_size]
+            res = evaluate.eval_sliding_window(
+                model_cfg,
+                params,
+                np.asarray(tokens),
+                max_length=cfg.data.block_size,
+                stride=cfg.eval.stride,
+                batch_size=batch_size,
+                batch_sharding=sharding.batch_sharding(mesh),
+                progress=progress,
+            )
+        else:
+            if cfg.eval.max_batches:
+                blocks = _Head(blocks, cfg.eval.max_batches * batch_size)
+            res = evaluate.eval_blocks(
+                model_cfg,
+                params,
+                blocks,
+                batch_size,
+                batch_sharding=sharding.batch_sharding(mesh),
+                progress=progress,
+            )
+        out.append(
+            {"split": name, **{k: float(v) if k != "tokens" else int(v) for k, v in res.items()}}
+        )
+    return out
+
+
+def _resolved_init(cfg, workdir: Path, ckpt: ckpt_lib.Checkpointer):
+    """Resume order: 1. this workdir's checkpoint, 2. ``init_from`` weights, 3. scratch.
+
+    Returns (model-shaped cfg, hf params or None). With a checkpoint, its saved model
+    section wins, so a resumed run has exactly the shape it was saved with.
+    """
+    if ckpt.latest_step() is not None:
+        saved = ckpt.restore_config()
+        with cfg.unlocked():
+            cfg.model = ml_collections.ConfigDict(saved["model"])
+        return cfg, None
+    if cfg.init_from:
+        from gpt2_jax import hf
+
+        mcfg, params = hf.load_pretrained(cfg.init_from[3:], **_runtime_overrides(cfg))
+        with cfg.model.unlocked():
+            cfg.model.size = ""
+            for k in ("n_layer", "n_head", "n_embd", "n_positions", "vocab_size"):
+                cfg.model[k] = getattr(mcfg, k)
+        return cfg, params
+    return cfg, None
+
+
+def _runtime_overrides(cfg) -> dict:
+    m = cfg.model
+    return dict(
+        dtype=m.dtype,
+        param_dtype=m.param_dtype,
+        scan_layers=m.scan_layers,
+        remat=m.remat,
+        resid_pdrop=m.dropout,
+        embd_pdrop=m.dropout,
+        attn_pdrop=m.dropout,
+    )
+
+
+def train(cfg: ml_collections.ConfigDict, workdir: str | Path) -> dict:
+    """Trains (or resumes) per ``cfg`` in ``workdir``; returns the final eval metrics.
+
+    Raises ConfigError / DataError / CheckpointError / TrainingError with a clear message.
+    """
+    workdir = Path(workdir).absolute()
+    sharding.maybe_initialize_distributed(cfg.distributed)
+    num_devices = jax.device_count()
+    config_lib.validate(cfg, num_devices)  # fail fast, before loading anything big
+
+    # ---- workdir, resume point, model config
+    workdir.mkdir(parents=True, exist_ok=True)
+    ckpt = ckpt_lib.Checkpointer(workdir / "checkpoints", max_to_keep=cfg.train.keep_checkpoints)
+    resume_step = ckpt.latest_step()
+    cfg, hf_params = _resolved_init(cfg, workdir, ckpt)
+    model_cfg = config_lib.validate(cfg, num_devices)
+    _write_config(cfg, workdir)
+
+    # ---- data
+    splits = data_lib.load_splits(cfg.data, ("train", *cfg.eval.splits))
+    train_blocks = splits.pop("train")
+    loader = data_lib.BatchLoader(
+        len(train_blocks),
+        cfg.train.batch_size,
+        cfg.train.seed,
+        jax.process_index(),
+        jax.process_count(),
+    )
+    total_steps = cfg.train.steps or cfg.train.epochs * loader.steps_per_epoch
+    tx, schedule = optim.make_optimizer(cfg.optim, total_steps)
+
+    # ---- state, created already sharded (or restored onto the mesh)
+    mesh = sharding.make_mesh(cfg.mesh)
+    init_fn = functools.partial(init_state, model_cfg=model_cfg, tx=tx)
+    rng = jax.random.PRNGKey(cfg.train.seed)
+    abstract = jax.eval_shape(init_fn, rng, params=hf_params)
+    state_sh = sharding.state_sharding(mesh, abstract)
+    if resume_step is not None:
+        state = ckpt.restore(resume_step, ckpt_lib.abstract_like(abstract, state_sh))
+    else:
+        state = jax.jit(init_fn, out_shardings=state_sh)(rng, params=hf_params)
+        hf_params = None  # one copy of the weights is enough
+    start = int(state["step"])
+
+    accum = cfg.optim.accumulation_steps
+    batch_sh = sharding.batch_sharding(mesh, leading=1)
+    step_fn = jax.jit(
+        functools.partial(train_step, model_cfg=model_cfg, tx=tx),
+        in_shardings=(state_sh, batch_sh),
+        out_shardings=(state_sh, None),
+        donate_argnums=0,
+    )
+
+    def get_batch(step: int) -> jax.Array:
+        local = train_blocks[loader.indices(step)]  # [B / processes, T]
+        local = local.reshape(accum, -1, local.shape[-1])  # [accum, micro, T]
+        return sharding.put_batch(local, batch_sh)
+
+    from tqdm import tqdm
+
+    show = cfg.train.progress and jax.process_index() == 0
+    bar = tqdm(
+        total=total_steps,
+        initial=start,
+        desc="train",
+        dynamic_ncols=True,
+        disable=not show,
+        file=sys.stderr,
+    )
+    log = MetricLogger(workdir, resume_step, bar if show else None)
+    log.echo(
+        f"gpt2_jax: {model_lib.count_params(abstract['params']) / 1e6:.1f}M params, "
+        f"{len(train_blocks)} train blocks of {cfg.data.block_size} tokens, "
+        f"{loader.steps_per_epoch} steps/epoch, steps {start}->{total_steps}, "
+        f"mesh {dict(mesh.shape)}, workdir {workdir}"
+    )
+    if resume_step is not None:
+        log.echo(f"resumed from {ckpt.directory / str(resume_step)}")
+
+    def save(step: int) -> None:
+        ckpt.save(step, state, config_lib.to_dict(cfg))
+
+    def run_eval(step: int) -> list[dict]:
+        results = evaluate_splits(cfg, model_cfg, state["params"], splits, mesh, progress=False)
+        for r in results:
+            log.write({"step": step, **r})
+        return results
+
+    # ---- the loop: metrics leave the device only at log steps
+    tokens_per_step = cfg.train.batch_size * cfg.data.block_size
+    pending: list[jax.Array] = []
+    last_time, last_step = time.perf_counter(), start
+    step = start
+    results: list[dict] = []
+    try:
+        with _Sigterm() as sigterm:
+            while step < total_steps:
+                state, metrics = step_fn(state, get_batch(step))
+                step += 1
+                pending.append(metrics["loss"])
+                if step % cfg.train.log_every == 0 or step == total_steps:
+                    losses = np.asarray(jax.device_get(jnp.stack(pending)))
+                    loss = float(losses.mean())
+                    if not np.all(np.isfinite(losses)):
+                        raise TrainingError(
+                            f"loss is {loss} at step {step}: training stopped, no checkpoint "
+                            f"written for it (latest good: {ckpt.latest_step()}). Lower "
+                            f"optim.learning_rate, keep optim.grad_clip > 0, or use "
+                            f"model.dtype=float32."
+                        )
+                    now = time.perf_counter()
+                    log.write(
+                        {
+                            "step": step,
+                            "split": "train",
+                            "loss": loss,
+                            "learning_rate": float(schedule(step - 1)),
+                            "grad_norm": float(metrics["grad_norm"]),
+                            "tokens_per_second": tokens_per_step
+                            * (step - last_step)
+                            / (now - last_time),
+                        }
+                    )
+                    pending, last_time, last_step = [], now, step
+                bar.update(1)
+                if cfg.train.eval_every and step % cfg.train.eval_every == 0 and step < total_steps:
+                    run_eval(step)
+                if cfg.train.checkpoint_every and step % cfg.train.checkpoint_every == 0:
+                    save(step)
+                if _preempted(sigterm, step):
+                    if ckpt.latest_step() != step:
+                        save(step)
+                    ckpt.wait()
+                    log.echo(
+                        f"SIGTERM: saved step {step} to {ckpt.directory}; "
+                        f"run the same command to resume"
+                    )
+                    raise Preempted(step)
+            if ckpt.latest_step() != step:
+                save(step)
+            results = run_eval(step)
+            ckpt.wait()
+    finally:
+        bar.close()
+        log.close()
+        ckpt.close()
+    log.echo(
+        f"checkpoints: {ckpt.directory}  metrics: {workdir / 'metrics.jsonl'}  "
+        f"tensorboard: {workdir / 'tensorboard'}"
+    )
+    return {r["split"]: r for r in results}
+
+
+class Preempted(Exception):
+    def __init__(self, step: int):
+        super().__init__(f"preempted at step {step}")
+        self.step = step
+
+
+def _preempted(sigterm: _Sigterm, step: int) -> bool:
+    if jax.process_count() > 1:
+        # Every host must agree on the step at which all of them save.
+        from jax.experimental import multihost_utils
+
+        return multihost_utils.reached_preemption_sync_point(step) or sigterm.requested
+    return sigterm.requested
+
+
+def _write_config(cfg, workdir: Path) -> None:
+    """Records the resolved config; a changed config on resume is reported, not hidden."""
+    if jax.process_index() != 0:
+        return
+    path = workdir / "config.json"
+    new = config_lib.to_dict(cfg)
+    if path.exists():
+        try:
+            old = json.loads(path.read_text())
+        except json.JSONDecodeError:
+            old = {}
+        changed = _diff(old, new)
+        if changed:
+            print(f"note: config differs from {path}: {', '.join(changed)}", file=sys.stderr)
+    tmp = path.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(new, indent=2, sort_keys=True) + "\n")
+    tmp.replace(path)
+
+
+def _diff(old: dict, new: dict, prefix: str = "") -> list[str]:
+    out = []
+    for k in sorted(set(old) | set(new)):
+        a, b = old.get(k), new.get(k)
+        if isinstance(a, dict) and isinstance(b, dict):
+            out += _diff(a, b, f"{prefix}{k}.")
+        elif a != b:
+            out.append(f"{prefix}{k}: {a!r} -> {b!r}")
+    return out
+
+
+def perplexity(loss: float) -> float:
+    return math.exp(loss) if loss < 700 else float("inf")

@@ -1,0 +1,116 @@
+"""GPT-2 module: shapes, causality, loss, layouts, dtypes."""
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from gpt2_jax import model as m
+
+# Odd sizes catch shape bugs: 2 layers, 3 heads, n_embd 48, vocab not a power of two.
+CFG = m.GPT2Config(vocab_size=97, n_positions=24, n_embd=48, n_layer=2, n_head=3)
+
+
+@pytest.fixture(scope="module")
+def params():
+    return m.init_params(CFG, jax.random.PRNGKey(0))
+
+
+def _ids(B=2, T=16, seed=1):
+    return jax.random.randint(jax.random.PRNGKey(seed), (B, T), 0, CFG.vocab_size)
+
+
+def test_shapes_and_names(params):
+    logits = m.GPT2(CFG).apply({"params": params}, _ids())
+    assert logits.shape == (2, 16, CFG.vocab_size) and logits.dtype == jnp.float32
+    assert set(params) == {"wte", "wpe", "h", "ln_f"}
+    assert params["wte"]["embedding"].shape == (97, 48)
+    assert params["h"]["attn"]["c_attn"]["kernel"].shape == (2, 48, 144)
+    assert params["h"]["mlp"]["c_fc"]["kernel"].shape == (2, 48, 192)
+    assert params["h"]["mlp"]["c_proj"]["kernel"].shape == (2, 192, 48)
+    assert "lm_head" not in params  # tied to wte
+
+
+def test_causal(params):
+    ids = _ids()
+    base = m.GPT2(CFG).apply({"params": params}, ids)
+    t = 7
+    changed = ids.at[:, t + 1].set((ids[:, t + 1] + 1) % CFG.vocab_size)
+    out = m.GPT2(CFG).apply({"params": params}, changed)
+    np.testing.assert_allclose(out[:, : t + 1], base[:, : t + 1], rtol=0, atol=1e-6)
+    assert np.abs(np.asarray(out[:, t + 1] - base[:, t + 1])).max() > 1e-4
+
+
+def test_dropout_only_when_asked(params):
+    ids = _ids()
+    det = m.GPT2(CFG).apply({"params": params}, ids)
+    again = m.GPT2(CFG).apply({"params": params}, ids, deterministic=True)
+    np.testing.assert_array_equal(det, again)
+    drop1 = m.GPT2(CFG).apply(
+        {"params": params}, ids, deterministic=False, rngs={"dropout": jax.random.PRNGKey(3)}
+    )
+    drop2 = m.GPT2(CFG).apply(
+        {"params": params}, ids, deterministic=False, rngs={"dropout": jax.random.PRNGKey(3)}
+    )
+    np.testing.assert_array_equal(drop1, drop2)
+    assert np.abs(np.asarray(drop1 - det)).max() > 1e-3
+
+
+def test_scan_and_unrolled_agree(params):
+    unrolled_cfg = m.GPT2Config(**{**CFG.__dict__, "scan_layers": False})
+    unrolled = m.unstack_layers(params)
+    assert sorted(k for k in unrolled if k.startswith("h_")) == ["h_0", "h_1"]
+    ids = _ids()
+    a = m.GPT2(CFG).apply({"params": params}, ids)
+    b = m.GPT2(unrolled_cfg).apply({"params": unrolled}, ids)
+    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
+    back = m.stack_layers(unrolled, CFG.n_layer)
+    jax.tree.map(np.testing.assert_array_equal, back, params)
+
+
+def test_token_nll_matches_hand_computed_cross_entropy():
+    logits = jnp.array([[[2.0, 0.5, -1.0], [0.1, 0.2, 0.3], [1.0, 1.0, 1.0]]])  # [1, 3, 3]
+    ids = jnp.array([[0, 2, 1]])
+    nll = np.asarray(m.token_nll(logits, ids))
+    # position 0 predicts ids[1]=2; position 1 predicts ids[2]=1; the last logit is unused.
+    p0 = np.exp([2.0, 0.5, -1.0]) / np.exp([2.0, 0.5, -1.0]).sum()
+    p1 = np.exp([0.1, 0.2, 0.3]) / np.exp([0.1, 0.2, 0.3]).sum()
+    np.testing.assert_allclose(nll, [[-np.log(p0[2]), -np.log(p1[1])]], rtol=1e-6)
+
+
+def test_bf16_compute_keeps_fp32_params_and_logits(params):
+    cfg = m.GPT2Config(**{**CFG.__dict__, "dtype": "bfloat16"})
+    logits = m.GPT2(cfg).apply({"params": params}, _ids())
+    assert logits.dtype == jnp.float32
+    ref = m.GPT2(CFG).apply({"params": params}, _ids())
+    np.testing.assert_allclose(logits, ref, atol=0.1, rtol=0.05)
+    fresh = m.init_params(cfg, jax.random.PRNGKey(0))
+    assert all(x.dtype == jnp.float32 for x in jax.tree.leaves(fresh))
+
+
+def test_sequence_longer_than_positions_is_an_error(params):
+    with pytest.raises(ValueError, match="n_positions"):
+        m.GPT2(CFG).apply({"params": params}, jnp.zeros((1, CFG.n_positions + 1), jnp.int32))
+
+
+def test_named_sizes_param_counts():
+    # Hugging Face's counts for the tied models: 124M, 355M, 774M, 1558M.
+    expected = {
+        "gpt2": 124_439_808,
+        "gpt2-medium": 354_823_168,
+        "gpt2-large": 774_030_080,
+        "gpt2-xl": 1_557_611_200,
+    }
+    for size, n in expected.items():
+        cfg = m.GPT2Config.from_size(size)
+        shapes = jax.eval_shape(functools.partial(m.init_params, cfg), jax.random.PRNGKey(0))
+        assert m.count_params(shapes) == n, size
+
+
+def test_config_validation_names_field():
+    with pytest.raises(ValueError, match="n_embd=50 is not divisible by model.n_head=3"):
+        m.GPT2Config(n_embd=50, n_head=3).validate()
+    with pytest.raises(ValueError, match="model.size"):
+        m.GPT2Config.from_size("gpt5")

@@ -1,0 +1,149 @@
+"""End to end on a tiny model: learning, exact resume, SIGTERM, devices, accumulation."""
+
+import json
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+import jax
+import numpy as np
+import pytest
+
+from gpt2_jax import checkpoint as ckpt_lib
+from gpt2_jax import config as config_lib
+from gpt2_jax import train as train_lib
+
+from .conftest import ROOT, run_cli
+
+TINY = str(ROOT / "configs" / "quickstart.py:tiny")
+
+
+def tiny_config(**overrides):
+    cfg = config_lib.load_config_file(TINY)
+    config_lib.apply_overrides(cfg, {k: str(v) for k, v in overrides.items()})
+    return cfg
+
+
+def train_losses(workdir):
+    lines = [json.loads(x) for x in (workdir / "metrics.jsonl").read_text().splitlines()]
+    return {r["step"]: r["loss"] for r in lines if r["split"] == "train"}
+
+
+def final_params(workdir):
+    ckpt = ckpt_lib.Checkpointer(workdir / "checkpoints", read_only=True)
+    return ckpt.restore(None)["params"]
+
+
+def test_train_writes_workdir_and_learns(tmp_path):
+    cfg = tiny_config(**{"train.steps": 30, "train.log_every": 5, "optim.learning_rate": 1e-2})
+    results = train_lib.train(cfg, tmp_path)
+    losses = train_losses(tmp_path)
+    assert losses[30] < losses[5] - 0.5, losses  # visibly learns
+    assert (tmp_path / "config.json").is_file()
+    saved = json.loads((tmp_path / "config.json").read_text())
+    assert saved["train"]["steps"] == 30 and saved["model"]["n_layer"] == 1
+    assert ckpt_lib.Checkpointer(tmp_path / "checkpoints", read_only=True).latest_step() == 30
+    assert list((tmp_path / "tensorboard").glob("events.out.tfevents.*"))
+    evals = [
+        json.loads(x)
+        for x in (tmp_path / "metrics.jsonl").read_text().splitlines()
+        if json.loads(x)["split"] == "validation"
+    ]
+    assert evals and evals[-1]["step"] == 30
+    r = results["validation"]
+    np.testing.assert_allclose(r["perplexity"], np.exp(r["loss"]), rtol=1e-5)
+    assert r["tokens"] > 0
+    train_line = next(json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines())
+    assert {"step", "split", "loss", "learning_rate", "tokens_per_second"} <= set(train_line)
+
+
+def test_resume_gives_the_losses_of_an_uninterrupted_run(tmp_path):
+    cfg = tiny_config(**{"model.dropout": 0.1})
+    full = tmp_path / "full"
+    train_lib.train(cfg, full)  # 6 steps, checkpoints at 3 and 6
+    part = tmp_path / "part"
+    shutil.copytree(full, part)
+    shutil.rmtree(part / "checkpoints" / "6")  # as if the run had died after step 3
+    train_lib.train(tiny_config(**{"model.dropout": 0.1}), part)
+    assert train_losses(part) == train_losses(full)  # bitwise: same device count
+    a, b = final_params(full), final_params(part)
+    jax.tree.map(np.testing.assert_array_equal, a, b)
+
+
+def test_rerun_of_a_finished_run_trains_nothing_more(tmp_path):
+    train_lib.train(tiny_config(), tmp_path)
+    before = train_losses(tmp_path)
+    train_lib.train(tiny_config(), tmp_path)
+    assert train_losses(tmp_path) == before
+
+
+def test_gradient_accumulation_matches_one_big_batch(tmp_path):
+    one = train_lib.train(tiny_config(), tmp_path / "one")
+    two = train_lib.train(tiny_config(**{"optim.accumulation_steps": 2}), tmp_path / "two")
+    la, lb = train_losses(tmp_path / "one"), train_losses(tmp_path / "two")
+    np.testing.assert_allclose([lb[s] for s in sorted(lb)], [la[s] for s in sorted(la)], rtol=1e-5)
+    np.testing.assert_allclose(two["validation"]["loss"], one["validation"]["loss"], rtol=1e-5)
+
+
+def test_non_finite_loss_stops_the_run(tmp_path):
+    cfg = tiny_config(**{"optim.learning_rate": 1e12, "optim.grad_clip": 0, "train.steps": 6})
+    with pytest.raises(train_lib.TrainingError, match="loss is nan|loss is inf"):
+        train_lib.train(cfg, tmp_path)
+
+
+def test_two_devices_and_fsdp_match_one_device(tmp_path):
+    args = ["train", f"--config={TINY}", "--config.model.dropout=0.1", "--config.train.steps=4"]
+    one = run_cli([*args, f"--workdir={tmp_path}/one"], devices=1)
+    two = run_cli([*args, f"--workdir={tmp_path}/two"], devices=2)
+    fsdp = run_cli([*args, f"--workdir={tmp_path}/fsdp", "--config.mesh.fsdp=2"], devices=2)
+    for out in (one, two, fsdp):
+        assert out.returncode == 0, out.stderr[-3000:]
+    assert "'data': 2" in two.stdout + two.stderr and "'fsdp': 2" in fsdp.stdout + fsdp.stderr
+    ref = train_losses(tmp_path / "one")
+    for name in ("two", "fsdp"):
+        got = train_losses(tmp_path / name)
+        np.testing.assert_allclose(
+            [got[s] for s in sorted(ref)], [ref[s] for s in sorted(ref)], rtol=1e-5, err_msg=name
+        )
+
+
+def test_sigterm_saves_then_the_same_command_resumes_exactly(tmp_path):
+    steps = 60
+    args = [
+        sys.executable,
+        "-m",
+        "gpt2_jax",
+        "train",
+        f"--config={TINY}",
+        f"--config.train.steps={steps}",
+        "--config.train.checkpoint_every=0",
+    ]
+    work = tmp_path / "killed"
+    proc = subprocess.Popen(
+        [*args, f"--workdir={work}"],
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    deadline = time.time() + 300
+    while time.time() < deadline:
+        if (work / "metrics.jsonl").exists() and len(train_losses(work)) >= 3:
+            break
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGTERM)
+    out, err = proc.communicate(timeout=300)
+    assert proc.returncode == 143, err[-3000:]
+    saved = ckpt_lib.Checkpointer(work / "checkpoints", read_only=True).latest_step()
+    assert saved is not None and 3 <= saved < steps, err[-2000:]
+    assert "SIGTERM: saved step" in out + err
+    resumed = subprocess.run(
+        [*args, f"--workdir={work}"], cwd=ROOT, capture_output=True, text=True, timeout=300
+    )
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert f"resumed from {work / 'checkpoints' / str(saved)}" in resumed.stdout + resumed.stderr
+    full = tmp_path / "full"
+    train_lib.train(tiny_config(**{"train.steps": steps, "train.checkpoint_every": 0}), full)
+    assert train_losses(work) == train_losses(full)
