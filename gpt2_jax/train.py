@@ -66,10 +66,14 @@ def loss_fn(
     deterministic: bool = False,
 ) -> jax.Array:
     """Mean next-token cross-entropy over a batch [B, T] (each block's T-1 predictions)."""
-    logits = model_lib.GPT2(model_cfg).apply(
-        {"params": params}, batch, deterministic=deterministic, rngs={"dropout": dropout_rng}
+    hidden = model_lib.GPT2(model_cfg).apply(
+        {"params": params},
+        batch,
+        deterministic=deterministic,
+        return_hidden=True,
+        rngs={"dropout": dropout_rng},
     )
-    return jnp.mean(model_lib.token_nll(logits, batch))
+    return jnp.mean(model_lib.hidden_token_nll(hidden, params["wte"]["embedding"], batch))
 
 
 def train_step(

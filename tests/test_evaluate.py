@@ -1,0 +1,217 @@
+"""Block loss and sliding-window perplexity against PyTorch / Hugging Face references."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import jax
+import numpy as np
+import pytest
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+torch = pytest.importorskip("torch")
+transformers = pytest.importorskip("transformers")
+
+from gpt2_jax import evaluate, hf, tokenizer  # noqa: E402
+
+DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
+WIKI_TEST = DATA / "wikitext-2-raw" / "wiki.test.raw"
+SMALL = dict(n_layer=3, n_head=4, n_embd=64, n_positions=96, n_inner=96, vocab_size=50257)
+BLOCK = 64
+
+
+def wiki_ids(n_tokens: int) -> np.ndarray:
+    """The first ``n_tokens`` GPT-2 ids of wikitext-2's test split, int32 [n_tokens]."""
+    if not WIKI_TEST.is_file():
+        pytest.skip(f"wikitext-2 test split not found at {WIKI_TEST}")
+    text = WIKI_TEST.read_text(encoding="utf-8")[: 12 * n_tokens]
+    ids = np.asarray(tokenizer.get_tokenizer().encode_ordinary(text), np.int32)
+    assert len(ids) >= n_tokens
+    return ids[:n_tokens]
+
+
+@pytest.fixture(scope="module", autouse=True)
+def torch_one_thread():
+    """Many small PyTorch forwards: one thread is ~10x faster than 2 on a shared 2-core box."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def pair(tmp_path_factory):
+    """(torch GPT2LMHeadModel with random weights, our cfg, our params) of the same model."""
+    torch.manual_seed(0)
+    m = transformers.GPT2LMHeadModel(transformers.GPT2Config(**SMALL)).eval()
+    with torch.no_grad():
+        for name, p in m.named_parameters():
+            is_ln_scale = name.endswith(("ln_1.weight", "ln_2.weight", "ln_f.weight"))
+            p.copy_(1.0 + 0.2 * torch.randn_like(p) if is_ln_scale else 0.1 * torch.randn_like(p))
+    path = tmp_path_factory.mktemp("eval_model")
+    m.save_pretrained(path)
+    cfg, params = hf.load_pretrained(path)
+    return m, cfg, params
+
+
+def torch_loss(m, ids: np.ndarray, labels: np.ndarray | None = None) -> float:
+    ids_t = torch.as_tensor(ids, dtype=torch.long)[None]
+    labels_t = ids_t if labels is None else torch.as_tensor(labels, dtype=torch.long)[None]
+    with torch.no_grad():
+        return float(m(ids_t, labels=labels_t).loss)
+
+
+# ---------------------------------------------------------------------- blocks
+
+
+def test_eval_blocks_matches_pytorch(pair):
+    m, cfg, params = pair
+    blocks = wiki_ids(37 * BLOCK).reshape(37, BLOCK)  # batch 8: the last batch holds 5
+    got = evaluate.eval_blocks(cfg, params, blocks, batch_size=8, progress=False)
+    # All blocks have BLOCK - 1 predictions: the token-weighted mean is the mean of means.
+    expected = np.mean([torch_loss(m, b) for b in blocks])
+    np.testing.assert_allclose(got["loss"], expected, rtol=1e-5)
+    assert got["tokens"] == 37 * (BLOCK - 1)
+    assert got["perplexity"] == pytest.approx(math.exp(got["loss"]), rel=1e-12)
+
+
+def test_eval_blocks_compiles_once(pair):
+    _, cfg, params = pair
+    blocks = wiki_ids(20 * BLOCK).reshape(20, BLOCK)
+    evaluate.eval_blocks(cfg, params, blocks[:16], batch_size=8, progress=False)
+    compiled = evaluate._blocks_nll_sum._cache_size()
+    for n in (1, 7, 13, 20):  # partial last batches of every size: padded, not recompiled
+        evaluate.eval_blocks(cfg, params, blocks[:n], batch_size=8, progress=False)
+    assert evaluate._blocks_nll_sum._cache_size() == compiled
+
+
+def test_eval_blocks_padding_does_not_count(pair):
+    _, cfg, params = pair
+    blocks = wiki_ids(9 * BLOCK).reshape(9, BLOCK)
+    one_by_one = [
+        evaluate.eval_blocks(cfg, params, blocks[i : i + 1], batch_size=4, progress=False)["loss"]
+        for i in range(9)
+    ]
+    together = evaluate.eval_blocks(cfg, params, blocks, batch_size=4, progress=False)
+    np.testing.assert_allclose(together["loss"], np.mean(one_by_one), rtol=1e-6)
+
+
+def test_eval_blocks_with_batch_sharding(pair):
+    _, cfg, params = pair
+    blocks = wiki_ids(11 * BLOCK).reshape(11, BLOCK)
+    mesh = Mesh(np.array(jax.devices()), ("data",))
+    sharding = NamedSharding(mesh, PartitionSpec("data"))
+    batch = 2 * len(jax.devices())
+    sharded = evaluate.eval_blocks(cfg, params, blocks, batch, batch_sharding=sharding)
+    plain = evaluate.eval_blocks(cfg, params, blocks, batch, progress=False)
+    np.testing.assert_allclose(sharded["loss"], plain["loss"], rtol=1e-5)
+
+
+def test_eval_blocks_rejects_bad_input(pair):
+    _, cfg, params = pair
+    with pytest.raises(ValueError, match="no blocks"):
+        evaluate.eval_blocks(cfg, params, np.zeros((0, BLOCK), np.int32), 4, progress=False)
+    with pytest.raises(ValueError, match="n_positions=96"):
+        evaluate.eval_blocks(cfg, params, np.zeros((2, 97), np.int32), 4, progress=False)
+
+
+# ---------------------------------------------------------------------- sliding window
+
+
+def hf_reference_ppl(m, ids: np.ndarray, max_length: int, stride: int) -> tuple[float, int]:
+    """The loop of huggingface.co/docs/transformers/perplexity, verbatim in its logic."""
+    encodings = torch.as_tensor(ids, dtype=torch.long)[None]
+    seq_len = encodings.size(1)
+    nll_sum, n_tokens, prev_end_loc = 0.0, 0, 0
+    for begin_loc in range(0, seq_len, stride):
+        end_loc = min(begin_loc + max_length, seq_len)
+        trg_len = end_loc - prev_end_loc
+        input_ids = encodings[:, begin_loc:end_loc]
+        target_ids = input_ids.clone()
+        target_ids[:, :-trg_len] = -100
+        with torch.no_grad():
+            neg_log_likelihood = m(input_ids, labels=target_ids).loss
+        num_valid_tokens = (target_ids != -100).sum().item()
+        num_loss_tokens = num_valid_tokens - target_ids.size(0)
+        nll_sum += neg_log_likelihood * num_loss_tokens
+        n_tokens += num_loss_tokens
+        prev_end_loc = end_loc
+        if end_loc == seq_len:
+            break
+    return float(torch.exp(nll_sum / n_tokens)), n_tokens
+
+
+@pytest.mark.parametrize(
+    "n_tokens, max_length, stride",
+    [
+        (2000, 64, 32),
+        (1000, 64, 64),  # disjoint chunks
+        (1001, 64, 48),  # a last window with a single label
+        (777, 96, 40),  # max_length == n_positions
+        (50, 64, 32),  # one window shorter than max_length
+    ],
+)
+def test_sliding_window_matches_hf_reference(pair, n_tokens, max_length, stride):
+    m, cfg, params = pair
+    ids = wiki_ids(n_tokens)
+    got = evaluate.eval_sliding_window(
+        cfg, params, ids, max_length, stride, batch_size=4, progress=False
+    )
+    ppl, n_counted = hf_reference_ppl(m, ids, max_length, stride)
+    np.testing.assert_allclose(got["perplexity"], ppl, rtol=1e-5)
+    assert got["tokens"] == n_counted
+
+
+def test_sliding_window_exact_loss(pair):
+    """exact_loss is the plain mean NLL of each token, scored once, given its window."""
+    m, cfg, params = pair
+    ids = wiki_ids(300)
+    got = evaluate.eval_sliding_window(cfg, params, ids, 64, 24, batch_size=3, progress=False)
+    total, count = 0.0, 0
+    for begin, end, trg_len in evaluate.window_plan(len(ids), 64, 24):
+        labels = ids[begin:end].copy()
+        labels[: end - begin - trg_len] = -100
+        n = int(np.sum(labels[1:] != -100))
+        total += torch_loss(m, ids[begin:end], labels) * n
+        count += n
+    assert got["scored_tokens"] == count == len(ids) - 1
+    np.testing.assert_allclose(got["exact_loss"], total / count, rtol=1e-5)
+
+
+@pytest.mark.parametrize(
+    "seq_len, max_length, stride",
+    [
+        (2, 64, 32),
+        (1000, 64, 32),
+        (1001, 64, 48),
+        (1000, 64, 1),
+        (63, 64, 64),
+        (1000, 64, 64),
+    ],
+)
+def test_window_plan_scores_every_token_once(seq_len, max_length, stride):
+    plan = evaluate.window_plan(seq_len, max_length, stride)
+    times = np.zeros(seq_len, int)
+    for begin, end, trg_len in plan:
+        assert 0 < end - begin <= max_length and trg_len >= 1
+        first = max(end - trg_len, begin + 1)  # a window's position 0 has no prediction
+        times[first:end] += 1
+        if stride < max_length and begin > 0:
+            assert first - begin >= max_length - stride  # full context except at the end
+    assert plan[-1, 1] == seq_len and plan[:, 2].sum() == seq_len
+    if stride < max_length:
+        np.testing.assert_array_equal(times[1:], 1)
+    else:  # disjoint chunks: each chunk's first token has no context and is not scored
+        assert set(times[plan[:, 0]]) == {0} and times.sum() == seq_len - len(plan)
+
+
+def test_sliding_window_rejects_bad_arguments(pair):
+    _, cfg, params = pair
+    ids = np.arange(500, dtype=np.int32)
+    with pytest.raises(ValueError, match="stride=65"):
+        evaluate.eval_sliding_window(cfg, params, ids, 64, 65, 2, progress=False)
+    with pytest.raises(ValueError, match="n_positions=96"):
+        evaluate.eval_sliding_window(cfg, params, ids, 128, 64, 2, progress=False)
+    with pytest.raises(ValueError, match="at least 2 tokens"):
+        evaluate.eval_sliding_window(cfg, params, ids[:1], 64, 32, 2, progress=False)
