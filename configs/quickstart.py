@@ -20,12 +20,12 @@ from gpt2_jax.config import base_config
 def get_config(arg=None):
     c = base_config()
     c.data.dataset = "pydoc_topics"
-    c.data.block_size = 128
+    c.data.block_size = 64
     c.model.n_layer, c.model.n_head, c.model.n_embd = 4, 4, 128
-    c.model.n_positions = 128
+    c.model.n_positions = 64
     c.model.dropout = 0.0
     c.train.batch_size = 8
-    c.train.steps = 200
+    c.train.steps = 250
     c.train.log_every = 25
     c.train.eval_every = 100
     c.train.checkpoint_every = 100

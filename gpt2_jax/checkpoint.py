@@ -8,6 +8,7 @@ This module knows pytrees, not models.
 
 from __future__ import annotations
 
+import logging
 import os
 from pathlib import Path
 from typing import Any
@@ -45,9 +46,16 @@ class Checkpointer:
             create=not read_only,
             read_only=read_only,
         )
-        self._mngr = ocp.CheckpointManager(
-            self.directory, options=options, item_names=("state", "config")
-        )
+        absl_logger = logging.getLogger("absl")
+        level = absl_logger.level
+        if read_only:  # Orbax warns that a read-only manager will not save: we know.
+            absl_logger.setLevel(logging.ERROR)
+        try:
+            self._mngr = ocp.CheckpointManager(
+                self.directory, options=options, item_names=("state", "config")
+            )
+        finally:
+            absl_logger.setLevel(level)
 
     def latest_step(self) -> int | None:
         return self._mngr.latest_step()

@@ -18,6 +18,10 @@ from pathlib import Path
 COMMANDS = ("train", "eval", "generate", "export")
 
 
+class UsageError(ValueError):
+    """A missing or contradictory command-line flag (reported as one line, exit code 2)."""
+
+
 def _parser(command: str) -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog=f"gpt2-jax {command}",
@@ -69,41 +73,44 @@ def _model_and_params(cfg, workdir: str | None):
     from gpt2_jax import train as train_lib
 
     ckpt_dir = Path(workdir) / "checkpoints" if workdir else None
-    if ckpt_dir is not None and ckpt_dir.is_dir():
-        ckpt = ckpt_lib.Checkpointer(ckpt_dir, read_only=True)
-        if ckpt.latest_step() is not None:
-            saved = config_lib.from_json(ckpt.restore_config())
-            with cfg.unlocked():
-                # The weights decide the shape; only how to compute may be overridden.
-                shape_keys = (
-                    "size",
-                    "n_layer",
-                    "n_head",
-                    "n_embd",
-                    "n_positions",
-                    "vocab_size",
-                    "scan_layers",
-                )
-                for k in shape_keys:
-                    cfg.model[k] = saved.model[k]
-            model_cfg = config_lib.model_config(cfg)
-            abstract = jax.eval_shape(
-                functools.partial(model_lib.init_params, model_cfg), jax.random.PRNGKey(0)
+    if ckpt_dir is not None:
+        # --workdir means that run's weights: falling back to its init_from would silently
+        # evaluate / export / sample the starting point instead of the trained model.
+        ckpt = ckpt_lib.Checkpointer(ckpt_dir, read_only=True) if ckpt_dir.is_dir() else None
+        if ckpt is None or ckpt.latest_step() is None:
+            raise ckpt_lib.CheckpointError(
+                f"{ckpt_dir} has no checkpoint yet (train first). To use the run's "
+                f"init_from weights, pass --config=configs/NAME.py "
+                f"--config.init_from=hf:<dir or hub id> without --workdir"
             )
-            state = ckpt.restore(None, {"params": abstract}, partial=True)
-            print(f"loaded {ckpt_dir / str(ckpt.latest_step())}", file=sys.stderr)
-            return model_cfg, state["params"]
+        saved = config_lib.from_json(ckpt.restore_config())
+        with cfg.unlocked():
+            # The weights decide the shape; only how to compute may be overridden.
+            shape_keys = ("size", "scan_layers", *config_lib.SHAPE_KEYS)
+            for k in shape_keys:
+                if k in saved.model:  # older runs may lack the newer keys
+                    cfg.model[k] = saved.model[k]
+        model_cfg = config_lib.model_config(cfg)
+        abstract = jax.eval_shape(
+            functools.partial(model_lib.init_params, model_cfg), jax.random.PRNGKey(0)
+        )
+        state = ckpt.restore(None, {"params": abstract}, partial=True)
+        print(f"loaded {ckpt_dir / str(ckpt.latest_step())}", file=sys.stderr)
+        return model_cfg, state["params"]
     if cfg.init_from:
         from gpt2_jax import hf
 
+        if not cfg.init_from.startswith("hf:") or len(cfg.init_from) <= 3:
+            raise config_lib.ConfigError(
+                f"init_from: {cfg.init_from!r} must be 'hf:<dir or hub id>'"
+            )
         model_cfg, params = hf.load_pretrained(
             cfg.init_from[3:], **train_lib._runtime_overrides(cfg)
         )
         return model_cfg, params
-    where = f"{ckpt_dir} has no checkpoint" if ckpt_dir else "no --workdir given"
     raise ckpt_lib.CheckpointError(
-        f"no weights to use: {where}, and init_from is empty "
-        f"(give --config.init_from=hf:<dir or hub id>)"
+        "no weights to use: no --workdir given and init_from is empty "
+        "(give --workdir=DIR or --config.init_from=hf:<dir or hub id>)"
     )
 
 
@@ -111,9 +118,9 @@ def cmd_train(args, overrides) -> int:
     from gpt2_jax import train as train_lib
 
     if not args.workdir:
-        raise SystemExit("gpt2-jax train: --workdir=DIR is required")
+        raise UsageError("--workdir=DIR is required")
     if not args.config and not (Path(args.workdir) / "config.json").is_file():
-        raise SystemExit("gpt2-jax train: --config=configs/NAME.py is required for a new workdir")
+        raise UsageError("--config=configs/NAME.py is required for a new workdir")
     cfg = _load_config(args, overrides)
     try:
         results = train_lib.train(cfg, args.workdir)
@@ -134,14 +141,13 @@ def cmd_eval(args, overrides) -> int:
 
     cfg = _load_config(args, overrides)
     model_cfg, params = _model_and_params(cfg, args.workdir)
-    with cfg.model.unlocked():
-        for k in ("n_layer", "n_head", "n_embd", "n_positions", "vocab_size"):
-            cfg.model[k] = getattr(model_cfg, k)
-        cfg.model.size = ""
+    config_lib.set_model_shape(cfg, model_cfg)
     config_lib.validate(cfg, jax.device_count())
     splits = data_lib.load_splits(cfg.data, tuple(cfg.eval.splits))
     mesh = sharding.make_mesh(cfg.mesh)
-    results = train_lib.evaluate_splits(cfg, model_cfg, params, splits, mesh, progress=True)
+    results = train_lib.evaluate_splits(
+        cfg, model_cfg, params, splits, mesh, progress=cfg.train.progress
+    )
     for r in results:
         print(json.dumps(r))
     return 0
@@ -152,16 +158,28 @@ def cmd_generate(args, overrides) -> int:
     from gpt2_jax import generate as gen_lib
     from gpt2_jax import tokenizer
 
+    if not (args.workdir or args.init_from or args.config):
+        raise UsageError("give --workdir=DIR (a trained run) or --init_from=hf:<dir or hub id>")
+    if args.init_from and not args.init_from.startswith("hf:"):
+        raise UsageError(f"--init_from={args.init_from!r} must be hf:<dir or hub id>")
+    for ok, flag in (
+        (args.prompt != "", "--prompt: must not be empty"),
+        (args.max_new_tokens >= 0, f"--max_new_tokens={args.max_new_tokens}: must be >= 0"),
+        (args.temperature >= 0, f"--temperature={args.temperature}: must be >= 0 (0 = greedy)"),
+        (args.top_k >= 0, f"--top_k={args.top_k}: must be >= 0 (0 = off)"),
+        (0 < args.top_p <= 1, f"--top_p={args.top_p}: must be in (0, 1] (1 = off)"),
+    ):
+        if not ok:
+            raise UsageError(flag)
     if args.init_from and not args.config and not args.workdir:
         cfg = config_lib.base_config()
         cfg.lock()
+        config_lib.apply_overrides(cfg, overrides)
     else:
         cfg = _load_config(args, overrides)
     if args.init_from:
         with cfg.unlocked():
             cfg.init_from = args.init_from
-        if not args.init_from.startswith("hf:"):
-            raise config_lib.ConfigError(f"--init_from={args.init_from!r} must be hf:<dir or id>")
     model_cfg, params = _model_and_params(cfg, None if args.init_from else args.workdir)
     enc = tokenizer.get_tokenizer()
     prompt_ids = enc.encode_ordinary(args.prompt)
@@ -183,7 +201,16 @@ def cmd_export(args, overrides) -> int:
     from gpt2_jax import hf
 
     if not args.workdir:
-        raise SystemExit("gpt2-jax export: --workdir=DIR is required")
+        raise UsageError("--workdir=DIR is required")
+    out = Path(args.out)
+    # Checked before loading anything; hf.save_pretrained checks again (its FileExistsError
+    # is not a user error, so it would print a traceback) and writes atomically.
+    if out.exists() and not out.is_dir():
+        raise UsageError(f"--out={args.out} exists and is not a directory")
+    if out.is_dir() and any(out.iterdir()) and not args.overwrite:
+        raise UsageError(
+            f"--out={args.out} exists and is not empty; pass --overwrite to replace it"
+        )
     cfg = _load_config(args, overrides)
     model_cfg, params = _model_and_params(cfg, args.workdir)
     hf.save_pretrained(model_cfg, params, args.out, overwrite=args.overwrite)
@@ -193,9 +220,14 @@ def cmd_export(args, overrides) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    if not argv or argv[0] in ("-h", "--help") or argv[0] not in COMMANDS:
+    if argv and argv[0] in ("-h", "--help", "help"):
+        print(__doc__)
+        return 0
+    if not argv or argv[0] not in COMMANDS:
         print(__doc__, file=sys.stderr)
-        return 0 if argv and argv[0] in ("-h", "--help") else 2
+        what = f"unknown command {argv[0]!r}" if argv else "no command given"
+        print(f"gpt2-jax: error: {what} (commands: {', '.join(COMMANDS)})", file=sys.stderr)
+        return 2
     command, rest = argv[0], argv[1:]
 
     from gpt2_jax import config as config_lib
@@ -222,6 +254,7 @@ def main(argv: list[str] | None = None) -> int:
 
 def _is_user_error(e: Exception) -> bool:
     names = {
+        "UsageError",
         "ConfigError",
         "DataError",
         "CheckpointError",

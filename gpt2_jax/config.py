@@ -37,6 +37,8 @@ def base_config() -> ml_collections.ConfigDict:
     m.n_head = 0  # attention heads (n_embd % n_head == 0)
     m.n_embd = 0  # model width
     m.n_positions = 1024  # longest context (learned position table)
+    m.n_inner = 0  # MLP width; 0 = 4 * n_embd
+    m.layer_norm_epsilon = 1e-5
     m.vocab_size = 50257  # GPT-2 BPE vocabulary
     m.dropout = 0.1  # embd/attn/resid dropout (HF's *_pdrop)
     m.dtype = "float32"  # compute dtype: float32 | bfloat16
@@ -214,6 +216,8 @@ def model_config(cfg: ml_collections.ConfigDict) -> model_lib.GPT2Config:
         **fields,
         vocab_size=m.vocab_size,
         n_positions=m.n_positions,
+        n_inner=m.get("n_inner") or None,
+        layer_norm_epsilon=m.get("layer_norm_epsilon", 1e-5),
         resid_pdrop=m.dropout,
         embd_pdrop=m.dropout,
         attn_pdrop=m.dropout,
@@ -222,6 +226,27 @@ def model_config(cfg: ml_collections.ConfigDict) -> model_lib.GPT2Config:
         scan_layers=m.scan_layers,
         remat=m.remat,
     )
+
+
+# What the weights decide (as opposed to how to compute with them).
+SHAPE_KEYS = (
+    "n_layer",
+    "n_head",
+    "n_embd",
+    "n_positions",
+    "vocab_size",
+    "n_inner",
+    "layer_norm_epsilon",
+)
+
+
+def set_model_shape(cfg: ml_collections.ConfigDict, mcfg: model_lib.GPT2Config) -> None:
+    """Writes ``mcfg``'s shape into ``cfg.model`` (so config.json records what ran)."""
+    with cfg.model.unlocked():
+        cfg.model.size = ""
+        for k in SHAPE_KEYS:
+            cfg.model[k] = getattr(mcfg, k)
+        cfg.model.n_inner = mcfg.n_inner or 0
 
 
 # ------------------------------------------------------------------------- validation
@@ -303,4 +328,7 @@ def validate(cfg: ml_collections.ConfigDict, num_devices: int) -> model_lib.GPT2
         sharding.mesh_shape(cfg.mesh, num_devices)
     except ValueError as e:
         raise ConfigError(str(e)) from None
+    from gpt2_jax import data as data_lib
+
+    data_lib.check_data_config(cfg.data)  # DataError: missing files, empty globs, ...
     return mcfg

@@ -247,8 +247,9 @@ def hidden_token_nll(hidden: jax.Array, wte: jax.Array, input_ids: jax.Array) ->
     V = wte.shape[0]
     Vp = padded_vocab_size(V)
     w = jnp.pad(wte.astype(hidden.dtype), ((0, Vp - V), (0, 0)))  # (Vp, C)
-    logits = jnp.einsum("btc,vc->btv", hidden[:, :-1], w,
-                        preferred_element_type=jnp.float32)  # (B, T-1, Vp)
+    logits = jnp.einsum(
+        "btc,vc->btv", hidden[:, :-1], w, preferred_element_type=jnp.float32
+    )  # (B, T-1, Vp)
     logits = jnp.where(jnp.arange(Vp) < V, logits, -jnp.inf)
     logz = jax.nn.logsumexp(logits, axis=-1)
     picked = jnp.take_along_axis(logits, input_ids[:, 1:, None], axis=-1)[..., 0]

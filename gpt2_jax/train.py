@@ -220,12 +220,20 @@ def evaluate_splits(cfg, model_cfg, params, splits: dict, mesh, progress: bool) 
 
     micro = cfg.train.batch_size // cfg.optim.accumulation_steps
     batch_size = cfg.eval.batch_size or micro
+    if cfg.eval.stride > cfg.data.block_size:
+        raise config_lib.ConfigError(
+            f"eval.stride={cfg.eval.stride} must be <= data.block_size={cfg.data.block_size} "
+            f"(the window length; a longer stride would skip tokens)"
+        )
     out = []
     for name, blocks in splits.items():
         if cfg.eval.stride:
             tokens, _ = data_lib.load_token_stream(cfg.data, name)
             if cfg.eval.max_batches:
-                tokens = tokens[: cfg.eval.max_batches * batch_size * cfg.data.block_size]
+                # W windows start every stride tokens and the last one ends at the cut, so
+                # the first max_batches batches of windows need (W - 1) * stride + block_size.
+                windows = cfg.eval.max_batches * batch_size
+                tokens = tokens[: (windows - 1) * cfg.eval.stride + cfg.data.block_size]
             res = evaluate.eval_sliding_window(
                 model_cfg,
                 params,
@@ -248,32 +256,50 @@ def evaluate_splits(cfg, model_cfg, params, splits: dict, mesh, progress: bool) 
                 progress=progress,
             )
         out.append(
-            {"split": name, **{k: float(v) if k != "tokens" else int(v) for k, v in res.items()}}
+            {
+                "split": name,
+                **{
+                    k: int(v) if isinstance(v, (int, np.integer)) else float(v)
+                    for k, v in res.items()
+                },
+            }
         )
     return out
 
 
-def _resolved_init(cfg, workdir: Path, ckpt: ckpt_lib.Checkpointer):
-    """Resume order: 1. this workdir's checkpoint, 2. ``init_from`` weights, 3. scratch.
+def _resolve_model(cfg, workdir: Path) -> tuple[str, Path | None]:
+    """Decides where the weights come from and fixes ``cfg.model``'s shape accordingly.
 
-    Returns (model-shaped cfg, hf params or None). With a checkpoint, its saved model
-    section wins, so a resumed run has exactly the shape it was saved with.
+    Resume order: 1. this workdir's own checkpoint (its saved model section wins, so a
+    resumed run has exactly the shape it was saved with), 2. ``init_from`` weights (shape
+    from their config.json, read before any weights are), 3. random init.
+    Returns ("checkpoint" | "hf" | "scratch", the HF directory or None).
     """
-    if ckpt.latest_step() is not None:
-        saved = ckpt.restore_config()
-        with cfg.unlocked():
-            cfg.model = ml_collections.ConfigDict(saved["model"])
-        return cfg, None
-    if cfg.init_from:
-        from gpt2_jax import hf
+    ckpt_dir = workdir / "checkpoints"
+    if ckpt_dir.is_dir():
+        probe = ckpt_lib.Checkpointer(ckpt_dir, read_only=True)
+        if probe.latest_step() is not None:
+            saved = probe.restore_config()
+            with cfg.unlocked():
+                cfg.model = ml_collections.ConfigDict(saved["model"])
+            return "checkpoint", None
+    if not cfg.init_from:
+        return "scratch", None
+    if not cfg.init_from.startswith("hf:") or len(cfg.init_from) <= 3:
+        raise config_lib.ConfigError(
+            f"init_from: {cfg.init_from!r} must be '' or 'hf:<dir or hub id>'"
+        )
+    from gpt2_jax import hf
 
-        mcfg, params = hf.load_pretrained(cfg.init_from[3:], **_runtime_overrides(cfg))
-        with cfg.model.unlocked():
-            cfg.model.size = ""
-            for k in ("n_layer", "n_head", "n_embd", "n_positions", "vocab_size"):
-                cfg.model[k] = getattr(mcfg, k)
-        return cfg, params
-    return cfg, None
+    directory = hf.resolve(cfg.init_from)
+    config_path = directory / "config.json"
+    if not config_path.is_file():
+        raise hf.HFImportError(f"{directory} has no config.json (a Hugging Face model directory?)")
+    mcfg = hf.config_from_hf(
+        json.loads(config_path.read_text()), str(config_path), **_runtime_overrides(cfg)
+    )
+    config_lib.set_model_shape(cfg, mcfg)
+    return "hf", directory
 
 
 def _runtime_overrides(cfg) -> dict:
@@ -297,17 +323,10 @@ def train(cfg: ml_collections.ConfigDict, workdir: str | Path) -> dict:
     workdir = Path(workdir).absolute()
     sharding.maybe_initialize_distributed(cfg.distributed)
     num_devices = jax.device_count()
-    config_lib.validate(cfg, num_devices)  # fail fast, before loading anything big
 
-    # ---- workdir, resume point, model config
-    workdir.mkdir(parents=True, exist_ok=True)
-    ckpt = ckpt_lib.Checkpointer(workdir / "checkpoints", max_to_keep=cfg.train.keep_checkpoints)
-    resume_step = ckpt.latest_step()
-    cfg, hf_params = _resolved_init(cfg, workdir, ckpt)
+    # ---- where the weights come from, then everything checked before anything is written
+    source, hf_dir = _resolve_model(cfg, workdir)
     model_cfg = config_lib.validate(cfg, num_devices)
-    _write_config(cfg, workdir)
-
-    # ---- data
     splits = data_lib.load_splits(cfg.data, ("train", *cfg.eval.splits))
     train_blocks = splits.pop("train")
     loader = data_lib.BatchLoader(
@@ -317,6 +336,17 @@ def train(cfg: ml_collections.ConfigDict, workdir: str | Path) -> dict:
         jax.process_index(),
         jax.process_count(),
     )
+
+    # ---- workdir
+    workdir.mkdir(parents=True, exist_ok=True)
+    ckpt = ckpt_lib.Checkpointer(workdir / "checkpoints", max_to_keep=cfg.train.keep_checkpoints)
+    resume_step = ckpt.latest_step()
+    _write_config(cfg, workdir)
+    hf_params = None
+    if source == "hf":
+        from gpt2_jax import hf
+
+        _, hf_params = hf.load_pretrained(hf_dir, **_runtime_overrides(cfg))
     total_steps = cfg.train.steps or cfg.train.epochs * loader.steps_per_epoch
     tx, schedule = optim.make_optimizer(cfg.optim, total_steps)
 

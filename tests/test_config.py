@@ -17,9 +17,18 @@ CONFIGS = [
 
 
 @pytest.mark.parametrize("name,arg", CONFIGS)
-def test_each_config_loads_and_validates(name, arg):
+def test_each_config_loads_and_validates(name, arg, tmp_path):
     spec = str(ROOT / "configs" / name) + (f":{arg}" if arg else "")
     cfg = config_lib.load_config_file(spec)
+    if cfg.data.train_files:  # variants that name local files the user supplies
+        (tmp_path / "t.txt").write_text("some text\n")
+        config_lib.apply_overrides(
+            cfg,
+            {
+                "data.train_files": str(tmp_path / "t.txt"),
+                "data.validation_files": str(tmp_path / "t.txt"),
+            },
+        )
     mcfg = config_lib.validate(cfg, num_devices=1)
     assert mcfg.n_layer > 0 and cfg.data.block_size <= mcfg.n_positions
 

@@ -114,3 +114,23 @@ def test_config_validation_names_field():
         m.GPT2Config(n_embd=50, n_head=3).validate()
     with pytest.raises(ValueError, match="model.size"):
         m.GPT2Config.from_size("gpt5")
+
+
+def test_padded_training_head_equals_plain_logits_loss(params):
+    ids = _ids()
+    logits = m.GPT2(CFG).apply({"params": params}, ids)
+    hidden = m.GPT2(CFG).apply({"params": params}, ids, return_hidden=True)
+    assert m.padded_vocab_size(CFG.vocab_size) == 128
+    plain = m.token_nll(logits, ids)
+    padded = m.hidden_token_nll(hidden, params["wte"]["embedding"], ids)
+    np.testing.assert_allclose(padded, plain, rtol=1e-5, atol=1e-5)
+
+    def loss_plain(p):
+        return m.token_nll(m.GPT2(CFG).apply({"params": p}, ids), ids).mean()
+
+    def loss_padded(p):
+        h = m.GPT2(CFG).apply({"params": p}, ids, return_hidden=True)
+        return m.hidden_token_nll(h, p["wte"]["embedding"], ids).mean()
+
+    g1, g2 = jax.grad(loss_plain)(params), jax.grad(loss_padded)(params)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6), g1, g2)

@@ -1,0 +1,87 @@
+"""Compile time and step time of the train step: layers scanned vs unrolled.
+
+    .venv/bin/python experiments/scan_vs_unrolled/bench.py --size=gpt2 --batch=4 --seq=256
+
+Each variant: time to compile + run the first step, then the mean of --steps further
+steps (the jitted train_step of gpt2_jax.train, fp32, dropout 0.1, AdamW). Both variants run
+in the same process, one after the other, so their ratio is what to read on a noisy machine.
+"""
+
+import argparse
+import functools
+import json
+import platform
+import time
+
+import jax
+import ml_collections
+
+from gpt2_jax import model as model_lib
+from gpt2_jax import optim, train
+
+
+def bench(model_cfg, batch, seq, steps):
+    oc = ml_collections.ConfigDict(
+        dict(
+            learning_rate=6e-4,
+            warmup_steps=0,
+            schedule="constant",
+            min_lr_ratio=0.1,
+            weight_decay=0.1,
+            decay_embeddings=False,
+            b1=0.9,
+            b2=0.95,
+            eps=1e-8,
+            grad_clip=1.0,
+        )
+    )
+    tx, _ = optim.make_optimizer(oc, 100)
+    state = jax.jit(functools.partial(train.init_state, model_cfg=model_cfg, tx=tx))(
+        jax.random.PRNGKey(0)
+    )
+    step = jax.jit(
+        functools.partial(train.train_step, model_cfg=model_cfg, tx=tx), donate_argnums=0
+    )
+    ids = jax.random.randint(jax.random.PRNGKey(1), (1, batch, seq), 0, model_cfg.vocab_size)
+    t0 = time.perf_counter()
+    state, m = step(state, ids)
+    m["loss"].block_until_ready()
+    first = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    for _ in range(steps):
+        state, m = step(state, ids)
+    m["loss"].block_until_ready()
+    return first, (time.perf_counter() - t0) / steps
+
+
+def main():
+    p = argparse.ArgumentParser()
+    p.add_argument("--size", default="gpt2")
+    p.add_argument("--batch", type=int, default=4)
+    p.add_argument("--seq", type=int, default=256)
+    p.add_argument("--steps", type=int, default=3)
+    a = p.parse_args()
+    out = {
+        "size": a.size,
+        "batch": a.batch,
+        "seq": a.seq,
+        "jax": jax.__version__,
+        "machine": f"{platform.machine()}, {jax.device_count()} CPU device(s)",
+    }
+    for scan in (True, False):
+        cfg = model_lib.GPT2Config.from_size(a.size, scan_layers=scan)
+        first, step = bench(cfg, a.batch, a.seq, a.steps)
+        key = "scan" if scan else "unrolled"
+        out[key] = {"compile_and_first_step_s": round(first, 2), "step_s": round(step, 3)}
+        print(key, out[key], flush=True)
+    out["compile_ratio_unrolled_over_scan"] = round(
+        out["unrolled"]["compile_and_first_step_s"] / out["scan"]["compile_and_first_step_s"], 2
+    )
+    out["step_ratio_unrolled_over_scan"] = round(
+        out["unrolled"]["step_s"] / out["scan"]["step_s"], 2
+    )
+    print(json.dumps(out))
+
+
+if __name__ == "__main__":
+    main()
