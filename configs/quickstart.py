@@ -2,14 +2,15 @@
 
 Data: Python's own bundled help text (``pydoc_data.topics``, ~465K characters, in every
 CPython install), 5% held out for validation. Model: 4 layers, 4 heads, n_embd 128,
-context 128, the real GPT-2 tokenizer and vocabulary.
+context 64, the real GPT-2 tokenizer and vocabulary.
 
     gpt2-jax train --config=configs/quickstart.py --workdir=runs/quickstart
     gpt2-jax eval --workdir=runs/quickstart
     gpt2-jax generate --workdir=runs/quickstart --prompt="The for statement"
 
-Expected (measured, see README): validation loss from ~10.8 (random, ln 50257) to ~RESULT
-after 300 steps.
+Expected (measured on 2 CPU cores, experiments/quickstart/README.md): validation loss
+from ~10.8 at init (ln 50257) to 5.30 (perplexity ~200) after 250 steps, about 3 minutes
+of training at ~830 tokens/s.
 
 ``:tiny`` is the variant the tests use (1 layer, n_embd 32, a few steps).
 """

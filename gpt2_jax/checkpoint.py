@@ -40,7 +40,9 @@ class Checkpointer:
         if read_only and not self.directory.is_dir():
             raise CheckpointError(f"no checkpoint directory at {self.directory}")
         options = ocp.CheckpointManagerOptions(
-            max_to_keep=max_to_keep or None,
+            # Read-only managers must not keep/prune or save (Orbax warns otherwise).
+            max_to_keep=None if read_only else (max_to_keep or None),
+            save_interval_steps=0 if read_only else 1,
             enable_async_checkpointing=async_save,
             cleanup_tmp_directories=not read_only,
             create=not read_only,

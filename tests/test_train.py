@@ -13,6 +13,7 @@ import pytest
 
 from gpt2_jax import checkpoint as ckpt_lib
 from gpt2_jax import config as config_lib
+from gpt2_jax import data as data_lib
 from gpt2_jax import train as train_lib
 
 from .conftest import ROOT, run_cli
@@ -147,3 +148,10 @@ def test_sigterm_saves_then_the_same_command_resumes_exactly(tmp_path):
     full = tmp_path / "full"
     train_lib.train(tiny_config(**{"train.steps": steps, "train.checkpoint_every": 0}), full)
     assert train_losses(work) == train_losses(full)
+
+
+def test_too_little_data_for_one_batch_is_a_clear_error_before_anything_is_written(tmp_path):
+    cfg = tiny_config(**{"train.batch_size": 4096})
+    with pytest.raises(data_lib.DataError, match="4096"):
+        train_lib.train(cfg, tmp_path / "run")
+    assert not (tmp_path / "run").exists()
