@@ -70,7 +70,6 @@ def _model_and_params(cfg, workdir: str | None):
     from gpt2_jax import checkpoint as ckpt_lib
     from gpt2_jax import config as config_lib
     from gpt2_jax import model as model_lib
-    from gpt2_jax import train as train_lib
 
     ckpt_dir = Path(workdir) / "checkpoints" if workdir else None
     if ckpt_dir is not None:
@@ -104,9 +103,7 @@ def _model_and_params(cfg, workdir: str | None):
             raise config_lib.ConfigError(
                 f"init_from: {cfg.init_from!r} must be 'hf:<dir or hub id>'"
             )
-        model_cfg, params = hf.load_pretrained(
-            cfg.init_from[3:], **train_lib._runtime_overrides(cfg)
-        )
+        model_cfg, params = hf.load_pretrained(cfg.init_from[3:], **config_lib.runtime_fields(cfg))
         return model_cfg, params
     raise ckpt_lib.CheckpointError(
         "no weights to use: no --workdir given and init_from is empty "

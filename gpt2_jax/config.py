@@ -218,13 +218,22 @@ def model_config(cfg: ml_collections.ConfigDict) -> model_lib.GPT2Config:
         n_positions=m.n_positions,
         n_inner=m.get("n_inner") or None,
         layer_norm_epsilon=m.get("layer_norm_epsilon", 1e-5),
-        resid_pdrop=m.dropout,
-        embd_pdrop=m.dropout,
-        attn_pdrop=m.dropout,
+        **runtime_fields(cfg),
+    )
+
+
+def runtime_fields(cfg: ml_collections.ConfigDict) -> dict:
+    """The GPT2Config fields that say how to run a model, not what it is (HF import keeps
+    a checkpoint's shape and takes these from the experiment config)."""
+    m = cfg.model
+    return dict(
         dtype=m.dtype,
         param_dtype=m.param_dtype,
         scan_layers=m.scan_layers,
         remat=m.remat,
+        resid_pdrop=m.dropout,
+        embd_pdrop=m.dropout,
+        attn_pdrop=m.dropout,
     )
 
 

@@ -240,9 +240,10 @@ def hidden_token_nll(hidden: jax.Array, wte: jax.Array, input_ids: jax.Array) ->
 
     hidden: [B, T, C] (``GPT2(..., return_hidden=True)``); wte: [V, C]; input_ids: [B, T]
     -> [B, T - 1] float32. The tied head runs against ``wte`` zero-padded to a multiple of
-    128 rows, with the padded logits masked out: the same numbers, but on this CPU the
-    head's backward pass is ~1.4x faster (50257 is a poor matmul size). The padding never
-    leaves this function: parameters and user-facing logits keep the real vocabulary.
+    128 rows, with the padded logits masked out: the same numbers, in matmul shapes that
+    accelerators tile well (nanoGPT's 50304). On this project's 2-core CPU it measured no
+    faster than the plain head (experiments/padded_head). The padding never leaves this
+    function: parameters and user-facing logits keep the real vocabulary.
     """
     V = wte.shape[0]
     Vp = padded_vocab_size(V)

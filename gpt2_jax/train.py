@@ -296,23 +296,10 @@ def _resolve_model(cfg, workdir: Path) -> tuple[str, Path | None]:
     if not config_path.is_file():
         raise hf.HFImportError(f"{directory} has no config.json (a Hugging Face model directory?)")
     mcfg = hf.config_from_hf(
-        json.loads(config_path.read_text()), str(config_path), **_runtime_overrides(cfg)
+        json.loads(config_path.read_text()), str(config_path), **config_lib.runtime_fields(cfg)
     )
     config_lib.set_model_shape(cfg, mcfg)
     return "hf", directory
-
-
-def _runtime_overrides(cfg) -> dict:
-    m = cfg.model
-    return dict(
-        dtype=m.dtype,
-        param_dtype=m.param_dtype,
-        scan_layers=m.scan_layers,
-        remat=m.remat,
-        resid_pdrop=m.dropout,
-        embd_pdrop=m.dropout,
-        attn_pdrop=m.dropout,
-    )
 
 
 def train(cfg: ml_collections.ConfigDict, workdir: str | Path) -> dict:
@@ -346,7 +333,7 @@ def train(cfg: ml_collections.ConfigDict, workdir: str | Path) -> dict:
     if source == "hf":
         from gpt2_jax import hf
 
-        _, hf_params = hf.load_pretrained(hf_dir, **_runtime_overrides(cfg))
+        _, hf_params = hf.load_pretrained(hf_dir, **config_lib.runtime_fields(cfg))
     total_steps = cfg.train.steps or cfg.train.epochs * loader.steps_per_epoch
     tx, schedule = optim.make_optimizer(cfg.optim, total_steps)
 

@@ -18,6 +18,16 @@ def _isolated_caches(tmp_path_factory, monkeypatch):
     monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
 
 
+@pytest.fixture(scope="module")
+def torch_one_thread():
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 def run_cli(args, devices: int = 1, timeout: int = 600, env_extra=None, cwd=ROOT):
     """Runs ``python -m gpt2_jax ARGS`` in a fresh process (device count set before jax)."""
     env = dict(os.environ)

@@ -15,6 +15,9 @@ transformers = pytest.importorskip("transformers")
 
 from gpt2_jax import evaluate, hf, tokenizer  # noqa: E402
 
+# Many small PyTorch forwards: one thread is ~10x faster than 2 on a shared 2-core box.
+pytestmark = pytest.mark.usefixtures("torch_one_thread")
+
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 WIKI_TEST = DATA / "wikitext-2-raw" / "wiki.test.raw"
 SMALL = dict(n_layer=3, n_head=4, n_embd=64, n_positions=96, n_inner=96, vocab_size=50257)
@@ -29,15 +32,6 @@ def wiki_ids(n_tokens: int) -> np.ndarray:
     ids = np.asarray(tokenizer.get_tokenizer().encode_ordinary(text), np.int32)
     assert len(ids) >= n_tokens
     return ids[:n_tokens]
-
-
-@pytest.fixture(scope="module", autouse=True)
-def torch_one_thread():
-    """Many small PyTorch forwards: one thread is ~10x faster than 2 on a shared 2-core box."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="module")

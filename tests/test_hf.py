@@ -17,6 +17,9 @@ from safetensors.numpy import load_file, save_file  # noqa: E402
 
 from gpt2_jax import hf, model, tokenizer  # noqa: E402
 
+# Many small PyTorch forwards: one thread is ~10x faster than 2 on a shared 2-core box.
+pytestmark = pytest.mark.usefixtures("torch_one_thread")
+
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 WIKI_TEST = DATA / "wikitext-2-raw" / "wiki.test.raw"
 # Odd sizes: non-square c_attn (64 x 192), c_fc (64 x 96), mlp.c_proj (96 x 64) catch transposes.
@@ -59,15 +62,6 @@ def assert_trees_equal(a, b):
     for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True):
         assert x.dtype == y.dtype
         np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
-
-
-@pytest.fixture(scope="module", autouse=True)
-def torch_one_thread():
-    """Many small PyTorch forwards: one thread is ~10x faster than 2 on a shared 2-core box."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 # ---------------------------------------------------------------------- fixtures

@@ -40,10 +40,12 @@ def main():
     cfg = m.GPT2Config(n_layer=a.n_layer, n_head=a.n_head, n_embd=a.n_embd, n_positions=a.seq)
     params = m.init_params(cfg, jax.random.PRNGKey(0))
     ids = jax.random.randint(jax.random.PRNGKey(1), (a.batch, a.seq), 0, cfg.vocab_size)
-    fns = {name: jax.jit(jax.value_and_grad(functools.partial(f, cfg=cfg)))
-           for name, f in (("plain", plain), ("padded", padded))}
+    fns = {
+        name: jax.jit(jax.value_and_grad(functools.partial(f, cfg=cfg)))
+        for name, f in (("plain", plain), ("padded", padded))
+    }
     times = {name: [] for name in fns}
-    for name, f in fns.items():
+    for f in fns.values():
         jax.block_until_ready(f(params, ids))  # compile
     for _ in range(a.rounds):
         for name, f in fns.items():
@@ -52,14 +54,20 @@ def main():
             times[name].append(time.perf_counter() - t0)
     best = {k: min(v) for k, v in times.items()}
     loss = {k: float(f(params, ids)[0]) for k, f in fns.items()}
-    print(json.dumps({
-        "args": vars(a), "jax": jax.__version__,
-        "machine": f"{platform.machine()}, {jax.device_count()} CPU device(s)",
-        "best_s": {k: round(v, 3) for k, v in best.items()},
-        "speedup_padded": round(best["plain"] / best["padded"], 2),
-        "loss": loss, "loss_abs_diff": abs(loss["plain"] - loss["padded"]),
-        "dtype": str(jnp.float32.dtype),
-    }))
+    print(
+        json.dumps(
+            {
+                "args": vars(a),
+                "jax": jax.__version__,
+                "machine": f"{platform.machine()}, {jax.device_count()} CPU device(s)",
+                "best_s": {k: round(v, 3) for k, v in best.items()},
+                "speedup_padded": round(best["plain"] / best["padded"], 2),
+                "loss": loss,
+                "loss_abs_diff": abs(loss["plain"] - loss["padded"]),
+                "dtype": str(jnp.float32.dtype),
+            }
+        )
+    )
 
 
 if __name__ == "__main__":
