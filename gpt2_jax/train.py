@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import functools
 import json
-import math
 import signal
 import sys
 import time
@@ -406,16 +405,13 @@ def train(cfg: ml_collections.ConfigDict, workdir: str | Path) -> dict:
                 state, metrics = step_fn(state, get_batch(step))
                 step += 1
                 pending.append(metrics["loss"])
+                checkpoint_now = bool(
+                    cfg.train.checkpoint_every and step % cfg.train.checkpoint_every == 0
+                )
+                if checkpoint_now and step % cfg.train.log_every:
+                    _check_finite(pending, step, ckpt)  # never checkpoint a diverged state
                 if step % cfg.train.log_every == 0 or step == total_steps:
-                    losses = np.asarray(jax.device_get(jnp.stack(pending)))
-                    loss = float(losses.mean())
-                    if not np.all(np.isfinite(losses)):
-                        raise TrainingError(
-                            f"loss is {loss} at step {step}: training stopped, no checkpoint "
-                            f"written for it (latest good: {ckpt.latest_step()}). Lower "
-                            f"optim.learning_rate, keep optim.grad_clip > 0, or use "
-                            f"model.dtype=float32."
-                        )
+                    loss = _check_finite(pending, step, ckpt)
                     now = time.perf_counter()
                     log.write(
                         {
@@ -433,7 +429,7 @@ def train(cfg: ml_collections.ConfigDict, workdir: str | Path) -> dict:
                 bar.update(1)
                 if cfg.train.eval_every and step % cfg.train.eval_every == 0 and step < total_steps:
                     run_eval(step)
-                if cfg.train.checkpoint_every and step % cfg.train.checkpoint_every == 0:
+                if checkpoint_now:
                     save(step)
                 if _preempted(sigterm, step):
                     if ckpt.latest_step() != step:
@@ -457,6 +453,19 @@ def train(cfg: ml_collections.ConfigDict, workdir: str | Path) -> dict:
         f"tensorboard: {workdir / 'tensorboard'}"
     )
     return {r["split"]: r for r in results}
+
+
+def _check_finite(pending: list[jax.Array], step: int, ckpt) -> float:
+    """Mean of the pending step losses (one host sync); TrainingError if any is not finite."""
+    losses = np.asarray(jax.device_get(jnp.stack(pending)))
+    loss = float(losses.mean())
+    if not np.all(np.isfinite(losses)):
+        raise TrainingError(
+            f"loss is {loss} at step {step}: training stopped, no checkpoint written for it "
+            f"(latest good: {ckpt.latest_step()}). Lower optim.learning_rate, keep "
+            f"optim.grad_clip > 0, or use model.dtype=float32."
+        )
+    return loss
 
 
 class Preempted(Exception):
@@ -502,7 +511,3 @@ def _diff(old: dict, new: dict, prefix: str = "") -> list[str]:
         elif a != b:
             out.append(f"{prefix}{k}: {a!r} -> {b!r}")
     return out
-
-
-def perplexity(loss: float) -> float:
-    return math.exp(loss) if loss < 700 else float("inf")

@@ -88,10 +88,12 @@ def test_gradient_accumulation_matches_one_big_batch(tmp_path):
     np.testing.assert_allclose(two["validation"]["loss"], one["validation"]["loss"], rtol=1e-5)
 
 
-def test_non_finite_loss_stops_the_run(tmp_path):
-    cfg = tiny_config(**{"optim.learning_rate": 1e12, "optim.grad_clip": 0, "train.steps": 6})
-    with pytest.raises(train_lib.TrainingError, match="loss is nan|loss is inf"):
+def test_non_finite_loss_stops_the_run_without_checkpointing_it(tmp_path):
+    # log_every=6 > checkpoint_every=3: the check also runs at checkpoint steps.
+    cfg = tiny_config(**{"optim.learning_rate": 1e12, "optim.grad_clip": 0, "train.log_every": 6})
+    with pytest.raises(train_lib.TrainingError, match="loss is (nan|inf) at step 3"):
         train_lib.train(cfg, tmp_path)
+    assert ckpt_lib.Checkpointer(tmp_path / "checkpoints", read_only=True).latest_step() is None
 
 
 def test_two_devices_and_fsdp_match_one_device(tmp_path):
