@@ -43,7 +43,7 @@ class Checkpointer:
             # Read-only managers must not keep/prune or save (Orbax warns otherwise).
             max_to_keep=None if read_only else (max_to_keep or None),
             save_interval_steps=0 if read_only else 1,
-            enable_async_checkpointing=async_save,
+            enable_async_checkpointing=async_save and not read_only,
             cleanup_tmp_directories=not read_only,
             create=not read_only,
             read_only=read_only,
@@ -120,6 +120,12 @@ class Checkpointer:
 
     def close(self) -> None:
         self._mngr.close()
+
+    def __enter__(self) -> Checkpointer:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
 
 
 def abstract_like(tree: Any, shardings: Any) -> Any:

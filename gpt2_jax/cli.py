@@ -63,6 +63,12 @@ def _load_config(args, overrides):
     return cfg
 
 
+_NO_CHECKPOINT = (
+    "{ckpt_dir} has no checkpoint yet (train first). To use the run's init_from weights, "
+    "pass --config=configs/NAME.py --config.init_from=hf:<dir or hub id> without --workdir"
+)
+
+
 def _model_and_params(cfg, workdir: str | None):
     """(model config, params): the workdir's latest checkpoint, else ``init_from`` weights."""
     import jax
@@ -75,26 +81,24 @@ def _model_and_params(cfg, workdir: str | None):
     if ckpt_dir is not None:
         # --workdir means that run's weights: falling back to its init_from would silently
         # evaluate / export / sample the starting point instead of the trained model.
-        ckpt = ckpt_lib.Checkpointer(ckpt_dir, read_only=True) if ckpt_dir.is_dir() else None
-        if ckpt is None or ckpt.latest_step() is None:
-            raise ckpt_lib.CheckpointError(
-                f"{ckpt_dir} has no checkpoint yet (train first). To use the run's "
-                f"init_from weights, pass --config=configs/NAME.py "
-                f"--config.init_from=hf:<dir or hub id> without --workdir"
+        if not ckpt_dir.is_dir():
+            raise ckpt_lib.CheckpointError(_NO_CHECKPOINT.format(ckpt_dir=ckpt_dir))
+        with ckpt_lib.Checkpointer(ckpt_dir, read_only=True) as ckpt:
+            step = ckpt.latest_step()
+            if step is None:
+                raise ckpt_lib.CheckpointError(_NO_CHECKPOINT.format(ckpt_dir=ckpt_dir))
+            saved = config_lib.from_json(ckpt.restore_config(step))
+            with cfg.unlocked():
+                # The weights decide the shape; only how to compute may be overridden.
+                for k in ("size", "scan_layers", *config_lib.SHAPE_KEYS):
+                    if k in saved.model:  # older runs may lack the newer keys
+                        cfg.model[k] = saved.model[k]
+            model_cfg = config_lib.model_config(cfg)
+            abstract = jax.eval_shape(
+                functools.partial(model_lib.init_params, model_cfg), jax.random.PRNGKey(0)
             )
-        saved = config_lib.from_json(ckpt.restore_config())
-        with cfg.unlocked():
-            # The weights decide the shape; only how to compute may be overridden.
-            shape_keys = ("size", "scan_layers", *config_lib.SHAPE_KEYS)
-            for k in shape_keys:
-                if k in saved.model:  # older runs may lack the newer keys
-                    cfg.model[k] = saved.model[k]
-        model_cfg = config_lib.model_config(cfg)
-        abstract = jax.eval_shape(
-            functools.partial(model_lib.init_params, model_cfg), jax.random.PRNGKey(0)
-        )
-        state = ckpt.restore(None, {"params": abstract}, partial=True)
-        print(f"loaded {ckpt_dir / str(ckpt.latest_step())}", file=sys.stderr)
+            state = ckpt.restore(step, {"params": abstract}, partial=True)
+        print(f"loaded {ckpt_dir / str(step)}", file=sys.stderr)
         return model_cfg, state["params"]
     if cfg.init_from:
         from gpt2_jax import hf

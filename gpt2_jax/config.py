@@ -87,13 +87,6 @@ def base_config() -> ml_collections.ConfigDict:
     d.num_processes = 1
     d.process_id = 0
     d.cpu_collectives = ""  # e.g. 'gloo' for multi-process CPU runs
-
-    c.generate = g = ml_collections.ConfigDict()
-    g.prompt = "\n"  # default prompt for the end-of-run sample
-    g.max_new_tokens = 100
-    g.temperature = 0.8
-    g.top_k = 200
-    g.top_p = 1.0
     return c
 
 

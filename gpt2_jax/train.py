@@ -7,6 +7,7 @@ explicit shardings and a donated state.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import signal
@@ -276,9 +277,9 @@ def _resolve_model(cfg, workdir: Path) -> tuple[str, Path | None]:
     """
     ckpt_dir = workdir / "checkpoints"
     if ckpt_dir.is_dir():
-        probe = ckpt_lib.Checkpointer(ckpt_dir, read_only=True)
-        if probe.latest_step() is not None:
-            saved = probe.restore_config()
+        with ckpt_lib.Checkpointer(ckpt_dir, read_only=True) as probe:
+            saved = probe.restore_config() if probe.latest_step() is not None else None
+        if saved is not None:
             with cfg.unlocked():
                 cfg.model = ml_collections.ConfigDict(saved["model"])
             return "checkpoint", None
@@ -323,16 +324,24 @@ def train(cfg: ml_collections.ConfigDict, workdir: str | Path) -> dict:
         jax.process_count(),
     )
 
-    # ---- workdir
-    workdir.mkdir(parents=True, exist_ok=True)
-    ckpt = ckpt_lib.Checkpointer(workdir / "checkpoints", max_to_keep=cfg.train.keep_checkpoints)
-    resume_step = ckpt.latest_step()
-    _write_config(cfg, workdir)
     hf_params = None
-    if source == "hf":
+    if source == "hf":  # a bad checkpoint fails here, before the workdir is touched
         from gpt2_jax import hf
 
         _, hf_params = hf.load_pretrained(hf_dir, **config_lib.runtime_fields(cfg))
+
+    with contextlib.ExitStack() as stack:
+        return _run(cfg, workdir, model_cfg, splits, train_blocks, loader, hf_params, stack)
+
+
+def _run(cfg, workdir: Path, model_cfg, splits, train_blocks, loader, hf_params, stack) -> dict:
+    """The training proper; everything opened is closed by ``stack`` (errors included)."""
+    # ---- workdir
+    workdir.mkdir(parents=True, exist_ok=True)
+    ckpt = ckpt_lib.Checkpointer(workdir / "checkpoints", max_to_keep=cfg.train.keep_checkpoints)
+    stack.callback(ckpt.close)  # an open async manager must not outlive an error
+    resume_step = ckpt.latest_step()
+    _write_config(cfg, workdir)
     total_steps = cfg.train.steps or cfg.train.epochs * loader.steps_per_epoch
     tx, schedule = optim.make_optimizer(cfg.optim, total_steps)
 
@@ -374,7 +383,9 @@ def train(cfg: ml_collections.ConfigDict, workdir: str | Path) -> dict:
         disable=not show,
         file=sys.stderr,
     )
+    stack.callback(bar.close)
     log = MetricLogger(workdir, resume_step, bar if show else None)
+    stack.callback(log.close)
     log.echo(
         f"gpt2_jax: {model_lib.count_params(abstract['params']) / 1e6:.1f}M params, "
         f"{len(train_blocks)} train blocks of {cfg.data.block_size} tokens, "
@@ -398,56 +409,50 @@ def train(cfg: ml_collections.ConfigDict, workdir: str | Path) -> dict:
     pending: list[jax.Array] = []
     last_time, last_step = time.perf_counter(), start
     step = start
-    results: list[dict] = []
-    try:
-        with _Sigterm() as sigterm:
-            while step < total_steps:
-                state, metrics = step_fn(state, get_batch(step))
-                step += 1
-                pending.append(metrics["loss"])
-                checkpoint_now = bool(
-                    cfg.train.checkpoint_every and step % cfg.train.checkpoint_every == 0
+    with _Sigterm() as sigterm:
+        while step < total_steps:
+            state, metrics = step_fn(state, get_batch(step))
+            step += 1
+            pending.append(metrics["loss"])
+            checkpoint_now = bool(
+                cfg.train.checkpoint_every and step % cfg.train.checkpoint_every == 0
+            )
+            if checkpoint_now and step % cfg.train.log_every:
+                _check_finite(pending, step, ckpt)  # never checkpoint a diverged state
+            if step % cfg.train.log_every == 0 or step == total_steps:
+                loss = _check_finite(pending, step, ckpt)
+                now = time.perf_counter()
+                log.write(
+                    {
+                        "step": step,
+                        "split": "train",
+                        "loss": loss,
+                        "learning_rate": float(schedule(step - 1)),
+                        "grad_norm": float(metrics["grad_norm"]),
+                        "tokens_per_second": tokens_per_step
+                        * (step - last_step)
+                        / (now - last_time),
+                    }
                 )
-                if checkpoint_now and step % cfg.train.log_every:
-                    _check_finite(pending, step, ckpt)  # never checkpoint a diverged state
-                if step % cfg.train.log_every == 0 or step == total_steps:
-                    loss = _check_finite(pending, step, ckpt)
-                    now = time.perf_counter()
-                    log.write(
-                        {
-                            "step": step,
-                            "split": "train",
-                            "loss": loss,
-                            "learning_rate": float(schedule(step - 1)),
-                            "grad_norm": float(metrics["grad_norm"]),
-                            "tokens_per_second": tokens_per_step
-                            * (step - last_step)
-                            / (now - last_time),
-                        }
-                    )
-                    pending, last_time, last_step = [], now, step
-                bar.update(1)
-                if cfg.train.eval_every and step % cfg.train.eval_every == 0 and step < total_steps:
-                    run_eval(step)
-                if checkpoint_now:
-                    save(step)
-                if _preempted(sigterm, step):
-                    if ckpt.latest_step() != step:
-                        save(step)
-                    ckpt.wait()
-                    log.echo(
-                        f"SIGTERM: saved step {step} to {ckpt.directory}; "
-                        f"run the same command to resume"
-                    )
-                    raise Preempted(step)
-            if ckpt.latest_step() != step:
+                pending, last_time, last_step = [], now, step
+            bar.update(1)
+            if cfg.train.eval_every and step % cfg.train.eval_every == 0 and step < total_steps:
+                run_eval(step)
+            if checkpoint_now:
                 save(step)
-            results = run_eval(step)
-            ckpt.wait()
-    finally:
-        bar.close()
-        log.close()
-        ckpt.close()
+            if _preempted(sigterm, step):
+                if ckpt.latest_step() != step:
+                    save(step)
+                ckpt.wait()
+                log.echo(
+                    f"SIGTERM: saved step {step} to {ckpt.directory}; "
+                    f"run the same command to resume"
+                )
+                raise Preempted(step)
+        if ckpt.latest_step() != step:
+            save(step)
+        results = run_eval(step)
+        ckpt.wait()
     log.echo(
         f"checkpoints: {ckpt.directory}  metrics: {workdir / 'metrics.jsonl'}  "
         f"tensorboard: {workdir / 'tensorboard'}"
