@@ -157,3 +157,31 @@ def test_too_little_data_for_one_batch_is_a_clear_error_before_anything_is_writt
     with pytest.raises(data_lib.DataError, match="4096"):
         train_lib.train(cfg, tmp_path / "run")
     assert not (tmp_path / "run").exists()
+
+
+def test_kill_9_mid_run_then_the_same_command_resumes(tmp_path):
+    """kill -9 (no handler runs) while checkpoints are being written every step."""
+    args = [
+        sys.executable,
+        "-m",
+        "gpt2_jax",
+        "train",
+        f"--config={TINY}",
+        "--config.train.steps=40",
+        "--config.train.checkpoint_every=1",
+        f"--workdir={tmp_path}",
+    ]
+    proc = subprocess.Popen(args, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    ckpts = tmp_path / "checkpoints"
+    deadline = time.time() + 300
+    while time.time() < deadline and len([p for p in ckpts.glob("*") if p.name.isdigit()]) < 3:
+        time.sleep(0.05)
+    proc.kill()
+    proc.wait(timeout=60)
+    assert proc.returncode == -signal.SIGKILL
+    saved = ckpt_lib.Checkpointer(ckpts, read_only=True).latest_step()
+    assert saved is not None and saved < 40
+    resumed = subprocess.run(args, cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert f"resumed from {ckpts / str(saved)}" in resumed.stdout + resumed.stderr
+    assert sorted(train_losses(tmp_path)) == list(range(1, 41))
