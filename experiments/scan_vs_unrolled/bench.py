@@ -14,27 +14,14 @@ import platform
 import time
 
 import jax
-import ml_collections
 
+from gpt2_jax import config, optim, train
 from gpt2_jax import model as model_lib
-from gpt2_jax import optim, train
 
 
 def bench(model_cfg, batch, seq, steps):
-    oc = ml_collections.ConfigDict(
-        dict(
-            learning_rate=6e-4,
-            warmup_steps=0,
-            schedule="constant",
-            min_lr_ratio=0.1,
-            weight_decay=0.1,
-            decay_embeddings=False,
-            b1=0.9,
-            b2=0.95,
-            eps=1e-8,
-            grad_clip=1.0,
-        )
-    )
+    oc = config.base_config().optim  # the defaults, as a pretraining run would set them:
+    oc.update(dict(schedule="constant", weight_decay=0.1, b2=0.95))
     tx, _ = optim.make_optimizer(oc, 100)
     state = jax.jit(functools.partial(train.init_state, model_cfg=model_cfg, tx=tx))(
         jax.random.PRNGKey(0)
