@@ -7,7 +7,8 @@ AdamW peak 6e-4, betas 0.9/0.95, weight decay 0.1 on kernels, 2000 warmup steps,
 6e-5 at 600k steps, clip 1.0, ~0.5M tokens per step (batch 480 x 1024 via 40 x 12-sequence
 microbatches on one device; scale mesh.data to spread it). Expected: validation loss near
 2.85 on OpenWebText after the full run (nanoGPT's reported number, not reproduced here);
-that takes a multi-accelerator pod for days, not this CPU. ``:local`` shrinks it to something a laptop can start.
+that takes a multi-accelerator pod for days, not this CPU. ``:local`` shrinks it to
+something a laptop can start.
 """
 
 from gpt2_jax.config import base_config
