@@ -21,6 +21,10 @@ class CheckpointError(RuntimeError):
     pass
 
 
+# The metric saved with a step (train.keep_best): the first eval split's loss.
+BEST_METRIC = "eval_loss"
+
+
 class Checkpointer:
     """A thin wrapper over ``ocp.CheckpointManager`` that fails loudly.
 
@@ -34,14 +38,31 @@ class Checkpointer:
         max_to_keep: int = 3,
         async_save: bool = True,
         read_only: bool = False,
+        keep_best: bool = False,
     ):
         # Relative paths break async saves (the error surfaces only at the next save).
         self.directory = Path(directory).absolute()
         if read_only and not self.directory.is_dir():
             raise CheckpointError(f"no checkpoint directory at {self.directory}")
+        keep = None if read_only else (max_to_keep or None)
+        policy = None
+        if keep_best and not read_only:
+            # The newest ``keep``, plus the one with the lowest eval loss among those saved
+            # with metrics (``save(..., eval_loss=...)``): keep-N never removes it.
+            policy = ocp.checkpoint_managers.AnyPreservationPolicy(
+                [
+                    ocp.checkpoint_managers.LatestN(n=keep),
+                    ocp.checkpoint_managers.BestN(
+                        get_metric_fn=lambda m: -m[BEST_METRIC],  # keeps the largest: negate
+                        n=1,
+                        keep_checkpoints_without_metrics=False,
+                    ),
+                ]
+            )
         options = ocp.CheckpointManagerOptions(
             # Read-only managers must not keep/prune or save (Orbax warns otherwise).
-            max_to_keep=None if read_only else (max_to_keep or None),
+            max_to_keep=None if policy is not None else keep,
+            preservation_policy=policy,
             save_interval_steps=0 if read_only else 1,
             enable_async_checkpointing=async_save and not read_only,
             cleanup_tmp_directories=not read_only,
@@ -65,15 +86,41 @@ class Checkpointer:
     def all_steps(self) -> list[int]:
         return list(self._mngr.all_steps())
 
-    def save(self, step: int, state: Any, config: dict, force: bool = True) -> None:
-        """Starts an async save of ``state`` (any pytree of arrays) and ``config`` (JSON)."""
-        saved = self._mngr.save(
-            step,
-            args=ocp.args.Composite(
-                state=ocp.args.PyTreeSave(state), config=ocp.args.JsonSave(config)
-            ),
-            force=force,
-        )
+    def best_step(self) -> int | None:
+        """The saved step with the lowest recorded eval loss (None if none has one)."""
+        scored = []
+        for step in self.all_steps():
+            metrics = self._mngr.metrics(step)
+            if metrics and BEST_METRIC in metrics:
+                scored.append((metrics[BEST_METRIC], step))
+        return min(scored)[1] if scored else None
+
+    def save(
+        self,
+        step: int,
+        state: Any,
+        config: dict,
+        force: bool = True,
+        eval_loss: float | None = None,
+    ) -> None:
+        """Starts an async save of ``state`` (any pytree of arrays) and ``config`` (JSON).
+
+        ``eval_loss`` is recorded with the step (what ``keep_best`` / ``best_step`` rank).
+        A write error of this or an earlier async save raises CheckpointError naming the
+        directory.
+        """
+        metrics = None if eval_loss is None else {BEST_METRIC: float(eval_loss)}
+        try:
+            saved = self._mngr.save(
+                step,
+                args=ocp.args.Composite(
+                    state=ocp.args.PyTreeSave(state), config=ocp.args.JsonSave(config)
+                ),
+                force=force,
+                metrics=metrics,
+            )
+        except Exception as e:
+            raise self._write_error(step, e) from e
         if not saved and step not in self._mngr.all_steps():
             raise CheckpointError(
                 f"checkpoint for step {step} was not saved in {self.directory} "
@@ -115,8 +162,19 @@ class Checkpointer:
         return out.config
 
     def wait(self) -> None:
-        """Blocks until pending saves finish; re-raises their errors."""
-        self._mngr.wait_until_finished()
+        """Blocks until pending saves finish; their errors raise CheckpointError."""
+        try:
+            self._mngr.wait_until_finished()
+        except Exception as e:
+            raise self._write_error(None, e) from e
+
+    def _write_error(self, step: int | None, e: Exception) -> CheckpointError:
+        what = f"step {step}" if step is not None else "a checkpoint"
+        first = (str(e).splitlines() or [type(e).__name__])[0][:300]
+        return CheckpointError(
+            f"saving {what} to {self.directory} failed ({type(e).__name__}: {first}); "
+            f"earlier checkpoints there are unchanged"
+        )
 
     def close(self) -> None:
         self._mngr.close()

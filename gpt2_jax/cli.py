@@ -10,7 +10,6 @@ gpt2-jax export   --workdir=DIR --out=HF_DIR
 from __future__ import annotations
 
 import argparse
-import functools
 import json
 import sys
 from pathlib import Path
@@ -30,6 +29,13 @@ def _parser(command: str) -> argparse.ArgumentParser:
     )
     p.add_argument("--config", help="configs/NAME.py[:ARG]")
     p.add_argument("--workdir", help="run directory (checkpoints, metrics, config.json)")
+    if command in ("eval", "generate", "export"):
+        p.add_argument(
+            "--step",
+            type=_step,
+            default=None,
+            help="checkpoint of --workdir: N, best (train.keep_best), or latest (default)",
+        )
     if command == "generate":
         p.add_argument("--init_from", default="", help="hf:<dir or hub id>")
         p.add_argument("--prompt", default="\n")
@@ -42,6 +48,17 @@ def _parser(command: str) -> argparse.ArgumentParser:
         p.add_argument("--out", required=True, help="output Hugging Face directory")
         p.add_argument("--overwrite", action="store_true")
     return p
+
+
+def _step(text: str):
+    from gpt2_jax import weights
+
+    try:
+        return weights.parse_step(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"{text!r} is not a step number, 'best' or 'latest'"
+        ) from None
 
 
 def _load_config(args, overrides):
@@ -63,56 +80,16 @@ def _load_config(args, overrides):
     return cfg
 
 
-_NO_CHECKPOINT = (
-    "{ckpt_dir} has no checkpoint yet (train first). To use the run's init_from weights, "
-    "pass --config=configs/NAME.py --config.init_from=hf:<dir or hub id> without --workdir"
-)
-
-
-def _model_and_params(cfg, workdir: str | None):
-    """(model config, params): the workdir's latest checkpoint, else ``init_from`` weights."""
-    import jax
-
-    from gpt2_jax import checkpoint as ckpt_lib
+def _model_and_params(cfg, args):
+    """(model config, params) from the one resolver (weights.py); says where from."""
     from gpt2_jax import config as config_lib
-    from gpt2_jax import model as model_lib
+    from gpt2_jax import weights
 
-    ckpt_dir = Path(workdir) / "checkpoints" if workdir else None
-    if ckpt_dir is not None:
-        # --workdir means that run's weights: falling back to its init_from would silently
-        # evaluate / export / sample the starting point instead of the trained model.
-        if not ckpt_dir.is_dir():
-            raise ckpt_lib.CheckpointError(_NO_CHECKPOINT.format(ckpt_dir=ckpt_dir))
-        with ckpt_lib.Checkpointer(ckpt_dir, read_only=True) as ckpt:
-            step = ckpt.latest_step()
-            if step is None:
-                raise ckpt_lib.CheckpointError(_NO_CHECKPOINT.format(ckpt_dir=ckpt_dir))
-            saved = config_lib.from_json(ckpt.restore_config(step))
-            with cfg.unlocked():
-                # The weights decide the shape; only how to compute may be overridden.
-                for k in ("size", "scan_layers", *config_lib.SHAPE_KEYS):
-                    if k in saved.model:  # older runs may lack the newer keys
-                        cfg.model[k] = saved.model[k]
-            model_cfg = config_lib.model_config(cfg)
-            abstract = jax.eval_shape(
-                functools.partial(model_lib.init_params, model_cfg), jax.random.PRNGKey(0)
-            )
-            state = ckpt.restore(step, {"params": abstract}, partial=True)
-        print(f"loaded {ckpt_dir / str(step)}", file=sys.stderr)
-        return model_cfg, state["params"]
-    if cfg.init_from:
-        from gpt2_jax import hf
-
-        if not cfg.init_from.startswith("hf:") or len(cfg.init_from) <= 3:
-            raise config_lib.ConfigError(
-                f"init_from: {cfg.init_from!r} must be 'hf:<dir or hub id>'"
-            )
-        model_cfg, params = hf.load_pretrained(cfg.init_from[3:], **config_lib.runtime_fields(cfg))
-        return model_cfg, params
-    raise ckpt_lib.CheckpointError(
-        "no weights to use: no --workdir given and init_from is empty "
-        "(give --workdir=DIR or --config.init_from=hf:<dir or hub id>)"
-    )
+    workdir = None if getattr(args, "init_from", "") else args.workdir
+    model_cfg, params, source = weights.load_params(cfg, workdir, args.step)
+    config_lib.set_model_shape(cfg, model_cfg)
+    print(f"loaded {source.describe()}", file=sys.stderr)
+    return model_cfg, params
 
 
 def cmd_train(args, overrides) -> int:
@@ -125,8 +102,8 @@ def cmd_train(args, overrides) -> int:
     cfg = _load_config(args, overrides)
     try:
         results = train_lib.train(cfg, args.workdir)
-    except train_lib.Preempted:
-        return 143
+    except train_lib.Preempted as e:  # saved; 143 for SIGTERM, 130 for Ctrl-C
+        return e.exit_code
     for r in results.values():
         print(json.dumps(r))
     return 0
@@ -137,16 +114,14 @@ def cmd_eval(args, overrides) -> int:
 
     from gpt2_jax import config as config_lib
     from gpt2_jax import data as data_lib
-    from gpt2_jax import sharding
-    from gpt2_jax import train as train_lib
+    from gpt2_jax import evaluate, sharding
 
     cfg = _load_config(args, overrides)
-    model_cfg, params = _model_and_params(cfg, args.workdir)
-    config_lib.set_model_shape(cfg, model_cfg)
+    model_cfg, params = _model_and_params(cfg, args)
     config_lib.validate(cfg, jax.device_count())
     splits = data_lib.load_splits(cfg.data, tuple(cfg.eval.splits))
     mesh = sharding.make_mesh(cfg.mesh)
-    results = train_lib.evaluate_splits(
+    results = evaluate.evaluate_splits(
         cfg, model_cfg, params, splits, mesh, progress=cfg.train.progress
     )
     for r in results:
@@ -161,8 +136,11 @@ def cmd_generate(args, overrides) -> int:
 
     if not (args.workdir or args.init_from or args.config):
         raise UsageError("give --workdir=DIR (a trained run) or --init_from=hf:<dir or hub id>")
-    if args.init_from and not args.init_from.startswith("hf:"):
-        raise UsageError(f"--init_from={args.init_from!r} must be hf:<dir or hub id>")
+    if args.init_from:
+        try:
+            config_lib.parse_init_from(args.init_from)
+        except config_lib.ConfigError:
+            raise UsageError(f"--init_from={args.init_from!r} must be hf:<dir or hub id>") from None
     for ok, flag in (
         (args.prompt != "", "--prompt: must not be empty"),
         (args.max_new_tokens >= 0, f"--max_new_tokens={args.max_new_tokens}: must be >= 0"),
@@ -181,7 +159,7 @@ def cmd_generate(args, overrides) -> int:
     if args.init_from:
         with cfg.unlocked():
             cfg.init_from = args.init_from
-    model_cfg, params = _model_and_params(cfg, None if args.init_from else args.workdir)
+    model_cfg, params = _model_and_params(cfg, args)
     enc = tokenizer.get_tokenizer()
     prompt_ids = enc.encode_ordinary(args.prompt)
     new = gen_lib.generate(
@@ -213,7 +191,7 @@ def cmd_export(args, overrides) -> int:
             f"--out={args.out} exists and is not empty; pass --overwrite to replace it"
         )
     cfg = _load_config(args, overrides)
-    model_cfg, params = _model_and_params(cfg, args.workdir)
+    model_cfg, params = _model_and_params(cfg, args)
     hf.save_pretrained(model_cfg, params, args.out, overwrite=args.overwrite)
     print(f"wrote {args.out}")
     return 0

@@ -57,6 +57,11 @@ def base_config() -> ml_collections.ConfigDict:
     t.eval_every = 0  # steps between evaluations (0: only at the end)
     t.checkpoint_every = 0  # steps between checkpoints (0: only at the end and on SIGTERM)
     t.keep_checkpoints = 3  # newest checkpoints kept
+    t.keep_best = False  # also keep the checkpoint with the lowest eval loss (`--step=best`)
+    t.resume_step = -1  # resume from this saved step (-1: the latest); later ones moved aside
+    t.fresh = False  # move this workdir's checkpoints/metrics aside (never deleted), start over
+    t.nonfinite = "stop"  # non-finite loss/grads: stop (exit, save nothing) | skip (no update)
+    t.max_nonfinite = 10  # with nonfinite=skip: stop after this many non-finite steps in a row
     t.progress = True  # tqdm progress bar on stderr
 
     c.optim = o = ml_collections.ConfigDict()
@@ -112,10 +117,21 @@ def load_config_file(spec: str) -> ml_collections.ConfigDict:
 
 
 def from_json(text_or_dict) -> ml_collections.ConfigDict:
+    """A saved config.json; keys added to ``base_config`` since it was written get defaults."""
     d = json.loads(text_or_dict) if isinstance(text_or_dict, str) else text_or_dict
-    cfg = ml_collections.ConfigDict(d)
+    cfg = ml_collections.ConfigDict(_with_defaults(d, to_dict(base_config())))
     cfg.lock()
     return cfg
+
+
+def _with_defaults(d: dict, defaults: dict) -> dict:
+    out = dict(d)
+    for k, v in defaults.items():
+        if k not in out:
+            out[k] = v
+        elif isinstance(v, dict) and isinstance(out[k], dict):
+            out[k] = _with_defaults(out[k], v)
+    return out
 
 
 def to_dict(cfg: ml_collections.ConfigDict) -> dict:
@@ -219,27 +235,12 @@ def runtime_fields(cfg: ml_collections.ConfigDict) -> dict:
     """The GPT2Config fields that say how to run a model, not what it is (HF import keeps
     a checkpoint's shape and takes these from the experiment config)."""
     m = cfg.model
-    return dict(
-        dtype=m.dtype,
-        param_dtype=m.param_dtype,
-        scan_layers=m.scan_layers,
-        remat=m.remat,
-        resid_pdrop=m.dropout,
-        embd_pdrop=m.dropout,
-        attn_pdrop=m.dropout,
-    )
+    # One config key, model.dropout, sets all three of Hugging Face's *_pdrop fields.
+    return {f: m.dropout if f.endswith("_pdrop") else m[f] for f in model_lib.RUNTIME_FIELDS}
 
 
 # What the weights decide (as opposed to how to compute with them).
-SHAPE_KEYS = (
-    "n_layer",
-    "n_head",
-    "n_embd",
-    "n_positions",
-    "vocab_size",
-    "n_inner",
-    "layer_norm_epsilon",
-)
+SHAPE_KEYS = model_lib.SHAPE_FIELDS
 
 
 def set_model_shape(cfg: ml_collections.ConfigDict, mcfg: model_lib.GPT2Config) -> None:
@@ -259,6 +260,29 @@ def _check(cond: bool, key: str, message: str) -> None:
         raise ConfigError(f"{key}: {message}")
 
 
+def parse_init_from(init_from: str) -> str | None:
+    """``init_from`` -> the HF directory or hub id, None for ''; ConfigError otherwise."""
+    from gpt2_jax import hf
+
+    try:
+        return hf.parse_init_from(init_from)
+    except hf.HFImportError as e:
+        raise ConfigError(str(e)) from None
+
+
+def warnings(cfg: ml_collections.ConfigDict) -> list[str]:
+    """Settings that run but are probably not what was meant (printed by ``train``)."""
+    t, o = cfg.train, cfg.optim
+    out = []
+    if t.steps and o.warmup_steps > t.steps:
+        # As in HF's Trainer and nanoGPT: allowed, the schedule just never reaches its peak.
+        out.append(
+            f"optim.warmup_steps={o.warmup_steps} exceeds train.steps={t.steps}: the learning "
+            f"rate stops at {o.learning_rate * t.steps / o.warmup_steps:.3g}, below its peak"
+        )
+    return out
+
+
 def validate(cfg: ml_collections.ConfigDict, num_devices: int) -> model_lib.GPT2Config:
     """Checks everything that can be checked before data loads or anything compiles.
 
@@ -275,10 +299,7 @@ def validate(cfg: ml_collections.ConfigDict, num_devices: int) -> model_lib.GPT2
         "data.block_size",
         f"{d.block_size} must be in [2, model.n_positions={mcfg.n_positions}]",
     )
-    if not cfg.init_from:
-        pass
-    elif not cfg.init_from.startswith("hf:") or len(cfg.init_from) <= 3:
-        raise ConfigError(f"init_from: {cfg.init_from!r} must be '' or 'hf:<dir or hub id>'")
+    parse_init_from(cfg.init_from)
     _check(t.batch_size > 0, "train.batch_size", f"must be positive, got {t.batch_size}")
     _check(
         t.steps >= 0 and t.epochs >= 0, "train.steps", "train.steps and train.epochs must be >= 0"
@@ -308,11 +329,6 @@ def validate(cfg: ml_collections.ConfigDict, num_devices: int) -> model_lib.GPT2
         f"{o.schedule!r} is not one of cosine, linear, constant",
     )
     _check(o.warmup_steps >= 0, "optim.warmup_steps", "must be >= 0")
-    _check(
-        t.steps == 0 or o.warmup_steps <= t.steps,
-        "optim.warmup_steps",
-        f"{o.warmup_steps} exceeds train.steps={t.steps}",
-    )
     _check(o.weight_decay >= 0, "optim.weight_decay", "must be >= 0")
     _check(o.grad_clip >= 0, "optim.grad_clip", "must be >= 0 (0 disables clipping)")
     _check(0 <= o.min_lr_ratio <= 1, "optim.min_lr_ratio", "must be in [0, 1]")
@@ -324,6 +340,24 @@ def validate(cfg: ml_collections.ConfigDict, num_devices: int) -> model_lib.GPT2
         f"{eval_bs} is not divisible by the {num_devices} devices",
     )
     _check(cfg.eval.stride >= 0, "eval.stride", "must be >= 0 (0: non-overlapping blocks)")
+    _check(
+        cfg.eval.stride <= d.block_size,
+        "eval.stride",
+        f"eval.stride={cfg.eval.stride} must be <= data.block_size={d.block_size} "
+        f"(the window length; a longer stride would skip tokens)",
+    )
+    _check(
+        t.nonfinite in ("stop", "skip"),
+        "train.nonfinite",
+        f"{t.nonfinite!r} is not one of stop, skip",
+    )
+    _check(t.max_nonfinite >= 1, "train.max_nonfinite", "must be >= 1")
+    _check(t.resume_step >= -1, "train.resume_step", "must be a saved step, or -1 (latest)")
+    _check(
+        not (t.fresh and t.resume_step >= 0),
+        "train.fresh",
+        "train.fresh=true starts over: it cannot be combined with train.resume_step",
+    )
     try:
         from gpt2_jax import sharding
 

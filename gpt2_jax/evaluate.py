@@ -272,3 +272,74 @@ def eval_sliding_window(
     result = _result(hf_sum, hf_tokens)
     result.update(exact_loss=exact_sum / scored, scored_tokens=scored, windows=len(plan))
     return result
+
+
+# ------------------------------------------------------------------ splits of a run
+
+
+class _Head:
+    """The first ``n`` examples of an indexable dataset."""
+
+    def __init__(self, blocks, n: int):
+        self.blocks, self.n = blocks, min(n, len(blocks))
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __getitem__(self, idx):
+        return self.blocks[idx]
+
+
+def evaluate_splits(cfg, model_cfg, params, splits: dict, mesh, progress: bool) -> list[dict]:
+    """Loss / perplexity on each split: run_clm blocks, or sliding windows if eval.stride."""
+    from gpt2_jax import config as config_lib
+    from gpt2_jax import data as data_lib
+    from gpt2_jax import sharding
+
+    micro = cfg.train.batch_size // cfg.optim.accumulation_steps
+    batch_size = cfg.eval.batch_size or micro
+    if cfg.eval.stride > cfg.data.block_size:  # config.validate refuses it too
+        raise config_lib.ConfigError(
+            f"eval.stride={cfg.eval.stride} must be <= data.block_size={cfg.data.block_size} "
+            f"(the window length; a longer stride would skip tokens)"
+        )
+    out = []
+    for name, blocks in splits.items():
+        if cfg.eval.stride:
+            tokens, _ = data_lib.load_token_stream(cfg.data, name)
+            if cfg.eval.max_batches:
+                # W windows start every stride tokens and the last one ends at the cut, so
+                # the first max_batches batches of windows need (W - 1) * stride + block_size.
+                windows = cfg.eval.max_batches * batch_size
+                tokens = tokens[: (windows - 1) * cfg.eval.stride + cfg.data.block_size]
+            res = eval_sliding_window(
+                model_cfg,
+                params,
+                np.asarray(tokens),
+                max_length=cfg.data.block_size,
+                stride=cfg.eval.stride,
+                batch_size=batch_size,
+                batch_sharding=sharding.batch_sharding(mesh),
+                progress=progress,
+            )
+        else:
+            if cfg.eval.max_batches:
+                blocks = _Head(blocks, cfg.eval.max_batches * batch_size)
+            res = eval_blocks(
+                model_cfg,
+                params,
+                blocks,
+                batch_size,
+                batch_sharding=sharding.batch_sharding(mesh),
+                progress=progress,
+            )
+        out.append(
+            {
+                "split": name,
+                **{
+                    k: int(v) if isinstance(v, (int, np.integer)) else float(v)
+                    for k, v in res.items()
+                },
+            }
+        )
+    return out

@@ -27,7 +27,7 @@ import jax
 import numpy as np
 
 from gpt2_jax import tokenizer as tokenizer_lib
-from gpt2_jax.model import DTYPES, GPT2Config
+from gpt2_jax.model import DTYPES, RUNTIME_FIELDS, SHAPE_FIELDS, GPT2Config
 
 
 class HFImportError(ValueError):
@@ -35,32 +35,11 @@ class HFImportError(ValueError):
 
 
 # GPT2Config fields a user may override at import: how we compute, not what the model is.
-OVERRIDABLE = frozenset(
-    {
-        "dtype",
-        "param_dtype",
-        "scan_layers",
-        "remat",
-        "resid_pdrop",
-        "embd_pdrop",
-        "attn_pdrop",
-        "initializer_range",
-    }
-)
+OVERRIDABLE = frozenset({*RUNTIME_FIELDS, "initializer_range"})
 # config.json fields copied into GPT2Config (same names on both sides).
-_HF_FIELDS = (
-    "vocab_size",
-    "n_positions",
-    "n_embd",
-    "n_layer",
-    "n_head",
-    "n_inner",
-    "layer_norm_epsilon",
-    "resid_pdrop",
-    "embd_pdrop",
-    "attn_pdrop",
-    "initializer_range",
-)
+_HF_FIELDS = (*SHAPE_FIELDS, "resid_pdrop", "embd_pdrop", "attn_pdrop", "initializer_range")
+# init_from's spelling for Hugging Face weights: 'hf:<dir or hub id>'.
+PREFIX = "hf:"
 # Both are the tanh approximation our MLP computes (jax.nn.gelu(approximate=True)).
 SUPPORTED_ACTIVATIONS = ("gelu_new", "gelu_pytorch_tanh")
 # Buffers old checkpoints carry (causal mask, -1e4 fill value): not parameters.
@@ -327,13 +306,25 @@ def _download(hub_id: str) -> Path:
     return Path(path)
 
 
+def parse_init_from(init_from: str) -> str | None:
+    """``init_from`` -> the directory or hub id after ``hf:``; None for '' (no weights).
+
+    The one parser of that spelling; raises HFImportError for anything else.
+    """
+    if not init_from:
+        return None
+    if not init_from.startswith(PREFIX) or len(init_from) <= len(PREFIX):
+        raise HFImportError(f"init_from: {init_from!r} must be '' or 'hf:<dir or hub id>'")
+    return init_from[len(PREFIX) :]
+
+
 def resolve(path_or_hub_id: str | os.PathLike) -> Path:
     """A local directory holding the checkpoint: ``path_or_hub_id`` itself or a hub snapshot.
 
     A leading ``hf:`` (the config's ``init_from`` spelling) is accepted and dropped.
     """
     spec = os.fspath(path_or_hub_id)
-    spec = spec[3:] if spec.startswith("hf:") else spec
+    spec = spec[len(PREFIX) :] if spec.startswith(PREFIX) else spec
     path = Path(spec).expanduser()
     if path.is_dir():
         return path

@@ -79,6 +79,28 @@ class GPT2Config:
                 )
 
 
+# What the weights fix (a checkpoint's shape) vs how to compute with them (a user may change
+# these on resume or import). Every other list of model fields derives from these two.
+SHAPE_FIELDS = (
+    "n_layer",
+    "n_head",
+    "n_embd",
+    "n_positions",
+    "vocab_size",
+    "n_inner",
+    "layer_norm_epsilon",
+)
+RUNTIME_FIELDS = (
+    "dtype",
+    "param_dtype",
+    "scan_layers",
+    "remat",
+    "resid_pdrop",
+    "embd_pdrop",
+    "attn_pdrop",
+)
+
+
 def _dense(cfg: GPT2Config, features: int, name: str, std: float) -> nn.Dense:
     # HF Conv1D stores weights as (in, out): the same layout as a Dense kernel.
     return nn.Dense(

@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import json
+import os
 import signal
 import sys
 import time
@@ -26,7 +27,8 @@ from gpt2_jax import checkpoint as ckpt_lib
 from gpt2_jax import config as config_lib
 from gpt2_jax import data as data_lib
 from gpt2_jax import model as model_lib
-from gpt2_jax import optim, sharding
+from gpt2_jax import optim, sharding, weights
+from gpt2_jax.evaluate import evaluate_splits
 
 State = dict[str, Any]  # {"step": int32[], "params": ..., "opt_state": ..., "rng": uint32[2]}
 
@@ -82,11 +84,16 @@ def train_step(
     *,
     model_cfg: model_lib.GPT2Config,
     tx: optax.GradientTransformation,
+    skip_nonfinite: bool = False,
+    nan_step: int = 0,
 ) -> tuple[State, dict]:
     """One optimizer update from ``batch`` [accum, micro_batch, T] int32.
 
     Gradients of the ``accum`` microbatches are averaged by a scan inside the step (every
     block has the same T-1 targets, so this is the mean over all tokens).
+    ``skip_nonfinite``: a non-finite loss or gradient norm leaves params and optimizer
+    state as they were (the step counter still advances). ``nan_step`` (tests only):
+    the update to step ``nan_step`` gets NaN gradients.
     """
     rng = jax.random.fold_in(state["rng"], state["step"])
     grad_fn = jax.value_and_grad(functools.partial(loss_fn, model_cfg=model_cfg))
@@ -106,14 +113,23 @@ def train_step(
         (loss, grads), _ = jax.lax.scan(micro, zeros, (batch, jnp.arange(accum)))
         loss, grads = jax.tree.map(lambda x: x / accum, (loss, grads))
 
+    if nan_step:
+        poison = state["step"] + 1 == nan_step
+        grads = jax.tree.map(lambda g: jnp.where(poison, jnp.nan, g), grads)
+    grad_norm = optax.global_norm(grads)
     updates, opt_state = tx.update(grads, state["opt_state"], params)
+    new_params = optax.apply_updates(params, updates)
+    if skip_nonfinite:
+        ok = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+        keep = functools.partial(jax.tree.map, lambda new, old: jnp.where(ok, new, old))
+        new_params, opt_state = keep(new_params, params), keep(opt_state, state["opt_state"])
     new_state = {
         "step": state["step"] + 1,
-        "params": optax.apply_updates(params, updates),
+        "params": new_params,
         "opt_state": opt_state,
         "rng": state["rng"],
     }
-    return new_state, {"loss": loss, "grad_norm": optax.global_norm(grads)}
+    return new_state, {"loss": loss, "grad_norm": grad_norm}
 
 
 # --------------------------------------------------------------------- logging
@@ -179,127 +195,47 @@ def _fmt(v) -> str:
 # ------------------------------------------------------------------------ the loop
 
 
-class _Head:
-    """The first ``n`` examples of an indexable dataset."""
+class _Interrupts:
+    """SIGTERM and a first Ctrl-C (SIGINT) become a flag the loop checks between steps
+    (save the current step, then exit 143 / 130); a second Ctrl-C aborts at once."""
 
-    def __init__(self, blocks, n: int):
-        self.blocks, self.n = blocks, min(n, len(blocks))
-
-    def __len__(self) -> int:
-        return self.n
-
-    def __getitem__(self, idx):
-        return self.blocks[idx]
-
-
-class _Sigterm:
-    """Turns SIGTERM into a flag the loop checks between steps (save, then exit)."""
+    SIGNALS = (signal.SIGTERM, signal.SIGINT)
 
     def __init__(self):
-        self.requested = False
-        self._previous = None
+        self.signum: int | None = None
+        self._previous: dict = {}
+
+    @property
+    def requested(self) -> bool:
+        return self.signum is not None
 
     def __enter__(self):
-        try:
-            self._previous = signal.signal(signal.SIGTERM, self._handle)
-        except ValueError:  # not the main thread (e.g. some test runners)
-            self._previous = None
+        for sig in self.SIGNALS:
+            try:
+                self._previous[sig] = signal.signal(sig, self._handle)
+            except ValueError:  # not the main thread (e.g. some test runners)
+                pass
         return self
 
     def _handle(self, signum, frame):
-        self.requested = True
+        if self.requested and signum == signal.SIGINT:
+            raise KeyboardInterrupt  # the second Ctrl-C: the user does not want to wait
+        self.signum = self.signum or signum
+        if signum == signal.SIGINT:
+            print(
+                "\nCtrl-C: saving the current step, then exiting (Ctrl-C again aborts now)",
+                file=sys.stderr,
+                flush=True,
+            )
 
     def __exit__(self, *exc):
-        if self._previous is not None:
-            signal.signal(signal.SIGTERM, self._previous)
+        for sig, previous in self._previous.items():
+            signal.signal(sig, previous)
 
 
-def evaluate_splits(cfg, model_cfg, params, splits: dict, mesh, progress: bool) -> list[dict]:
-    """Loss / perplexity on each split: run_clm blocks, or sliding windows if eval.stride."""
-    from gpt2_jax import evaluate
-
-    micro = cfg.train.batch_size // cfg.optim.accumulation_steps
-    batch_size = cfg.eval.batch_size or micro
-    if cfg.eval.stride > cfg.data.block_size:
-        raise config_lib.ConfigError(
-            f"eval.stride={cfg.eval.stride} must be <= data.block_size={cfg.data.block_size} "
-            f"(the window length; a longer stride would skip tokens)"
-        )
-    out = []
-    for name, blocks in splits.items():
-        if cfg.eval.stride:
-            tokens, _ = data_lib.load_token_stream(cfg.data, name)
-            if cfg.eval.max_batches:
-                # W windows start every stride tokens and the last one ends at the cut, so
-                # the first max_batches batches of windows need (W - 1) * stride + block_size.
-                windows = cfg.eval.max_batches * batch_size
-                tokens = tokens[: (windows - 1) * cfg.eval.stride + cfg.data.block_size]
-            res = evaluate.eval_sliding_window(
-                model_cfg,
-                params,
-                np.asarray(tokens),
-                max_length=cfg.data.block_size,
-                stride=cfg.eval.stride,
-                batch_size=batch_size,
-                batch_sharding=sharding.batch_sharding(mesh),
-                progress=progress,
-            )
-        else:
-            if cfg.eval.max_batches:
-                blocks = _Head(blocks, cfg.eval.max_batches * batch_size)
-            res = evaluate.eval_blocks(
-                model_cfg,
-                params,
-                blocks,
-                batch_size,
-                batch_sharding=sharding.batch_sharding(mesh),
-                progress=progress,
-            )
-        out.append(
-            {
-                "split": name,
-                **{
-                    k: int(v) if isinstance(v, (int, np.integer)) else float(v)
-                    for k, v in res.items()
-                },
-            }
-        )
-    return out
-
-
-def _resolve_model(cfg, workdir: Path) -> tuple[str, Path | None]:
-    """Decides where the weights come from and fixes ``cfg.model``'s shape accordingly.
-
-    Resume order: 1. this workdir's own checkpoint (its saved model section wins, so a
-    resumed run has exactly the shape it was saved with), 2. ``init_from`` weights (shape
-    from their config.json, read before any weights are), 3. random init.
-    Returns ("checkpoint" | "hf" | "scratch", the HF directory or None).
-    """
-    ckpt_dir = workdir / "checkpoints"
-    if ckpt_dir.is_dir():
-        with ckpt_lib.Checkpointer(ckpt_dir, read_only=True) as probe:
-            saved = probe.restore_config() if probe.latest_step() is not None else None
-        if saved is not None:
-            with cfg.unlocked():
-                cfg.model = ml_collections.ConfigDict(saved["model"])
-            return "checkpoint", None
-    if not cfg.init_from:
-        return "scratch", None
-    if not cfg.init_from.startswith("hf:") or len(cfg.init_from) <= 3:
-        raise config_lib.ConfigError(
-            f"init_from: {cfg.init_from!r} must be '' or 'hf:<dir or hub id>'"
-        )
-    from gpt2_jax import hf
-
-    directory = hf.resolve(cfg.init_from)
-    config_path = directory / "config.json"
-    if not config_path.is_file():
-        raise hf.HFImportError(f"{directory} has no config.json (a Hugging Face model directory?)")
-    mcfg = hf.config_from_hf(
-        json.loads(config_path.read_text()), str(config_path), **config_lib.runtime_fields(cfg)
-    )
-    config_lib.set_model_shape(cfg, mcfg)
-    return "hf", directory
+def _nan_step() -> int:
+    """Test-only fault injection: ``GPT2_JAX_TEST_NAN_STEP=N`` poisons step N's gradients."""
+    return int(os.environ.get("GPT2_JAX_TEST_NAN_STEP", "0") or 0)
 
 
 def train(cfg: ml_collections.ConfigDict, workdir: str | Path) -> dict:
@@ -311,9 +247,19 @@ def train(cfg: ml_collections.ConfigDict, workdir: str | Path) -> dict:
     sharding.maybe_initialize_distributed(cfg.distributed)
     num_devices = jax.device_count()
 
-    # ---- where the weights come from, then everything checked before anything is written
-    source, hf_dir = _resolve_model(cfg, workdir)
+    # ---- where the weights come from (weights.py decides), then everything checked
+    # before anything is written
+    source = weights.resolve(cfg, workdir, cfg.train.resume_step, training=True)
     model_cfg = config_lib.validate(cfg, num_devices)
+    notes = [f"warning: {w}" for w in config_lib.warnings(cfg)]
+    if source.kind == "checkpoint":
+        notes += [
+            f"resume: {c} (this run's value, recorded in config.json)"
+            for c in weights.runtime_changes(source.saved_cfg, model_cfg)
+        ]
+    if jax.process_index() == 0:
+        for note in notes:
+            print(note, file=sys.stderr)
     splits = data_lib.load_splits(cfg.data, ("train", *cfg.eval.splits))
     train_blocks = splits.pop("train")
     loader = data_lib.BatchLoader(
@@ -323,45 +269,84 @@ def train(cfg: ml_collections.ConfigDict, workdir: str | Path) -> dict:
         jax.process_index(),
         jax.process_count(),
     )
-
-    hf_params = None
-    if source == "hf":  # a bad checkpoint fails here, before the workdir is touched
-        from gpt2_jax import hf
-
-        _, hf_params = hf.load_pretrained(hf_dir, **config_lib.runtime_fields(cfg))
+    # A bad HF checkpoint fails here, before the workdir is touched.
+    hf_params = weights.load_hf_params(source) if source.kind == "hf" else None
 
     with contextlib.ExitStack() as stack:
-        return _run(cfg, workdir, model_cfg, splits, train_blocks, loader, hf_params, stack)
+        return _run(cfg, workdir, source, splits, train_blocks, loader, hf_params, stack)
 
 
-def _run(cfg, workdir: Path, model_cfg, splits, train_blocks, loader, hf_params, stack) -> dict:
+def _prepare_workdir(cfg, workdir: Path, source: weights.Source) -> list[str]:
+    """train.fresh / train.resume_step: moves old runs aside (never deletes); what it did."""
+    done = []
+    if jax.process_index() == 0:
+        workdir.mkdir(parents=True, exist_ok=True)
+        if cfg.train.fresh:
+            done += [f"train.fresh: moved {p.name} aside" for p in weights.start_fresh(workdir)]
+        if source.kind == "checkpoint":
+            moved = weights.supersede_after(workdir / "checkpoints", source.step)
+            done += [f"train.resume_step={source.step}: moved {p} aside" for p in moved]
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+
+        multihost_utils.sync_global_devices("gpt2_jax workdir ready")
+    # One-time actions: config.json must not repeat them when the same run is resumed.
+    with cfg.train.unlocked():
+        cfg.train.fresh, cfg.train.resume_step = False, -1
+    return done
+
+
+def _run(cfg, workdir: Path, source, splits, train_blocks, loader, hf_params, stack) -> dict:
     """The training proper; everything opened is closed by ``stack`` (errors included)."""
+    model_cfg = source.model_cfg
     # ---- workdir
-    workdir.mkdir(parents=True, exist_ok=True)
-    ckpt = ckpt_lib.Checkpointer(workdir / "checkpoints", max_to_keep=cfg.train.keep_checkpoints)
+    moved = _prepare_workdir(cfg, workdir, source)
+    ckpt = ckpt_lib.Checkpointer(
+        workdir / "checkpoints",
+        max_to_keep=cfg.train.keep_checkpoints,
+        keep_best=cfg.train.keep_best,
+    )
     stack.callback(ckpt.close)  # an open async manager must not outlive an error
-    resume_step = ckpt.latest_step()
-    _write_config(cfg, workdir)
+    resume_step = source.step if source.kind == "checkpoint" else None
     total_steps = cfg.train.steps or cfg.train.epochs * loader.steps_per_epoch
     tx, schedule = optim.make_optimizer(cfg.optim, total_steps)
 
     # ---- state, created already sharded (or restored onto the mesh)
     mesh = sharding.make_mesh(cfg.mesh)
-    init_fn = functools.partial(init_state, model_cfg=model_cfg, tx=tx)
     rng = jax.random.PRNGKey(cfg.train.seed)
-    abstract = jax.eval_shape(init_fn, rng, params=hf_params)
-    state_sh = sharding.state_sharding(mesh, abstract)
+
+    def abstract_fn(mcfg):
+        return jax.eval_shape(
+            functools.partial(init_state, model_cfg=mcfg, tx=tx), rng, params=hf_params
+        )
+
+    def shardings_fn(abstract):
+        return sharding.state_sharding(mesh, abstract)
+
+    abstract = abstract_fn(model_cfg)
+    state_sh = shardings_fn(abstract)
     if resume_step is not None:
-        state = ckpt.restore(resume_step, ckpt_lib.abstract_like(abstract, state_sh))
+        # In the checkpoint's own layout, converted if scan_layers changed.
+        state = weights.restore(
+            source, ckpt, abstract_fn, shardings_fn, "--config.train.resume_step"
+        )
     else:
+        init_fn = functools.partial(init_state, model_cfg=model_cfg, tx=tx)
         state = jax.jit(init_fn, out_shardings=state_sh)(rng, params=hf_params)
         hf_params = None  # one copy of the weights is enough
+    _write_config(cfg, workdir)  # after the restore: an unreadable checkpoint changes nothing
     start = int(state["step"])
 
     accum = cfg.optim.accumulation_steps
     batch_sh = sharding.batch_sharding(mesh, leading=1)
     step_fn = jax.jit(
-        functools.partial(train_step, model_cfg=model_cfg, tx=tx),
+        functools.partial(
+            train_step,
+            model_cfg=model_cfg,
+            tx=tx,
+            skip_nonfinite=cfg.train.nonfinite == "skip",
+            nan_step=_nan_step(),
+        ),
         in_shardings=(state_sh, batch_sh),
         out_shardings=(state_sh, None),
         donate_argnums=0,
@@ -392,11 +377,15 @@ def _run(cfg, workdir: Path, model_cfg, splits, train_blocks, loader, hf_params,
         f"{loader.steps_per_epoch} steps/epoch, steps {start}->{total_steps}, "
         f"mesh {dict(mesh.shape)}, workdir {workdir}"
     )
+    for line in moved:
+        log.echo(line)
     if resume_step is not None:
         log.echo(f"resumed from {ckpt.directory / str(resume_step)}")
 
-    def save(step: int) -> None:
-        ckpt.save(step, state, config_lib.to_dict(cfg))
+    def save(step: int, evals: list[dict] | None = None) -> None:
+        # keep_best ranks checkpoints by the first eval split's loss at that step.
+        best = evals[0]["loss"] if (cfg.train.keep_best and evals) else None
+        ckpt.save(step, state, config_lib.to_dict(cfg), eval_loss=best)
 
     def run_eval(step: int) -> list[dict]:
         results = evaluate_splits(cfg, model_cfg, state["params"], splits, mesh, progress=False)
@@ -404,54 +393,60 @@ def _run(cfg, workdir: Path, model_cfg, splits, train_blocks, loader, hf_params,
             log.write({"step": step, **r})
         return results
 
-    # ---- the loop: metrics leave the device only at log steps
+    # ---- the loop: metrics leave the device only at log, checkpoint and stop steps
     tokens_per_step = cfg.train.batch_size * cfg.data.block_size
-    pending: list[jax.Array] = []
+    guard = _NonFinite(cfg.train.nonfinite, cfg.train.max_nonfinite)
+    pending: list[tuple[int, dict]] = []
     last_time, last_step = time.perf_counter(), start
     step = start
-    with _Sigterm() as sigterm:
+    with _Interrupts() as interrupts:
         while step < total_steps:
             state, metrics = step_fn(state, get_batch(step))
             step += 1
-            pending.append(metrics["loss"])
-            checkpoint_now = bool(
-                cfg.train.checkpoint_every and step % cfg.train.checkpoint_every == 0
+            pending.append((step, metrics))
+            log_now = step % cfg.train.log_every == 0 or step == total_steps
+            eval_now = bool(cfg.train.eval_every and step % cfg.train.eval_every == 0)
+            eval_now = eval_now and step < total_steps  # the final eval comes after the loop
+            ckpt_now = step < total_steps and (
+                bool(cfg.train.checkpoint_every and step % cfg.train.checkpoint_every == 0)
+                or (cfg.train.keep_best and eval_now)  # a best candidate needs its weights
             )
-            if checkpoint_now and step % cfg.train.log_every:
-                _check_finite(pending, step, ckpt)  # never checkpoint a diverged state
-            if step % cfg.train.log_every == 0 or step == total_steps:
-                loss = _check_finite(pending, step, ckpt)
+            stop_now = _preempted(interrupts, step)
+            if log_now or ckpt_now or stop_now:
+                # Never checkpoint past a non-finite step (stop), nor skip one silently.
+                window = guard.check(jax.device_get(pending), ckpt.latest_step())
+                pending = []
+            if log_now:
                 now = time.perf_counter()
-                log.write(
-                    {
-                        "step": step,
-                        "split": "train",
-                        "loss": loss,
-                        "learning_rate": float(schedule(step - 1)),
-                        "grad_norm": float(metrics["grad_norm"]),
-                        "tokens_per_second": tokens_per_step
-                        * (step - last_step)
-                        / (now - last_time),
-                    }
-                )
-                pending, last_time, last_step = [], now, step
+                record = {
+                    "step": step,
+                    "split": "train",
+                    "loss": window["loss"],
+                    "learning_rate": float(schedule(step - 1)),
+                    "grad_norm": window["grad_norm"],
+                    "tokens_per_second": tokens_per_step * (step - last_step) / (now - last_time),
+                }
+                if cfg.train.nonfinite == "skip":
+                    record["nonfinite"] = window["nonfinite"]
+                log.write(record)
+                last_time, last_step = now, step
             bar.update(1)
-            if cfg.train.eval_every and step % cfg.train.eval_every == 0 and step < total_steps:
-                run_eval(step)
-            if checkpoint_now:
-                save(step)
-            if _preempted(sigterm, step):
+            evals = run_eval(step) if eval_now else None
+            if ckpt_now:
+                save(step, evals)
+            if stop_now:
                 if ckpt.latest_step() != step:
                     save(step)
                 ckpt.wait()
+                name = signal.Signals(interrupts.signum or signal.SIGTERM).name
                 log.echo(
-                    f"SIGTERM: saved step {step} to {ckpt.directory}; "
-                    f"run the same command to resume"
+                    f"{name}: saved step {step} to {ckpt.directory}; run the same command to resume"
                 )
-                raise Preempted(step)
-        if ckpt.latest_step() != step:
-            save(step)
+                raise Preempted(step, interrupts.signum or signal.SIGTERM)
+        # ---- the end: final eval, then the final checkpoint carrying its eval loss
         results = run_eval(step)
+        if ckpt.latest_step() != step:
+            save(step, results)
         ckpt.wait()
     log.echo(
         f"checkpoints: {ckpt.directory}  metrics: {workdir / 'metrics.jsonl'}  "
@@ -460,32 +455,61 @@ def _run(cfg, workdir: Path, model_cfg, splits, train_blocks, loader, hf_params,
     return {r["split"]: r for r in results}
 
 
-def _check_finite(pending: list[jax.Array], step: int, ckpt) -> float:
-    """Mean of the pending step losses (one host sync); TrainingError if any is not finite."""
-    losses = np.asarray(jax.device_get(jnp.stack(pending)))
-    loss = float(losses.mean())
-    if not np.all(np.isfinite(losses)):
-        raise TrainingError(
-            f"loss is {loss} at step {step}: training stopped, no checkpoint written for it "
-            f"(latest good: {ckpt.latest_step()}). Lower optim.learning_rate, keep "
-            f"optim.grad_clip > 0, or use model.dtype=float32."
-        )
-    return loss
+class _NonFinite:
+    """train.nonfinite on the host, at the steps metrics are fetched anyway.
+
+    ``stop``: the first non-finite loss or gradient norm ends the run (TrainingError naming
+    the step) before anything after it is saved. ``skip``: train_step already dropped those
+    updates; this counts them and stops after ``max_nonfinite`` in a row.
+    """
+
+    def __init__(self, mode: str, max_in_a_row: int):
+        self.mode, self.max_in_a_row, self.in_a_row = mode, max_in_a_row, 0
+
+    def check(self, fetched: list[tuple[int, dict]], latest_saved: int | None) -> dict:
+        """``fetched``: (step, host metrics) since the last check -> the window's averages."""
+        bad = [s for s, m in fetched if not np.isfinite([m["loss"], m["grad_norm"]]).all()]
+        for s, m in fetched:
+            self.in_a_row = self.in_a_row + 1 if s in bad else 0
+            if self.mode == "stop" and s in bad:
+                what = "loss" if not np.isfinite(m["loss"]) else "gradient norm"
+                value = m["loss"] if what == "loss" else m["grad_norm"]
+                raise TrainingError(
+                    f"{what} is {float(value)} at step {s}: training stopped, nothing saved "
+                    f"after it (latest checkpoint: {latest_saved}). Lower "
+                    f"optim.learning_rate, keep optim.grad_clip > 0, use model.dtype=float32, "
+                    f"or set train.nonfinite=skip"
+                )
+            if self.in_a_row >= self.max_in_a_row:
+                raise TrainingError(
+                    f"{self.in_a_row} non-finite steps in a row (the last at step {s}, "
+                    f"train.max_nonfinite={self.max_in_a_row}): training stopped; the latest "
+                    f"checkpoint ({latest_saved}) holds only finite updates"
+                )
+        good = [m for s, m in fetched if s not in bad]
+        return {
+            "loss": float(np.mean([m["loss"] for m in good])) if good else None,
+            "grad_norm": float(good[-1]["grad_norm"]) if good else None,
+            "nonfinite": len(bad),
+        }
 
 
 class Preempted(Exception):
-    def __init__(self, step: int):
+    """The run stopped on SIGTERM / Ctrl-C after saving ``step``; exit ``128 + signum``."""
+
+    def __init__(self, step: int, signum: int = signal.SIGTERM):
         super().__init__(f"preempted at step {step}")
-        self.step = step
+        self.step, self.signum = step, int(signum)
+        self.exit_code = 128 + self.signum
 
 
-def _preempted(sigterm: _Sigterm, step: int) -> bool:
+def _preempted(interrupts: _Interrupts, step: int) -> bool:
     if jax.process_count() > 1:
         # Every host must agree on the step at which all of them save.
         from jax.experimental import multihost_utils
 
-        return multihost_utils.reached_preemption_sync_point(step) or sigterm.requested
-    return sigterm.requested
+        return multihost_utils.reached_preemption_sync_point(step) or interrupts.requested
+    return interrupts.requested
 
 
 def _write_config(cfg, workdir: Path) -> None:

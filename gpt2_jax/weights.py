@@ -1,0 +1,331 @@
+"""Where the weights (and so the model's shape) come from, for every command.
+
+The order, decided here and nowhere else:
+  1. the workdir's own checkpoint: the latest step, or the one asked for
+     (``train.resume_step``, ``--step=N|best``). Its saved shape wins; the user's runtime
+     fields (dtype, param_dtype, remat, scan_layers, dropout) apply. On ``train`` a
+     requested shape that differs is an error, not a silent switch;
+  2. ``init_from='hf:<dir or hub id>'``: shape from its config.json, then its weights;
+  3. random init (``train`` only; eval/export/generate need real weights).
+
+``train`` asks for the source (``resolve``) and restores the whole train state itself;
+``eval``/``export``/``generate`` call ``load_params``. Moving checkpoints aside
+(``train.fresh``, ``train.resume_step``) happens here too, and never deletes anything.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import json
+import re
+import time
+from pathlib import Path
+from typing import Any
+
+import jax
+
+from gpt2_jax import checkpoint as ckpt_lib
+from gpt2_jax import config as config_lib
+from gpt2_jax import model as model_lib
+
+# ``dropout`` is one config key for the three *_pdrop fields.
+_CONFIG_KEY = {"resid_pdrop": "dropout", "embd_pdrop": "dropout", "attn_pdrop": "dropout"}
+
+
+@dataclasses.dataclass(frozen=True)
+class Source:
+    """Where the weights come from.
+
+    ``model_cfg`` is what runs: the source's shape with the user's runtime fields.
+    ``saved_cfg`` (checkpoints only) is the model config the checkpoint was written with,
+    whose ``scan_layers`` is the saved parameter layout.
+    """
+
+    kind: str  # "checkpoint" | "hf" | "scratch"
+    model_cfg: model_lib.GPT2Config
+    step: int | None = None
+    path: Path | None = None  # the checkpoints directory, or the HF directory
+    saved_cfg: model_lib.GPT2Config | None = None
+
+    def describe(self) -> str:
+        if self.kind == "checkpoint":
+            return f"checkpoint {self.path / str(self.step)}"
+        if self.kind == "hf":
+            return f"hf:{self.path}"
+        return "random init"
+
+
+# ------------------------------------------------------------------ pure helpers
+
+
+def parse_step(text: str) -> int | str | None:
+    """``--step`` flag: '' -> None (latest), 'best', or a step number (ValueError if not)."""
+    if text in ("", "latest"):
+        return None
+    if text == "best":
+        return "best"
+    step = int(text)
+    if step < 0:
+        raise ValueError(text)
+    return step
+
+
+def shape_diff(saved: model_lib.GPT2Config, requested: model_lib.GPT2Config) -> list[str]:
+    """``model.KEY: saved X, requested Y`` for each shape field that differs."""
+    return [
+        f"model.{k}: saved {getattr(saved, k)}, requested {getattr(requested, k)}"
+        for k in model_lib.SHAPE_FIELDS
+        if getattr(saved, k) != getattr(requested, k)
+    ]
+
+
+def runtime_changes(saved: model_lib.GPT2Config, now: model_lib.GPT2Config) -> list[str]:
+    """``model.KEY: X -> Y`` for each runtime field this run changes (dropout once)."""
+    out = {}
+    for k in model_lib.RUNTIME_FIELDS:
+        if getattr(saved, k) != getattr(now, k):
+            out[_CONFIG_KEY.get(k, k)] = f"{getattr(saved, k)!r} -> {getattr(now, k)!r}"
+    return [f"model.{k}: {v}" for k, v in out.items()]
+
+
+def _is_params(x: Any) -> bool:
+    return isinstance(x, dict) and "wte" in x and ("h" in x or "h_0" in x)
+
+
+def relayout(tree: Any, scan_layers: bool, n_layer: int) -> Any:
+    """Every params-shaped dict in ``tree`` (params, Adam's mu/nu) in the asked layout.
+
+    Scanned (``h`` with a leading layer axis) <-> unrolled (``h_0 .. h_{L-1}``); the
+    optimizer state holds the same trees, so a train state converts as a whole.
+    """
+
+    def fix(x):
+        if not _is_params(x):
+            return x
+        if scan_layers and "h_0" in x:
+            return model_lib.stack_layers(x, n_layer)
+        if not scan_layers and "h" in x:
+            return model_lib.unstack_layers(x)
+        return x
+
+    return jax.tree.map(fix, tree, is_leaf=_is_params)
+
+
+def _stamp() -> str:
+    # No '_' or trailing digits-only part: Orbax reads "<name>_<digits>" dirs as steps.
+    return time.strftime("%Y%m%dT%H%M%S")
+
+
+def _move(path: Path, target: Path) -> Path:
+    while target.exists():  # two moves in the same second
+        target = target.with_name(target.name + "x")
+    path.rename(target)
+    return target
+
+
+# ------------------------------------------------------------------ checkpoint faults
+
+
+def unreadable(ckpt_dir: Path, step: int, steps: list[int], exc: BaseException, flag: str):
+    """The one-line error for a checkpoint step that cannot be read.
+
+    Names the step, the array/file TensorStore or Orbax complained about, and the newest
+    earlier step with the flag that uses it (``flag`` is e.g. ``--config.train.resume_step``).
+    """
+    root = exc
+    while root.__cause__ is not None or root.__context__ is not None:
+        root = root.__cause__ or root.__context__
+    text = str(root).splitlines()[0] if str(root) else type(root).__name__
+    m = re.search(r'Error reading "([^"]+)" in OCDBT database at local file "([^"]+)": (.*)', text)
+    if m:  # a truncated/garbled array file: which array, where, and why
+        what = f"{m.group(1).rsplit('/', 1)[0]} in {m.group(2).rstrip('/')}: {m.group(3)}"
+    else:
+        what = text[:300]
+    earlier = [s for s in steps if s < step]
+    hint = (
+        f"the newest earlier step is {earlier[-1]}: use it with {flag}={earlier[-1]}"
+        + (" (later steps are moved aside, not deleted)" if "resume_step" in flag else "")
+        if earlier
+        else "there is no earlier step"
+    )
+    return ckpt_lib.CheckpointError(
+        f"checkpoint step {step} in {ckpt_dir} is unreadable ({what}); {hint}"
+    )
+
+
+def _pick_step(ckpt: ckpt_lib.Checkpointer, step: int | str | None) -> int:
+    steps = ckpt.all_steps()
+    if step is None or step == -1:
+        return max(steps)
+    if step == "best":
+        best = ckpt.best_step()
+        if best is None:
+            raise ckpt_lib.CheckpointError(
+                f"no checkpoint in {ckpt.directory} has an eval loss recorded "
+                f"(train with --config.train.keep_best=true)"
+            )
+        return best
+    if step not in steps:
+        raise ckpt_lib.CheckpointError(
+            f"step {step} is not saved in {ckpt.directory} (saved steps: {sorted(steps)})"
+        )
+    return step
+
+
+def _saved_model_cfg(ckpt, step: int, flag: str) -> model_lib.GPT2Config:
+    try:
+        saved = config_lib.from_json(ckpt.restore_config(step))
+    except Exception as e:  # unreadable config item: as corrupt as a bad array
+        raise unreadable(ckpt.directory, step, ckpt.all_steps(), e, flag) from e
+    return config_lib.model_config(saved)
+
+
+# ------------------------------------------------------------------ the resolver
+
+
+def resolve(cfg, workdir: str | Path | None, step=None, *, training: bool = False) -> Source:
+    """Decides where the weights come from; writes the shape into ``cfg.model``.
+
+    ``step``: None/-1 = latest, an int, or "best" (checkpoints only). With
+    ``training=True`` (the ``train`` command) a missing checkpoint falls through to
+    init_from, then scratch, ``train.fresh`` ignores the checkpoints (``start_fresh``
+    moves them), and a shape that differs from the checkpoint's is a ConfigError.
+    Otherwise a ``workdir`` must hold a checkpoint: falling back to its init_from would
+    silently evaluate / export / sample the starting point instead of the trained model.
+    """
+    flag = "--config.train.resume_step" if training else "--step"
+    ckpt_dir = Path(workdir).absolute() / "checkpoints" if workdir else None
+    fresh = training and cfg.train.fresh
+    steps = _saved_steps(ckpt_dir) if ckpt_dir is not None and not fresh else []
+    if steps:
+        with ckpt_lib.Checkpointer(ckpt_dir, read_only=True) as ckpt:
+            step = _pick_step(ckpt, step)
+            saved = _saved_model_cfg(ckpt, step, flag)
+        if training and not cfg.init_from:
+            # (With init_from the shape came from those weights, not from cfg.model.)
+            diff = shape_diff(saved, config_lib.model_config(cfg))
+            if diff:
+                raise config_lib.ConfigError(
+                    f"the model shape differs from the checkpoint {ckpt_dir / str(step)} "
+                    f"({'; '.join(diff)}). A checkpoint fixes the shape: train in another "
+                    f"--workdir, or add --config.train.fresh=true to move the old "
+                    f"checkpoints aside (kept, not deleted) and start over"
+                )
+        model_cfg = dataclasses.replace(saved, **config_lib.runtime_fields(cfg))
+        config_lib.set_model_shape(cfg, model_cfg)
+        return Source("checkpoint", model_cfg, step, ckpt_dir, saved)
+    if ckpt_dir is not None and not training:
+        raise ckpt_lib.CheckpointError(
+            f"{ckpt_dir} has no checkpoint yet (train first). To use the run's init_from "
+            f"weights, pass --config=configs/NAME.py --config.init_from=hf:<dir or hub id> "
+            f"without --workdir"
+        )
+    if step not in (None, -1):
+        raise ckpt_lib.CheckpointError(f"step {step}: there is no checkpoint in {ckpt_dir}")
+    hf_spec = config_lib.parse_init_from(cfg.init_from)
+    if hf_spec is not None:
+        from gpt2_jax import hf
+
+        directory = hf.resolve(hf_spec)
+        config_path = directory / "config.json"
+        if not config_path.is_file():
+            raise hf.HFImportError(
+                f"{directory} has no config.json (a Hugging Face model directory?)"
+            )
+        model_cfg = hf.config_from_hf(
+            json.loads(config_path.read_text()),
+            str(config_path),
+            **config_lib.runtime_fields(cfg),
+        )
+        config_lib.set_model_shape(cfg, model_cfg)
+        return Source("hf", model_cfg, path=directory)
+    if not training:
+        raise ckpt_lib.CheckpointError(
+            "no weights to use: no --workdir given and init_from is empty "
+            "(give --workdir=DIR or --config.init_from=hf:<dir or hub id>)"
+        )
+    return Source("scratch", config_lib.model_config(cfg))
+
+
+def _saved_steps(ckpt_dir: Path) -> list[int]:
+    if not ckpt_dir.is_dir():
+        return []
+    with ckpt_lib.Checkpointer(ckpt_dir, read_only=True) as ckpt:
+        return ckpt.all_steps()
+
+
+def load_hf_params(source: Source) -> dict:
+    """The Hugging Face weights of an ``hf`` source, laid out as ``source.model_cfg`` says."""
+    from gpt2_jax import hf
+
+    m = source.model_cfg
+    _, params = hf.load_pretrained(source.path, **{k: getattr(m, k) for k in hf.OVERRIDABLE})
+    return params
+
+
+def restore(source: Source, ckpt: ckpt_lib.Checkpointer, abstract_fn, shardings_fn, flag: str):
+    """A checkpoint's tree, restored in its saved layout and converted to ``model_cfg``'s.
+
+    ``abstract_fn(model_cfg)`` -> the abstract tree (e.g. the train state, or
+    ``{"params": ...}`` for a partial restore); ``shardings_fn(abstract)`` -> its shardings.
+    An unreadable step raises the ``unreadable`` error (the newest earlier step, ``flag``).
+    """
+    target_cfg = source.model_cfg
+    saved_layout = dataclasses.replace(target_cfg, scan_layers=source.saved_cfg.scan_layers)
+    abstract = abstract_fn(saved_layout)
+    shardings = shardings_fn(abstract)
+    partial = set(abstract) == {"params"}
+    try:
+        tree = ckpt.restore(
+            source.step, ckpt_lib.abstract_like(abstract, shardings), partial=partial
+        )
+    except ckpt_lib.CheckpointError as e:
+        raise unreadable(ckpt.directory, source.step, ckpt.all_steps(), e, flag) from e
+    if saved_layout.scan_layers == target_cfg.scan_layers:
+        return tree
+    target_sh = shardings_fn(abstract_fn(target_cfg))
+    convert = functools.partial(
+        relayout, scan_layers=target_cfg.scan_layers, n_layer=target_cfg.n_layer
+    )
+    return jax.jit(convert, out_shardings=target_sh)(tree)
+
+
+def load_params(cfg, workdir: str | Path | None, step=None) -> tuple[Any, dict, Source]:
+    """(model config, params, source) for eval / export / generate."""
+    source = resolve(cfg, workdir, step)
+    if source.kind == "hf":
+        return source.model_cfg, load_hf_params(source), source
+
+    def abstract_fn(mcfg):
+        init = functools.partial(model_lib.init_params, mcfg)
+        return {"params": jax.eval_shape(init, jax.random.PRNGKey(0))}
+
+    def shardings_fn(abstract):  # one device: eval/generate place them as they need
+        device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+        return jax.tree.map(lambda _: device, abstract)
+
+    with ckpt_lib.Checkpointer(source.path, read_only=True) as ckpt:
+        state = restore(source, ckpt, abstract_fn, shardings_fn, "--step")
+    return source.model_cfg, state["params"], source
+
+
+# ------------------------------------------------------------------ moving runs aside
+
+
+def start_fresh(workdir: Path) -> list[Path]:
+    """Moves the workdir's checkpoints, metrics and tensorboard aside (``*.old-<time>``)."""
+    stamp = _stamp()
+    moved = []
+    for name in ("checkpoints", "metrics.jsonl", "tensorboard"):
+        path = workdir / name
+        if path.exists():
+            moved.append(_move(path, workdir / f"{name}.old-{stamp}"))
+    return moved
+
+
+def supersede_after(ckpt_dir: Path, step: int) -> list[Path]:
+    """Moves steps after ``step`` to ``<step>.superseded-<time>`` (Orbax ignores them)."""
+    stamp = _stamp()
+    later = sorted(s for s in _saved_steps(ckpt_dir) if s > step)
+    return [_move(ckpt_dir / str(s), ckpt_dir / f"{s}.superseded-{stamp}") for s in later]
