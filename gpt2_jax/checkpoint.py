@@ -177,7 +177,10 @@ class Checkpointer:
         )
 
     def close(self) -> None:
-        self._mngr.close()
+        try:
+            self._mngr.close()  # waits for a pending save: its error surfaces here too
+        except Exception as e:
+            raise self._write_error(None, e) from e
 
     def __enter__(self) -> Checkpointer:
         return self
