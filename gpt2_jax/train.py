@@ -219,7 +219,10 @@ class _Interrupts:
 
     def _handle(self, signum, frame):
         if self.requested and signum == signal.SIGINT:
-            raise KeyboardInterrupt  # the second Ctrl-C: the user does not want to wait
+            # The second Ctrl-C: the user does not want to wait for the save. A half-written
+            # checkpoint is an Orbax temporary, ignored and removed at the next start.
+            print("\nCtrl-C again: aborted", file=sys.stderr, flush=True)
+            os._exit(130)
         self.signum = self.signum or signum
         if signum == signal.SIGINT:
             print(

@@ -222,7 +222,8 @@ def resolve(cfg, workdir: str | Path | None, step=None, *, training: bool = Fals
             f"without --workdir"
         )
     if step not in (None, -1):
-        raise ckpt_lib.CheckpointError(f"step {step}: there is no checkpoint in {ckpt_dir}")
+        where = ckpt_dir or "(no --workdir given)"
+        raise ckpt_lib.CheckpointError(f"step {step}: there is no checkpoint in {where}")
     hf_spec = config_lib.parse_init_from(cfg.init_from)
     if hf_spec is not None:
         from gpt2_jax import hf

@@ -159,7 +159,10 @@ def test_fresh_moves_the_old_run_aside_and_trains_from_scratch(six_steps, tmp_pa
     "saved_scan", [True, False], ids=["scanned->unrolled", "unrolled->scanned"]
 )
 def test_a_checkpoint_resumes_and_evaluates_in_the_other_layer_layout(saved_scan, tmp_path):
-    two_layers = {"model.n_layer": 2, "model.dropout": 0.1}
+    # No dropout: the scanned blocks draw their masks from a per-layer split of the rng,
+    # the unrolled ones from their module names, so with dropout the two layouts train
+    # (equally well, but) on different masks.
+    two_layers = {"model.n_layer": 2, "model.dropout": 0.0}
     full = tmp_path / "full"
     final = train_lib.train(tiny_config(**two_layers, **{"model.scan_layers": saved_scan}), full)
     work = resumable_copy(full, tmp_path / "part")
