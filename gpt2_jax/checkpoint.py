@@ -25,6 +25,16 @@ class CheckpointError(RuntimeError):
 BEST_METRIC = "eval_loss"
 
 
+class _QuietMissingMetrics(logging.Filter):
+    """With keep_best, steps saved between evals have no metrics, by design: no warning."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "did not provide metrics" not in record.getMessage()
+
+
+logging.getLogger("absl").addFilter(_QuietMissingMetrics())
+
+
 class Checkpointer:
     """A thin wrapper over ``ocp.CheckpointManager`` that fails loudly.
 
@@ -63,6 +73,9 @@ class Checkpointer:
             # Read-only managers must not keep/prune or save (Orbax warns otherwise).
             max_to_keep=None if policy is not None else keep,
             preservation_policy=policy,
+            # Orbax writes a step's metrics to disk only when best_fn is set.
+            best_fn=(lambda m: m[BEST_METRIC]) if policy is not None else None,
+            best_mode="min",
             save_interval_steps=0 if read_only else 1,
             enable_async_checkpointing=async_save and not read_only,
             cleanup_tmp_directories=not read_only,
