@@ -19,6 +19,7 @@ import dataclasses
 import functools
 import json
 import re
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -154,6 +155,19 @@ def unreadable(ckpt_dir: Path, step: int, steps: list[int], exc: BaseException, 
     )
 
 
+def _quiet_abandoned_reads() -> None:
+    """After a failed restore, Orbax's other array reads are abandoned coroutines that
+    Python reports at exit ("Exception ignored in ...", a page of TensorStore spec) after
+    the one-line error: drop those reports, keep any other."""
+    previous = sys.unraisablehook
+
+    def hook(unraisable):
+        if "_read_array_index" not in repr(unraisable.object):
+            previous(unraisable)
+
+    sys.unraisablehook = hook
+
+
 def _pick_step(ckpt: ckpt_lib.Checkpointer, step: int | str | None) -> int:
     steps = ckpt.all_steps()
     if step is None or step == -1:
@@ -282,6 +296,7 @@ def restore(source: Source, ckpt: ckpt_lib.Checkpointer, abstract_fn, shardings_
             source.step, ckpt_lib.abstract_like(abstract, shardings), partial=partial
         )
     except ckpt_lib.CheckpointError as e:
+        _quiet_abandoned_reads()
         raise unreadable(ckpt.directory, source.step, ckpt.all_steps(), e, flag) from e
     if saved_layout.scan_layers == target_cfg.scan_layers:
         return tree
