@@ -76,6 +76,10 @@ class Checkpointer:
             # Orbax writes a step's metrics to disk only when best_fn is set.
             best_fn=(lambda m: m[BEST_METRIC]) if policy is not None else None,
             best_mode="min",
+            # Step directories made in the calling thread: an unwritable directory (read-only,
+            # full, not a directory) then fails save() at once. Made asynchronously, Orbax's
+            # writer threads wait up to 20 minutes for a creation signal that never comes.
+            async_options=ocp.AsyncOptions(create_directories_asynchronously=False),
             save_interval_steps=0 if read_only else 1,
             enable_async_checkpointing=async_save and not read_only,
             cleanup_tmp_directories=not read_only,

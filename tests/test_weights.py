@@ -180,3 +180,18 @@ def test_a_checkpoint_resumes_and_evaluates_in_the_other_layer_layout(saved_scan
     mesh = sharding.make_mesh(cfg.mesh)
     (res,) = evaluate_splits(cfg, model_cfg, params, splits, mesh, progress=False)
     np.testing.assert_allclose(res["loss"], final["validation"]["loss"], rtol=1e-6)
+
+
+def test_export_step_n_writes_that_checkpoint(six_steps, tmp_path, capsys):
+    from gpt2_jax import hf
+
+    argv = ["export", f"--workdir={six_steps}", "--step=3", f"--out={tmp_path / 'hf3'}"]
+    assert cli.main(argv) == 0
+    assert f"loaded checkpoint {six_steps / 'checkpoints' / '3'}" in capsys.readouterr().err
+    _, exported = hf.load_pretrained(tmp_path / "hf3")
+    saved = ckpt_lib.Checkpointer(six_steps / "checkpoints", read_only=True).restore(3)["params"]
+    jax.tree.map(np.testing.assert_array_equal, exported, saved)
+    assert (
+        cli.main(["export", f"--workdir={six_steps}", "--step=4", f"--out={tmp_path / 'x'}"]) == 2
+    )
+    assert "step 4 is not saved" in capsys.readouterr().err
