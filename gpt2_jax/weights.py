@@ -279,18 +279,24 @@ def load_hf_params(source: Source) -> dict:
     return params
 
 
-def restore(source: Source, ckpt: ckpt_lib.Checkpointer, abstract_fn, shardings_fn, flag: str):
+def restore(
+    source: Source,
+    ckpt: ckpt_lib.Checkpointer,
+    abstract_fn,
+    shardings_fn,
+    flag: str,
+    partial: bool = False,
+):
     """A checkpoint's tree, restored in its saved layout and converted to ``model_cfg``'s.
 
     ``abstract_fn(model_cfg)`` -> the abstract tree (e.g. the train state, or
-    ``{"params": ...}`` for a partial restore); ``shardings_fn(abstract)`` -> its shardings.
+    ``{"params": ...}`` with ``partial=True``); ``shardings_fn(abstract)`` -> its shardings.
     An unreadable step raises the ``unreadable`` error (the newest earlier step, ``flag``).
     """
     target_cfg = source.model_cfg
     saved_layout = dataclasses.replace(target_cfg, scan_layers=source.saved_cfg.scan_layers)
     abstract = abstract_fn(saved_layout)
     shardings = shardings_fn(abstract)
-    partial = set(abstract) == {"params"}
     try:
         tree = ckpt.restore(
             source.step, ckpt_lib.abstract_like(abstract, shardings), partial=partial
@@ -322,7 +328,7 @@ def load_params(cfg, workdir: str | Path | None, step=None) -> tuple[Any, dict, 
         return jax.tree.map(lambda _: device, abstract)
 
     with ckpt_lib.Checkpointer(source.path, read_only=True) as ckpt:
-        state = restore(source, ckpt, abstract_fn, shardings_fn, "--step")
+        state = restore(source, ckpt, abstract_fn, shardings_fn, "--step", partial=True)
     return source.model_cfg, state["params"], source
 
 
