@@ -3,46 +3,28 @@
 from __future__ import annotations
 
 import math
-from pathlib import Path
 
 import jax
 import numpy as np
 import pytest
+import torch
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-torch = pytest.importorskip("torch")
-transformers = pytest.importorskip("transformers")
+from gpt2_jax import evaluate, hf
 
-from gpt2_jax import evaluate, hf, tokenizer  # noqa: E402
+from .helpers import random_hf_model, torch_sliding_window, wiki_ids
 
 # Many small PyTorch forwards: one thread is ~10x faster than 2 on a shared 2-core box.
 pytestmark = pytest.mark.usefixtures("torch_one_thread")
 
-DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
-WIKI_TEST = DATA / "wikitext-2-raw" / "wiki.test.raw"
 SMALL = dict(n_layer=3, n_head=4, n_embd=64, n_positions=96, n_inner=96, vocab_size=50257)
 BLOCK = 64
-
-
-def wiki_ids(n_tokens: int) -> np.ndarray:
-    """The first ``n_tokens`` GPT-2 ids of wikitext-2's test split, int32 [n_tokens]."""
-    if not WIKI_TEST.is_file():
-        pytest.skip(f"wikitext-2 test split not found at {WIKI_TEST}")
-    text = WIKI_TEST.read_text(encoding="utf-8")[: 12 * n_tokens]
-    ids = np.asarray(tokenizer.get_tokenizer().encode_ordinary(text), np.int32)
-    assert len(ids) >= n_tokens
-    return ids[:n_tokens]
 
 
 @pytest.fixture(scope="module")
 def pair(tmp_path_factory):
     """(torch GPT2LMHeadModel with random weights, our cfg, our params) of the same model."""
-    torch.manual_seed(0)
-    m = transformers.GPT2LMHeadModel(transformers.GPT2Config(**SMALL)).eval()
-    with torch.no_grad():
-        for name, p in m.named_parameters():
-            is_ln_scale = name.endswith(("ln_1.weight", "ln_2.weight", "ln_f.weight"))
-            p.copy_(1.0 + 0.2 * torch.randn_like(p) if is_ln_scale else 0.1 * torch.randn_like(p))
+    m = random_hf_model(0, **SMALL)
     path = tmp_path_factory.mktemp("eval_model")
     m.save_pretrained(path)
     cfg, params = hf.load_pretrained(path)
@@ -113,29 +95,6 @@ def test_eval_blocks_rejects_bad_input(pair):
 # ---------------------------------------------------------------------- sliding window
 
 
-def hf_reference_ppl(m, ids: np.ndarray, max_length: int, stride: int) -> tuple[float, int]:
-    """The loop of huggingface.co/docs/transformers/perplexity, verbatim in its logic."""
-    encodings = torch.as_tensor(ids, dtype=torch.long)[None]
-    seq_len = encodings.size(1)
-    nll_sum, n_tokens, prev_end_loc = 0.0, 0, 0
-    for begin_loc in range(0, seq_len, stride):
-        end_loc = min(begin_loc + max_length, seq_len)
-        trg_len = end_loc - prev_end_loc
-        input_ids = encodings[:, begin_loc:end_loc]
-        target_ids = input_ids.clone()
-        target_ids[:, :-trg_len] = -100
-        with torch.no_grad():
-            neg_log_likelihood = m(input_ids, labels=target_ids).loss
-        num_valid_tokens = (target_ids != -100).sum().item()
-        num_loss_tokens = num_valid_tokens - target_ids.size(0)
-        nll_sum += neg_log_likelihood * num_loss_tokens
-        n_tokens += num_loss_tokens
-        prev_end_loc = end_loc
-        if end_loc == seq_len:
-            break
-    return float(torch.exp(nll_sum / n_tokens)), n_tokens
-
-
 @pytest.mark.parametrize(
     "n_tokens, max_length, stride",
     [
@@ -152,8 +111,8 @@ def test_sliding_window_matches_hf_reference(pair, n_tokens, max_length, stride)
     got = evaluate.eval_sliding_window(
         cfg, params, ids, max_length, stride, batch_size=4, progress=False
     )
-    ppl, n_counted = hf_reference_ppl(m, ids, max_length, stride)
-    np.testing.assert_allclose(got["perplexity"], ppl, rtol=1e-5)
+    loss, n_counted = torch_sliding_window(m, ids, max_length, stride)
+    np.testing.assert_allclose(got["perplexity"], math.exp(loss), rtol=1e-5)
     assert got["tokens"] == n_counted
 
 

@@ -16,7 +16,7 @@ from gpt2_jax import config as config_lib
 from gpt2_jax import data as data_lib
 from gpt2_jax import train as train_lib
 
-from .conftest import ROOT, run_cli
+from .helpers import ROOT, run_cli
 
 TINY = str(ROOT / "configs" / "quickstart.py:tiny")
 
