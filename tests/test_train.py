@@ -9,6 +9,7 @@ import time
 
 import jax
 import numpy as np
+import orbax.checkpoint as ocp
 import pytest
 
 from gpt2_jax import checkpoint as ckpt_lib
@@ -96,6 +97,22 @@ def test_non_finite_loss_stops_the_run_without_checkpointing_it(tmp_path):
     assert ckpt_lib.Checkpointer(tmp_path / "checkpoints", read_only=True).latest_step() is None
 
 
+def saved_layouts(workdir) -> dict:
+    """{"params/h/attn/c_attn/kernel": (partition spec, shape, shape of one written shard)}
+    for every array of the latest checkpoint's state, as Orbax recorded it at save time."""
+    step = ckpt_lib.Checkpointer(workdir / "checkpoints", read_only=True).latest_step()
+    meta = ocp.PyTreeCheckpointer().metadata(workdir / "checkpoints" / str(step) / "state")
+    flat = jax.tree_util.tree_flatten_with_path(meta.item_metadata.tree)[0]
+    return {
+        "/".join(str(getattr(k, "key", k)) for k in path): (
+            tuple(leaf.sharding.partition_spec),
+            tuple(leaf.shape),
+            tuple(leaf.storage.write_shape),
+        )
+        for path, leaf in flat
+    }
+
+
 def test_two_devices_and_fsdp_match_one_device(tmp_path):
     args = ["train", f"--config={TINY}", "--config.model.dropout=0.1", "--config.train.steps=4"]
     one = run_cli([*args, f"--workdir={tmp_path}/one"], devices=1)
@@ -110,6 +127,23 @@ def test_two_devices_and_fsdp_match_one_device(tmp_path):
         np.testing.assert_allclose(
             [got[s] for s in sorted(ref)], [ref[s] for s in sorted(ref)], rtol=1e-5, err_msg=name
         )
+
+    # The layouts the runs really used: data parallel replicates every parameter and moment;
+    # FSDP splits each kernel and embedding (params and both Adam moments) in two along one
+    # axis, and never along the stacked layer axis of h/.
+    replicated = saved_layouts(tmp_path / "two")
+    assert all(spec == () or set(spec) == {None} for spec, _, _ in replicated.values())
+    split = saved_layouts(tmp_path / "fsdp")
+    matrices = [k for k in split if k.endswith(("kernel", "embedding"))]
+    assert len(matrices) == 3 * 6  # (wte, wpe, c_attn, attn.c_proj, c_fc, mlp.c_proj) x 3
+    for key in matrices:
+        spec, shape, written = split[key]
+        assert spec.count("fsdp") == 1, (key, spec)
+        axis = spec.index("fsdp")
+        assert written[axis] * 2 == shape[axis], (key, shape, written)
+        if "/h/" in f"/{key}":
+            assert axis != 0, key  # layer axis of the scanned stack
+    assert split["params/h/attn/c_attn/kernel"][0] == (None, None, "fsdp")  # [L, C, 3C]
 
 
 def test_sigterm_saves_then_the_same_command_resumes_exactly(tmp_path):
