@@ -222,3 +222,84 @@ def test_kill_9_mid_run_then_the_same_command_resumes(tmp_path):
     train_lib.train(tiny_config(**{"train.steps": 40, "train.checkpoint_every": 0}), full)
     assert train_losses(work) == train_losses(full)  # bitwise: same device count
     jax.tree.map(np.testing.assert_array_equal, final_params(work), final_params(full))
+
+
+# ---------------------------------------------------------------------- keep-N, eval splits
+
+
+@pytest.fixture(scope="module")
+def pruned_run(tmp_path_factory):
+    """6 tiny steps, a checkpoint every step of which 2 are kept, eval of two splits."""
+    workdir = tmp_path_factory.mktemp("pruned")
+    overrides = {
+        "train.checkpoint_every": 1,
+        "train.keep_checkpoints": 2,
+        "eval.splits": "validation,train",
+    }
+    with pytest.MonkeyPatch.context() as mp:  # conftest's autouse env is per test
+        mp.setenv("GPT2_JAX_CACHE", str(tmp_path_factory.getbasetemp() / "gpt2_jax_cache"))
+        mp.setenv("HF_DATASETS_OFFLINE", "1")
+        results = train_lib.train(tiny_config(**overrides), workdir)
+    return {"workdir": workdir, "overrides": overrides, "results": results}
+
+
+def test_keep_checkpoints_prunes_all_but_the_newest(pruned_run):
+    ckpts = pruned_run["workdir"] / "checkpoints"
+    assert ckpt_lib.Checkpointer(ckpts, read_only=True).all_steps() == [5, 6]
+    assert sorted(p.name for p in ckpts.iterdir()) == ["5", "6"]  # nothing else left over
+    assert sorted(train_losses(pruned_run["workdir"])) == [1, 2, 3, 4, 5, 6]
+
+
+def test_each_eval_split_is_scored_on_its_own_blocks(pruned_run):
+    """eval.splits=validation,train: one result per split, each the loss of that split's
+    first eval.max_batches * eval.batch_size blocks under the final params."""
+    from gpt2_jax import evaluate
+
+    workdir, results = pruned_run["workdir"], pruned_run["results"]
+    cfg = tiny_config(**pruned_run["overrides"])
+    assert list(results) == ["validation", "train"]
+    lines = [json.loads(x) for x in (workdir / "metrics.jsonl").read_text().splitlines()]
+    evals = [(r["step"], r["split"]) for r in lines if "perplexity" in r]
+    assert evals == [(6, "validation"), (6, "train")]
+    blocks = data_lib.load_splits(cfg.data, ("train", "validation"))
+    n = cfg.eval.max_batches * cfg.eval.batch_size
+    model_cfg = config_lib.model_config(cfg)
+    for split in ("validation", "train"):
+        want = evaluate.eval_blocks(
+            model_cfg, final_params(workdir), blocks[split][np.arange(n)], cfg.eval.batch_size
+        )
+        assert results[split]["tokens"] == want["tokens"] == n * (cfg.data.block_size - 1)
+        np.testing.assert_allclose(results[split]["loss"], want["loss"], rtol=1e-5)
+    assert abs(results["train"]["loss"] - results["validation"]["loss"]) > 1e-3
+
+
+def test_eval_command_prints_one_line_per_split_in_the_order_asked(pruned_run):
+    results = pruned_run["results"]
+    proc = run_cli(
+        ["eval", f"--workdir={pruned_run['workdir']}", "--config.eval.splits=train,validation"]
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    got = [json.loads(x) for x in proc.stdout.strip().splitlines()[-2:]]
+    assert [r["split"] for r in got] == ["train", "validation"]
+    for r in got:
+        assert r["tokens"] == results[r["split"]]["tokens"]
+        np.testing.assert_allclose(r["loss"], results[r["split"]]["loss"], rtol=1e-6)
+
+
+def test_a_checkpoint_of_another_shape_is_refused_and_left_intact(pruned_run):
+    """Restoring n_embd=32 arrays into an n_embd=64 model raises, naming the checkpoint;
+    nothing in it changes."""
+    from jax.sharding import NamedSharding, PartitionSpec
+
+    from gpt2_jax import model as model_lib
+
+    ckpts = pruned_run["workdir"] / "checkpoints"
+    before = {p: p.read_bytes() for p in sorted(ckpts.rglob("*")) if p.is_file()}
+    other = config_lib.model_config(tiny_config(**{"model.n_embd": 64}))
+    abstract = jax.eval_shape(lambda rng: model_lib.init_params(other, rng), jax.random.PRNGKey(0))
+    replicated = NamedSharding(jax.sharding.Mesh(jax.devices(), ("d",)), PartitionSpec())
+    target = ckpt_lib.abstract_like(abstract, jax.tree.map(lambda _: replicated, abstract))
+    with pytest.raises(ckpt_lib.CheckpointError, match=str(ckpts / "6")):
+        ckpt_lib.Checkpointer(ckpts, read_only=True).restore(None, {"params": target}, partial=True)
+    after = {p: p.read_bytes() for p in sorted(ckpts.rglob("*")) if p.is_file()}
+    assert after == before
