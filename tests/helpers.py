@@ -6,6 +6,7 @@ which never touch PyTorch do not pay for importing it.
 
 from __future__ import annotations
 
+import functools
 import os
 import subprocess
 import sys
@@ -53,13 +54,19 @@ def wiki_lines() -> list[str]:
     return WIKI_HEAD.read_text(encoding="utf-8").splitlines(keepends=True)
 
 
-def wiki_ids(n_tokens: int) -> np.ndarray:
-    """The first ``n_tokens`` GPT-2 ids of the shipped wikitext slice, int32 [n_tokens]."""
+@functools.cache
+def _wiki_tokens() -> np.ndarray:
     from gpt2_jax import tokenizer
 
     ids = tokenizer.get_tokenizer().encode_ordinary(WIKI_HEAD.read_text(encoding="utf-8"))
+    return np.asarray(ids, np.int32)
+
+
+def wiki_ids(n_tokens: int) -> np.ndarray:
+    """The first ``n_tokens`` GPT-2 ids of the shipped wikitext slice, int32 [n_tokens]."""
+    ids = _wiki_tokens()
     assert len(ids) >= n_tokens, f"{WIKI_HEAD} holds {len(ids)} tokens, {n_tokens} asked for"
-    return np.asarray(ids[:n_tokens], np.int32)
+    return ids[:n_tokens].copy()  # callers may write into it
 
 
 def group_texts(examples: dict[str, list[list[int]]], block_size: int) -> dict:

@@ -114,9 +114,7 @@ def test_bf16_compute_keeps_fp32_params_and_logits(params):
 
     # The check rejects the casts it is there for: the fp32 logits themselves (dtype
     # ignored), and a tied head that multiplies and accumulates in bf16.
-    assert bf16_logit_problems(ref, ref) == [
-        "max |bf16 - fp32| = 0: no bf16 rounding at all"
-    ]
+    assert bf16_logit_problems(ref, ref) == ["max |bf16 - fp32| = 0: no bf16 rounding at all"]
     hidden = m.GPT2(cfg).apply({"params": params}, _ids(), return_hidden=True)  # bf16
     wte = params["wte"]["embedding"].astype(jnp.bfloat16)
     bf16_head = np.asarray(jnp.einsum("btc,vc->btv", hidden, wte).astype(jnp.float32))
