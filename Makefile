@@ -3,12 +3,14 @@ PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 DEMO_DIR ?= runs/demo
-# Pinned CPU torch for the test extras: an unpinned torch would pull a multi-GB CUDA build.
-PIP_INSTALL := $(PY) -m pip install --disable-pip-version-check -q
+# Every install takes the exact tested versions (requirements/constraints.txt); pyproject.toml
+# only declares compatible ranges. The lock pins the CPU torch: any other is a multi-GB CUDA build.
+LOCK := requirements/constraints.txt
+PIP_INSTALL := $(PY) -m pip install --disable-pip-version-check -q -c $(LOCK)
 
-.PHONY: demo test test-all lint setup clean
+.PHONY: demo test test-all lint setup clean lock
 
-$(VENV)/.installed: pyproject.toml
+$(VENV)/.installed: pyproject.toml $(LOCK)
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PIP_INSTALL) -e .
 	touch $@
@@ -26,14 +28,22 @@ demo: $(VENV)/.installed
 	$(PY) -m gpt2_jax generate --workdir=$(DEMO_DIR) --prompt="The if statement" --max_new_tokens=80
 	@echo "demo run: $(DEMO_DIR)/checkpoints (Orbax), $(DEMO_DIR)/metrics.jsonl, $(DEMO_DIR)/tensorboard (tensorboard --logdir $(DEMO_DIR))"
 
+# -rs lists any skip; tests/conftest.py turns a skip into a failure, so a green run checked all.
 test: $(VENV)/.installed-test
-	$(PY) -m pytest -q -m "not slow"
+	$(PY) -m pytest -q -rs -m "not slow"
 
+# Adds the `slow` tests: checks over the full shared corpora (../shared/data, or
+# GPT2_JAX_SHARED_DATA), which fail rather than skip where that directory is missing.
 test-all: $(VENV)/.installed-test
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q -rs
 
 lint: $(VENV)/.installed-test
 	$(VENV)/bin/ruff check gpt2_jax tests configs
+
+# Rewrites the lock from the current .venv (after a tested upgrade).
+lock: $(VENV)/.installed-test
+	{ sed -n '/^#/p' $(LOCK); $(PY) -m pip freeze --exclude-editable | sed 's/+cpu$$//'; } > $(LOCK).new
+	mv $(LOCK).new $(LOCK)
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache

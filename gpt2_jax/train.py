@@ -264,7 +264,8 @@ def train(cfg: ml_collections.ConfigDict, workdir: str | Path) -> dict:
         for note in notes:
             print(note, file=sys.stderr)
     splits = data_lib.load_splits(cfg.data, ("train", *cfg.eval.splits))
-    train_blocks = splits.pop("train")
+    train_blocks = splits["train"]
+    splits = {name: splits[name] for name in cfg.eval.splits}  # "train" may be one of them
     loader = data_lib.BatchLoader(
         len(train_blocks),
         cfg.train.batch_size,

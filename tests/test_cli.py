@@ -20,19 +20,18 @@ from pathlib import Path
 import jax
 import numpy as np
 import pytest
+import torch
+import transformers
+from safetensors.numpy import load_file, save_file
 
-torch = pytest.importorskip("torch")
-transformers = pytest.importorskip("transformers")
-from safetensors.numpy import load_file, save_file  # noqa: E402
+from gpt2_jax import checkpoint as ckpt_lib
+from gpt2_jax import cli, data, hf, model, sharding, tokenizer
+from gpt2_jax import config as config_lib
+from gpt2_jax import train as train_lib
 
-from gpt2_jax import checkpoint as ckpt_lib  # noqa: E402
-from gpt2_jax import cli, data, hf, model, sharding, tokenizer  # noqa: E402
-from gpt2_jax import config as config_lib  # noqa: E402
-from gpt2_jax import train as train_lib  # noqa: E402
+from . import helpers
+from .helpers import ROOT, run_cli, torch_sliding_window
 
-from .conftest import ROOT, SHARED_DATA, run_cli  # noqa: E402
-
-WIKI_TEST = SHARED_DATA / "wikitext-2-raw" / "wiki.test.raw"
 CONFIG = f"{ROOT / 'configs' / 'gpt2_wikitext2.py'}:local"
 SHAPE = dict(n_layer=2, n_head=2, n_embd=32, n_positions=64, vocab_size=50257)
 BLOCK = 64
@@ -50,14 +49,8 @@ pytestmark = [
 
 
 def random_hf_model(seed: int = 0, **sizes):
-    """A GPT2LMHeadModel whose every parameter (biases, LayerNorms too) is random."""
-    torch.manual_seed(seed)
-    m = transformers.GPT2LMHeadModel(transformers.GPT2Config(**{**SHAPE, **sizes})).eval()
-    with torch.no_grad():
-        for name, p in m.named_parameters():  # wte and lm_head are one (tied) parameter
-            is_ln_scale = name.endswith(("ln_1.weight", "ln_2.weight", "ln_f.weight"))
-            p.copy_(1.0 + 0.2 * torch.randn_like(p) if is_ln_scale else 0.1 * torch.randn_like(p))
-    return m
+    """helpers.random_hf_model of this file's SHAPE (``sizes`` override fields)."""
+    return helpers.random_hf_model(seed, **{**SHAPE, **sizes})
 
 
 def torch_loss(m, blocks: np.ndarray) -> float:
@@ -65,27 +58,6 @@ def torch_loss(m, blocks: np.ndarray) -> float:
     ids = torch.as_tensor(np.asarray(blocks), dtype=torch.long)
     with torch.no_grad():
         return float(m(ids, labels=ids).loss)
-
-
-def torch_sliding_window(m, ids: np.ndarray, max_length: int, stride: int) -> tuple[float, int]:
-    """The reference loop of huggingface.co/docs/transformers/perplexity: (loss, tokens)."""
-    ids = torch.as_tensor(ids, dtype=torch.long)[None]
-    nll_sum, n_tokens, prev_end = 0.0, 0, 0
-    for begin in range(0, ids.size(1), stride):
-        end = min(begin + max_length, ids.size(1))
-        trg_len = end - prev_end
-        input_ids = ids[:, begin:end]
-        target_ids = input_ids.clone()
-        target_ids[:, :-trg_len] = -100
-        with torch.no_grad():
-            loss = m(input_ids, labels=target_ids).loss
-        num_loss_tokens = int((target_ids != -100).sum()) - target_ids.size(0)
-        nll_sum += float(loss) * num_loss_tokens
-        n_tokens += num_loss_tokens
-        prev_end = end
-        if end == ids.size(1):
-            break
-    return nll_sum / n_tokens, n_tokens
 
 
 def torch_greedy(m, prompt: list[int], n: int) -> tuple[list[int], float]:
@@ -162,12 +134,8 @@ def cli_runs(arg_lists, env):
 
 @pytest.fixture(scope="module")
 def texts(tmp_path_factory):
-    """Small train / validation files cut (at line ends) from wikitext-2's test split."""
-    if not WIKI_TEST.is_file():
-        pytest.skip(
-            f"wikitext-2 test split not found at {WIKI_TEST} (tests/conftest.py SHARED_DATA)"
-        )
-    lines = WIKI_TEST.read_text(encoding="utf-8").splitlines(keepends=True)
+    """Small train / validation files cut (at line ends) from the shipped wikitext slice."""
+    lines = helpers.wiki_lines()
     root = tmp_path_factory.mktemp("texts")
     out, start = {}, 0
     for name, chars in (("validation", 6000), ("train", 12000)):
@@ -204,10 +172,8 @@ def run_clm_blocks(path: Path, tok) -> np.ndarray:
     rows, _ = run_clm_tokens(path, tok)
     out = []
     for start in range(0, len(rows), 1000):
-        chunk = [t for row in rows[start : start + 1000] for t in row]
-        n = len(chunk) // BLOCK * BLOCK
-        out.append(np.asarray(chunk[:n], np.int64).reshape(-1, BLOCK))
-    return np.concatenate(out)
+        out += helpers.group_texts({"input_ids": rows[start : start + 1000]}, BLOCK)["input_ids"]
+    return np.asarray(out, np.int64).reshape(-1, BLOCK)
 
 
 @pytest.fixture(scope="module")

@@ -4,7 +4,7 @@ import pytest
 
 from gpt2_jax import config as config_lib
 
-from .conftest import ROOT, run_cli
+from .helpers import ROOT, run_cli
 
 CONFIGS = [
     ("quickstart.py", None),

@@ -2,47 +2,31 @@
 
 from __future__ import annotations
 
+import json
 import math
-from pathlib import Path
+import os
+import subprocess
+import sys
 
-import jax
 import numpy as np
 import pytest
-from jax.sharding import Mesh, NamedSharding, PartitionSpec
+import torch
 
-torch = pytest.importorskip("torch")
-transformers = pytest.importorskip("transformers")
+from gpt2_jax import evaluate, hf
 
-from gpt2_jax import evaluate, hf, tokenizer  # noqa: E402
+from .helpers import ROOT, random_hf_model, torch_sliding_window, wiki_ids
 
 # Many small PyTorch forwards: one thread is ~10x faster than 2 on a shared 2-core box.
 pytestmark = pytest.mark.usefixtures("torch_one_thread")
 
-DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
-WIKI_TEST = DATA / "wikitext-2-raw" / "wiki.test.raw"
 SMALL = dict(n_layer=3, n_head=4, n_embd=64, n_positions=96, n_inner=96, vocab_size=50257)
 BLOCK = 64
-
-
-def wiki_ids(n_tokens: int) -> np.ndarray:
-    """The first ``n_tokens`` GPT-2 ids of wikitext-2's test split, int32 [n_tokens]."""
-    if not WIKI_TEST.is_file():
-        pytest.skip(f"wikitext-2 test split not found at {WIKI_TEST}")
-    text = WIKI_TEST.read_text(encoding="utf-8")[: 12 * n_tokens]
-    ids = np.asarray(tokenizer.get_tokenizer().encode_ordinary(text), np.int32)
-    assert len(ids) >= n_tokens
-    return ids[:n_tokens]
 
 
 @pytest.fixture(scope="module")
 def pair(tmp_path_factory):
     """(torch GPT2LMHeadModel with random weights, our cfg, our params) of the same model."""
-    torch.manual_seed(0)
-    m = transformers.GPT2LMHeadModel(transformers.GPT2Config(**SMALL)).eval()
-    with torch.no_grad():
-        for name, p in m.named_parameters():
-            is_ln_scale = name.endswith(("ln_1.weight", "ln_2.weight", "ln_f.weight"))
-            p.copy_(1.0 + 0.2 * torch.randn_like(p) if is_ln_scale else 0.1 * torch.randn_like(p))
+    m = random_hf_model(0, **SMALL)
     path = tmp_path_factory.mktemp("eval_model")
     m.save_pretrained(path)
     cfg, params = hf.load_pretrained(path)
@@ -91,15 +75,65 @@ def test_eval_blocks_padding_does_not_count(pair):
     np.testing.assert_allclose(together["loss"], np.mean(one_by_one), rtol=1e-6)
 
 
-def test_eval_blocks_with_batch_sharding(pair):
-    _, cfg, params = pair
-    blocks = wiki_ids(11 * BLOCK).reshape(11, BLOCK)
-    mesh = Mesh(np.array(jax.devices()), ("data",))
-    sharding = NamedSharding(mesh, PartitionSpec("data"))
-    batch = 2 * len(jax.devices())
-    sharded = evaluate.eval_blocks(cfg, params, blocks, batch, batch_sharding=sharding)
-    plain = evaluate.eval_blocks(cfg, params, blocks, batch, progress=False)
-    np.testing.assert_allclose(sharded["loss"], plain["loss"], rtol=1e-5)
+# Runs with 2 simulated devices (XLA_FLAGS must be set before jax starts, hence a process).
+# The jitted pieces are wrapped to record how their input_ids arrive: split over 2 devices.
+_SHARDED_EVAL = """
+import json, sys
+import jax, numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+from gpt2_jax import evaluate, model
+
+assert jax.device_count() == 2, jax.devices()
+cfg = model.GPT2Config(**json.loads(sys.argv[1]))
+params = model.init_params(cfg, jax.random.PRNGKey(0))
+ids = np.load(sys.argv[2])
+seen = []
+for name in ("_blocks_nll_sum", "_windows_nll"):
+    def spy(cfg, params, input_ids, *rest, _real=getattr(evaluate, name)):
+        seen.append([len(input_ids.sharding.device_set), input_ids.shape[0],
+                     input_ids.addressable_shards[0].data.shape[0]])
+        return _real(cfg, params, input_ids, *rest)
+    setattr(evaluate, name, spy)
+batch = NamedSharding(Mesh(np.array(jax.devices()), ("data",)), PartitionSpec("data"))
+blocks = ids[: 11 * 64].reshape(11, 64)  # batch 4: 3 batches, the last one padded
+out = {}
+for placed, sh in (("sharded", batch), ("plain", None)):
+    seen.clear()
+    out[placed] = {
+        "blocks": evaluate.eval_blocks(cfg, params, blocks, 4, batch_sharding=sh, progress=False),
+        "window": evaluate.eval_sliding_window(
+            cfg, params, ids, 64, 24, 4, batch_sharding=sh, progress=False
+        ),
+        "seen": list(seen),
+    }
+print(json.dumps(out))
+"""
+
+
+def test_eval_on_two_devices_splits_each_batch_and_matches_one(tmp_path):
+    """Batch-sharded eval (blocks and sliding window) really runs split over 2 devices."""
+    # A small vocabulary keeps the 4 compilations cheap; the check is about placement.
+    small = dict(n_layer=1, n_head=2, n_embd=32, n_positions=BLOCK, vocab_size=1000)
+    ids = np.random.default_rng(0).integers(0, 1000, 11 * BLOCK).astype(np.int32)
+    np.save(tmp_path / "ids.npy", ids)
+    proc = subprocess.run(
+        [sys.executable, "-c", _SHARDED_EVAL, json.dumps(small), str(tmp_path / "ids.npy")],
+        cwd=ROOT,
+        env={**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=2"},
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    out = json.loads(proc.stdout.splitlines()[-1])
+    # [devices holding the batch, batch rows, rows on the first device] per jitted call
+    sharded, plain = out["sharded"], out["plain"]
+    assert len(sharded["seen"]) > 3 and all(s == [2, 4, 2] for s in sharded["seen"])
+    assert all(s == [1, 4, 4] for s in plain["seen"])
+    for kind in ("blocks", "window"):
+        assert sharded[kind]["tokens"] == plain[kind]["tokens"] > 0
+        # One device vs two differ only in reduction order (~1e-6 relative).
+        np.testing.assert_allclose(sharded[kind]["loss"], plain[kind]["loss"], rtol=1e-5)
 
 
 def test_eval_blocks_rejects_bad_input(pair):
@@ -111,29 +145,6 @@ def test_eval_blocks_rejects_bad_input(pair):
 
 
 # ---------------------------------------------------------------------- sliding window
-
-
-def hf_reference_ppl(m, ids: np.ndarray, max_length: int, stride: int) -> tuple[float, int]:
-    """The loop of huggingface.co/docs/transformers/perplexity, verbatim in its logic."""
-    encodings = torch.as_tensor(ids, dtype=torch.long)[None]
-    seq_len = encodings.size(1)
-    nll_sum, n_tokens, prev_end_loc = 0.0, 0, 0
-    for begin_loc in range(0, seq_len, stride):
-        end_loc = min(begin_loc + max_length, seq_len)
-        trg_len = end_loc - prev_end_loc
-        input_ids = encodings[:, begin_loc:end_loc]
-        target_ids = input_ids.clone()
-        target_ids[:, :-trg_len] = -100
-        with torch.no_grad():
-            neg_log_likelihood = m(input_ids, labels=target_ids).loss
-        num_valid_tokens = (target_ids != -100).sum().item()
-        num_loss_tokens = num_valid_tokens - target_ids.size(0)
-        nll_sum += neg_log_likelihood * num_loss_tokens
-        n_tokens += num_loss_tokens
-        prev_end_loc = end_loc
-        if end_loc == seq_len:
-            break
-    return float(torch.exp(nll_sum / n_tokens)), n_tokens
 
 
 @pytest.mark.parametrize(
@@ -152,8 +163,8 @@ def test_sliding_window_matches_hf_reference(pair, n_tokens, max_length, stride)
     got = evaluate.eval_sliding_window(
         cfg, params, ids, max_length, stride, batch_size=4, progress=False
     )
-    ppl, n_counted = hf_reference_ppl(m, ids, max_length, stride)
-    np.testing.assert_allclose(got["perplexity"], ppl, rtol=1e-5)
+    loss, n_counted = torch_sliding_window(m, ids, max_length, stride)
+    np.testing.assert_allclose(got["perplexity"], math.exp(loss), rtol=1e-5)
     assert got["tokens"] == n_counted
 
 

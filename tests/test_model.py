@@ -80,14 +80,45 @@ def test_token_nll_matches_hand_computed_cross_entropy():
     np.testing.assert_allclose(nll, [[-np.log(p0[2]), -np.log(p1[1])]], rtol=1e-6)
 
 
+def bf16_logit_problems(logits: np.ndarray, ref: np.ndarray) -> list[str]:
+    """What is wrong with bf16-compute logits [B, T, V] against the fp32 ones ``ref``.
+
+    bf16 keeps 8 significant bits: one rounding moves a value by up to 2**-9 of itself.
+    This 2-layer model's correct bf16 forward lands within ~0.7 * 2**-8 * max|ref| of fp32
+    (measured 0.0027 with max|ref| 0.95); the bound 3 * 2**-8 * max|ref| (0.011) leaves 4x
+    for other XLA versions, and is ~13x tighter than the atol=0.1, rtol=0.05 it replaces
+    (which let through logits off by as much as their own spread, 0.15).
+    """
+    problems = []
+    err, bound = np.max(np.abs(logits - ref)), 3 * 2.0**-8 * np.max(np.abs(ref))
+    if not err < bound:
+        problems.append(f"max |bf16 - fp32| = {err:.4g} >= {bound:.4g}")
+    if not err > 1e-4:  # fp32 reduction-order noise is ~1e-7: this was not computed in bf16
+        problems.append(f"max |bf16 - fp32| = {err:.3g}: no bf16 rounding at all")
+    # Logits that passed through bf16 (a head without float32 accumulation, or a cast
+    # down and up) all lie on the bf16 grid; float32 accumulation almost never does.
+    on_grid = np.mean(logits == logits.astype(jnp.bfloat16).astype(np.float32))
+    if on_grid > 0.5:
+        problems.append(f"{on_grid:.0%} of the logits are bf16 values")
+    return problems
+
+
 def test_bf16_compute_keeps_fp32_params_and_logits(params):
     cfg = m.GPT2Config(**{**CFG.__dict__, "dtype": "bfloat16"})
     logits = m.GPT2(cfg).apply({"params": params}, _ids())
     assert logits.dtype == jnp.float32
-    ref = m.GPT2(CFG).apply({"params": params}, _ids())
-    np.testing.assert_allclose(logits, ref, atol=0.1, rtol=0.05)
+    ref = np.asarray(m.GPT2(CFG).apply({"params": params}, _ids()))
+    assert bf16_logit_problems(np.asarray(logits), ref) == []
     fresh = m.init_params(cfg, jax.random.PRNGKey(0))
     assert all(x.dtype == jnp.float32 for x in jax.tree.leaves(fresh))
+
+    # The check rejects the casts it is there for: the fp32 logits themselves (dtype
+    # ignored), and a tied head that multiplies and accumulates in bf16.
+    assert bf16_logit_problems(ref, ref) == ["max |bf16 - fp32| = 0: no bf16 rounding at all"]
+    hidden = m.GPT2(cfg).apply({"params": params}, _ids(), return_hidden=True)  # bf16
+    wte = params["wte"]["embedding"].astype(jnp.bfloat16)
+    bf16_head = np.asarray(jnp.einsum("btc,vc->btv", hidden, wte).astype(jnp.float32))
+    assert any("bf16 values" in p for p in bf16_logit_problems(bf16_head, ref))
 
 
 def test_sequence_longer_than_positions_is_an_error(params):

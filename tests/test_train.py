@@ -9,6 +9,7 @@ import time
 
 import jax
 import numpy as np
+import orbax.checkpoint as ocp
 import pytest
 
 from gpt2_jax import checkpoint as ckpt_lib
@@ -16,9 +17,11 @@ from gpt2_jax import config as config_lib
 from gpt2_jax import data as data_lib
 from gpt2_jax import train as train_lib
 
-from .conftest import ROOT, run_cli
+from .helpers import ROOT, run_cli
 
 TINY = str(ROOT / "configs" / "quickstart.py:tiny")
+# final_params restores a checkpoint as saved (no target shardings): Orbax says so each time.
+pytestmark = pytest.mark.filterwarnings("ignore:Sharding info not provided when restoring")
 
 
 def tiny_config(**overrides):
@@ -35,6 +38,11 @@ def train_losses(workdir):
 def final_params(workdir):
     ckpt = ckpt_lib.Checkpointer(workdir / "checkpoints", read_only=True)
     return ckpt.restore(None)["params"]
+
+
+def train_command(*overrides: str) -> list[str]:
+    """argv of `python -m gpt2_jax train` on the tiny config, for a process of its own."""
+    return [sys.executable, "-m", "gpt2_jax", "train", f"--config={TINY}", *overrides]
 
 
 def test_train_writes_workdir_and_learns(tmp_path):
@@ -96,6 +104,22 @@ def test_non_finite_loss_stops_the_run_without_checkpointing_it(tmp_path):
     assert ckpt_lib.Checkpointer(tmp_path / "checkpoints", read_only=True).latest_step() is None
 
 
+def saved_layouts(workdir) -> dict:
+    """{"params/h/attn/c_attn/kernel": (partition spec, shape, shape of one written shard)}
+    for every array of the latest checkpoint's state, as Orbax recorded it at save time."""
+    step = ckpt_lib.Checkpointer(workdir / "checkpoints", read_only=True).latest_step()
+    meta = ocp.PyTreeCheckpointer().metadata(workdir / "checkpoints" / str(step) / "state")
+    flat = jax.tree_util.tree_flatten_with_path(meta.item_metadata.tree)[0]
+    return {
+        "/".join(str(getattr(k, "key", k)) for k in path): (
+            tuple(leaf.sharding.partition_spec),
+            tuple(leaf.shape),
+            tuple(leaf.storage.write_shape),
+        )
+        for path, leaf in flat
+    }
+
+
 def test_two_devices_and_fsdp_match_one_device(tmp_path):
     args = ["train", f"--config={TINY}", "--config.model.dropout=0.1", "--config.train.steps=4"]
     one = run_cli([*args, f"--workdir={tmp_path}/one"], devices=1)
@@ -111,18 +135,27 @@ def test_two_devices_and_fsdp_match_one_device(tmp_path):
             [got[s] for s in sorted(ref)], [ref[s] for s in sorted(ref)], rtol=1e-5, err_msg=name
         )
 
+    # The layouts the runs really used: data parallel replicates every parameter and moment;
+    # FSDP splits each kernel and embedding (params and both Adam moments) in two along one
+    # axis, and never along the stacked layer axis of h/.
+    replicated = saved_layouts(tmp_path / "two")
+    assert all(spec == () or set(spec) == {None} for spec, _, _ in replicated.values())
+    split = saved_layouts(tmp_path / "fsdp")
+    matrices = [k for k in split if k.endswith(("kernel", "embedding"))]
+    assert len(matrices) == 3 * 6  # (wte, wpe, c_attn, attn.c_proj, c_fc, mlp.c_proj) x 3
+    for key in matrices:
+        spec, shape, written = split[key]
+        assert spec.count("fsdp") == 1, (key, spec)
+        axis = spec.index("fsdp")
+        assert written[axis] * 2 == shape[axis], (key, shape, written)
+        if "/h/" in f"/{key}":
+            assert axis != 0, key  # layer axis of the scanned stack
+    assert split["params/h/attn/c_attn/kernel"][0] == (None, None, "fsdp")  # [L, C, 3C]
+
 
 def test_sigterm_saves_then_the_same_command_resumes_exactly(tmp_path):
     steps = 60
-    args = [
-        sys.executable,
-        "-m",
-        "gpt2_jax",
-        "train",
-        f"--config={TINY}",
-        f"--config.train.steps={steps}",
-        "--config.train.checkpoint_every=0",
-    ]
+    args = train_command(f"--config.train.steps={steps}", "--config.train.checkpoint_every=0")
     work = tmp_path / "killed"
     proc = subprocess.Popen(
         [*args, f"--workdir={work}"],
@@ -160,19 +193,15 @@ def test_too_little_data_for_one_batch_is_a_clear_error_before_anything_is_writt
 
 
 def test_kill_9_mid_run_then_the_same_command_resumes(tmp_path):
-    """kill -9 (no handler runs) while checkpoints are being written every step."""
-    args = [
-        sys.executable,
-        "-m",
-        "gpt2_jax",
-        "train",
-        f"--config={TINY}",
-        "--config.train.steps=40",
-        "--config.train.checkpoint_every=1",
-        f"--workdir={tmp_path}",
-    ]
+    """kill -9 (no handler runs) while checkpoints are being written every step: the same
+    command resumes from the last complete one, trains the losses of an uninterrupted run,
+    and leaves no unfinished checkpoint directory behind."""
+    work = tmp_path / "killed"
+    args = train_command(
+        "--config.train.steps=40", "--config.train.checkpoint_every=1", f"--workdir={work}"
+    )
     proc = subprocess.Popen(args, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    ckpts = tmp_path / "checkpoints"
+    ckpts = work / "checkpoints"
     deadline = time.time() + 300
     while time.time() < deadline and len([p for p in ckpts.glob("*") if p.name.isdigit()]) < 3:
         time.sleep(0.05)
@@ -184,4 +213,93 @@ def test_kill_9_mid_run_then_the_same_command_resumes(tmp_path):
     resumed = subprocess.run(args, cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert f"resumed from {ckpts / str(saved)}" in resumed.stdout + resumed.stderr
-    assert sorted(train_losses(tmp_path)) == list(range(1, 41))
+    # Orbax writes each step into <step>.orbax-checkpoint-tmp-* and renames it when done.
+    assert not list(ckpts.glob("*.orbax-checkpoint-tmp*")), sorted(p.name for p in ckpts.iterdir())
+    lines = [json.loads(x) for x in (work / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in lines if r["split"] == "train"] == list(range(1, 41))
+
+    full = tmp_path / "full"
+    train_lib.train(tiny_config(**{"train.steps": 40, "train.checkpoint_every": 0}), full)
+    assert train_losses(work) == train_losses(full)  # bitwise: same device count
+    jax.tree.map(np.testing.assert_array_equal, final_params(work), final_params(full))
+
+
+# ---------------------------------------------------------------------- keep-N, eval splits
+
+
+@pytest.fixture(scope="module")
+def pruned_run(tmp_path_factory):
+    """6 tiny steps, a checkpoint every step of which 2 are kept, eval of two splits."""
+    workdir = tmp_path_factory.mktemp("pruned")
+    overrides = {
+        "train.checkpoint_every": 1,
+        "train.keep_checkpoints": 2,
+        "eval.splits": "validation,train",
+    }
+    with pytest.MonkeyPatch.context() as mp:  # conftest's autouse env is per test
+        mp.setenv("GPT2_JAX_CACHE", str(tmp_path_factory.getbasetemp() / "gpt2_jax_cache"))
+        mp.setenv("HF_DATASETS_OFFLINE", "1")
+        results = train_lib.train(tiny_config(**overrides), workdir)
+    return {"workdir": workdir, "overrides": overrides, "results": results}
+
+
+def test_keep_checkpoints_prunes_all_but_the_newest(pruned_run):
+    ckpts = pruned_run["workdir"] / "checkpoints"
+    assert ckpt_lib.Checkpointer(ckpts, read_only=True).all_steps() == [5, 6]
+    assert sorted(p.name for p in ckpts.iterdir()) == ["5", "6"]  # nothing else left over
+    assert sorted(train_losses(pruned_run["workdir"])) == [1, 2, 3, 4, 5, 6]
+
+
+def test_each_eval_split_is_scored_on_its_own_blocks(pruned_run):
+    """eval.splits=validation,train: one result per split, each the loss of that split's
+    first eval.max_batches * eval.batch_size blocks under the final params."""
+    from gpt2_jax import evaluate
+
+    workdir, results = pruned_run["workdir"], pruned_run["results"]
+    cfg = tiny_config(**pruned_run["overrides"])
+    assert list(results) == ["validation", "train"]
+    lines = [json.loads(x) for x in (workdir / "metrics.jsonl").read_text().splitlines()]
+    evals = [(r["step"], r["split"]) for r in lines if "perplexity" in r]
+    assert evals == [(6, "validation"), (6, "train")]
+    blocks = data_lib.load_splits(cfg.data, ("train", "validation"))
+    n = cfg.eval.max_batches * cfg.eval.batch_size
+    model_cfg = config_lib.model_config(cfg)
+    for split in ("validation", "train"):
+        want = evaluate.eval_blocks(
+            model_cfg, final_params(workdir), blocks[split][np.arange(n)], cfg.eval.batch_size
+        )
+        assert results[split]["tokens"] == want["tokens"] == n * (cfg.data.block_size - 1)
+        np.testing.assert_allclose(results[split]["loss"], want["loss"], rtol=1e-5)
+    assert abs(results["train"]["loss"] - results["validation"]["loss"]) > 1e-3
+
+
+def test_eval_command_prints_one_line_per_split_in_the_order_asked(pruned_run):
+    results = pruned_run["results"]
+    proc = run_cli(
+        ["eval", f"--workdir={pruned_run['workdir']}", "--config.eval.splits=train,validation"]
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    got = [json.loads(x) for x in proc.stdout.strip().splitlines()[-2:]]
+    assert [r["split"] for r in got] == ["train", "validation"]
+    for r in got:
+        assert r["tokens"] == results[r["split"]]["tokens"]
+        np.testing.assert_allclose(r["loss"], results[r["split"]]["loss"], rtol=1e-6)
+
+
+def test_a_checkpoint_of_another_shape_is_refused_and_left_intact(pruned_run):
+    """Restoring n_embd=32 arrays into an n_embd=64 model raises, naming the checkpoint;
+    nothing in it changes."""
+    from jax.sharding import NamedSharding, PartitionSpec
+
+    from gpt2_jax import model as model_lib
+
+    ckpts = pruned_run["workdir"] / "checkpoints"
+    before = {p: p.read_bytes() for p in sorted(ckpts.rglob("*")) if p.is_file()}
+    other = config_lib.model_config(tiny_config(**{"model.n_embd": 64}))
+    abstract = jax.eval_shape(lambda rng: model_lib.init_params(other, rng), jax.random.PRNGKey(0))
+    replicated = NamedSharding(jax.sharding.Mesh(jax.devices(), ("d",)), PartitionSpec())
+    target = ckpt_lib.abstract_like(abstract, jax.tree.map(lambda _: replicated, abstract))
+    with pytest.raises(ckpt_lib.CheckpointError, match=str(ckpts / "6")):
+        ckpt_lib.Checkpointer(ckpts, read_only=True).restore(None, {"params": target}, partial=True)
+    after = {p: p.read_bytes() for p in sorted(ckpts.rglob("*")) if p.is_file()}
+    assert after == before

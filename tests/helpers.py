@@ -1,0 +1,152 @@
+"""Helpers every test file shares: data paths, references (PyTorch, run_clm), the CLI runner.
+
+torch and transformers are imported inside the functions that need them, so that test files
+which never touch PyTorch do not pay for importing it.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import subprocess
+import sys
+from itertools import chain
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+TEST_DATA = ROOT / "tests" / "data"
+# 345 lines of wikitext-2's test split, shipped with the tests (see tests/data/README.md).
+WIKI_HEAD = TEST_DATA / "wiki.test.head.raw"
+
+
+# ---------------------------------------------------------------------- data
+
+
+def shared_data() -> Path:
+    """The developers' shared corpora (``../shared/data``, or ``$GPT2_JAX_SHARED_DATA``).
+
+    Only `slow` tests may read it: a user's clone has no ``shared/``.
+    """
+    return Path(os.environ.get("GPT2_JAX_SHARED_DATA", ROOT.parent / "shared" / "data"))
+
+
+def require_shared_file(relative: str) -> Path:
+    """A file of the shared corpora; FAILS (never skips) when it is missing.
+
+    A slow test asked for by name (``make test-all``) that cannot read its corpus has checked
+    nothing, so it must not come out green or as an easily overlooked skip.
+    """
+    path = shared_data() / relative
+    if not path.is_file():
+        pytest.fail(
+            f"{path} not found: this slow test needs the shared corpora; set "
+            "GPT2_JAX_SHARED_DATA to their directory, or run `make test` (not slow) instead",
+            pytrace=False,
+        )
+    return path
+
+
+def wiki_lines() -> list[str]:
+    """The shipped wikitext slice as lines, line ends kept (as datasets' text builder reads)."""
+    return WIKI_HEAD.read_text(encoding="utf-8").splitlines(keepends=True)
+
+
+@functools.cache
+def _wiki_tokens() -> np.ndarray:
+    from gpt2_jax import tokenizer
+
+    ids = tokenizer.get_tokenizer().encode_ordinary(WIKI_HEAD.read_text(encoding="utf-8"))
+    return np.asarray(ids, np.int32)
+
+
+def wiki_ids(n_tokens: int) -> np.ndarray:
+    """The first ``n_tokens`` GPT-2 ids of the shipped wikitext slice, int32 [n_tokens]."""
+    ids = _wiki_tokens()
+    assert len(ids) >= n_tokens, f"{WIKI_HEAD} holds {len(ids)} tokens, {n_tokens} asked for"
+    return ids[:n_tokens].copy()  # callers may write into it
+
+
+def group_texts(examples: dict[str, list[list[int]]], block_size: int) -> dict:
+    """run_clm.py's ``group_texts`` (transformers examples), verbatim in its logic.
+
+    Concatenates one batch of rows per column, drops the remainder, and cuts blocks of
+    ``block_size``; run_clm maps it over batches of 1000 rows, so each batch drops its own.
+    """
+    concatenated = {k: list(chain(*examples[k])) for k in examples.keys()}
+    total_length = len(concatenated[list(examples.keys())[0]])
+    total_length = (total_length // block_size) * block_size
+    return {
+        k: [t[i : i + block_size] for i in range(0, total_length, block_size)]
+        for k, t in concatenated.items()
+    }
+
+
+# ---------------------------------------------------------------------- PyTorch references
+
+
+def random_hf_model(seed: int = 0, **config):
+    """A transformers GPT2LMHeadModel (eval mode) whose every parameter is random.
+
+    Biases and LayerNorms too (default init leaves them 0 / 1, which hides mapping bugs);
+    ``config`` are GPT2Config fields (n_layer, n_embd, ...).
+    """
+    import torch
+    import transformers
+
+    torch.manual_seed(seed)
+    m = transformers.GPT2LMHeadModel(transformers.GPT2Config(**config)).eval()
+    with torch.no_grad():
+        for name, p in m.named_parameters():  # wte and lm_head are one (tied) parameter
+            is_ln_scale = name.endswith(("ln_1.weight", "ln_2.weight", "ln_f.weight"))
+            p.copy_(1.0 + 0.2 * torch.randn_like(p) if is_ln_scale else 0.1 * torch.randn_like(p))
+    return m
+
+
+def torch_sliding_window(m, ids: np.ndarray, max_length: int, stride: int) -> tuple[float, int]:
+    """The loop of huggingface.co/docs/transformers/perplexity, verbatim in its logic.
+
+    ids: [seq_len] token ids. Returns (mean NLL per scored prediction, number scored);
+    perplexity is exp of the first.
+    """
+    import torch
+
+    encodings = torch.as_tensor(ids, dtype=torch.long)[None]
+    seq_len = encodings.size(1)
+    nll_sum, n_tokens, prev_end_loc = 0.0, 0, 0
+    for begin_loc in range(0, seq_len, stride):
+        end_loc = min(begin_loc + max_length, seq_len)
+        trg_len = end_loc - prev_end_loc
+        input_ids = encodings[:, begin_loc:end_loc]
+        target_ids = input_ids.clone()
+        target_ids[:, :-trg_len] = -100
+        with torch.no_grad():
+            neg_log_likelihood = m(input_ids, labels=target_ids).loss
+        # Hugging Face shifts labels inside the model: each row loses one prediction.
+        num_loss_tokens = int((target_ids != -100).sum()) - target_ids.size(0)
+        nll_sum += float(neg_log_likelihood) * num_loss_tokens
+        n_tokens += num_loss_tokens
+        prev_end_loc = end_loc
+        if end_loc == seq_len:
+            break
+    return nll_sum / n_tokens, n_tokens
+
+
+# ---------------------------------------------------------------------- the command line
+
+
+def run_cli(args, devices: int = 1, timeout: int = 600, env_extra=None, cwd=ROOT):
+    """Runs ``python -m gpt2_jax ARGS`` in a fresh process (device count set before jax)."""
+    env = dict(os.environ)
+    env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices}"
+    env.update(env_extra or {})
+    return subprocess.run(
+        [sys.executable, "-m", "gpt2_jax", *args],
+        cwd=cwd,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
