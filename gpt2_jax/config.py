@@ -58,6 +58,7 @@ def base_config() -> ml_collections.ConfigDict:
     t.checkpoint_every = 0  # steps between checkpoints (0: only at the end and on SIGTERM)
     t.keep_checkpoints = 3  # newest checkpoints kept
     t.progress = True  # tqdm progress bar on stderr
+    t.preflight = True  # refuse a run whose compiled step cannot fit in memory (preflight.py)
 
     c.optim = o = ml_collections.ConfigDict()
     o.learning_rate = 6e-4  # peak learning rate

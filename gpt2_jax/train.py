@@ -26,7 +26,7 @@ from gpt2_jax import checkpoint as ckpt_lib
 from gpt2_jax import config as config_lib
 from gpt2_jax import data as data_lib
 from gpt2_jax import model as model_lib
-from gpt2_jax import optim, sharding
+from gpt2_jax import optim, preflight, sharding
 
 State = dict[str, Any]  # {"step": int32[], "params": ..., "opt_state": ..., "rng": uint32[2]}
 
@@ -330,11 +330,20 @@ def train(cfg: ml_collections.ConfigDict, workdir: str | Path) -> dict:
 
         _, hf_params = hf.load_pretrained(hf_dir, **config_lib.runtime_fields(cfg))
 
+    # ---- memory preflight: compile the step, refuse a run that cannot fit (nothing written
+    # yet); the loop reuses this executable. With many processes it is also a barrier.
+    total_steps = cfg.train.steps or cfg.train.epochs * loader.steps_per_epoch
+    compiled_step = preflight.compile_train_step(cfg, model_cfg, total_steps)
+
     with contextlib.ExitStack() as stack:
-        return _run(cfg, workdir, model_cfg, splits, train_blocks, loader, hf_params, stack)
+        return _run(
+            cfg, workdir, model_cfg, splits, train_blocks, loader, hf_params, stack, compiled_step
+        )
 
 
-def _run(cfg, workdir: Path, model_cfg, splits, train_blocks, loader, hf_params, stack) -> dict:
+def _run(
+    cfg, workdir: Path, model_cfg, splits, train_blocks, loader, hf_params, stack, step_fn=None
+) -> dict:
     """The training proper; everything opened is closed by ``stack`` (errors included)."""
     # ---- workdir
     workdir.mkdir(parents=True, exist_ok=True)
@@ -360,7 +369,7 @@ def _run(cfg, workdir: Path, model_cfg, splits, train_blocks, loader, hf_params,
 
     accum = cfg.optim.accumulation_steps
     batch_sh = sharding.batch_sharding(mesh, leading=1)
-    step_fn = jax.jit(
+    step_fn = step_fn or jax.jit(  # the preflight's compiled step, when given
         functools.partial(train_step, model_cfg=model_cfg, tx=tx),
         in_shardings=(state_sh, batch_sh),
         out_shardings=(state_sh, None),
