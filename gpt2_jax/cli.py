@@ -142,6 +142,7 @@ def cmd_eval(args, overrides) -> int:
     from gpt2_jax import train as train_lib
 
     cfg = _load_config(args, overrides)
+    sharding.maybe_initialize_distributed(cfg.distributed)  # flags, or a detected cluster
     model_cfg, params = _model_and_params(cfg, args.workdir)
     config_lib.set_model_shape(cfg, model_cfg)
     config_lib.validate(cfg, jax.device_count())
