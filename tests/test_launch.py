@@ -1,0 +1,151 @@
+"""gpt2-jax launch: flag parsing, per-process argv/env, and a process killed mid-run."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from gpt2_jax import launch
+
+from .conftest import ROOT, run_cli
+
+TINY = str(ROOT / "configs" / "quickstart.py:tiny")
+
+
+# ------------------------------------------------------------------ pure helpers
+
+
+def test_parse_args_splits_launcher_flags_from_the_command():
+    args, command = launch.parse_args(
+        ["--processes=3", "--devices_per_process=2", "--", "train", "--workdir", "w"]
+    )
+    assert (args.processes, args.devices_per_process, args.port) == (3, 2, 0)
+    assert command == ["train", "--workdir", "w"]
+    assert launch.workdir_of(command) == "w"
+    assert launch.workdir_of(["eval", "--workdir=/a/b"]) == "/a/b"
+    assert launch.workdir_of(["eval", "--config=x.py"]) is None
+
+
+@pytest.mark.parametrize(
+    "argv, needle",
+    [
+        (["--processes=2", "train"], "'--'"),
+        (["--processes=0", "--", "train"], "--processes=0"),
+        (["--devices_per_process=0", "--", "train"], "--devices_per_process=0"),
+        (["--processes=2", "--", "generate"], "train or eval"),
+        (["--", "train", "--config.distributed.process_id=1"], "--config.distributed"),
+        (["--bogus=1", "--", "train"], "--bogus"),
+        (["--processes=two", "--", "train"], "two"),
+    ],
+)
+def test_bad_launch_flags_are_one_line_exit_2(argv, needle, tmp_path):
+    r = run_cli(["launch", *argv])
+    assert r.returncode == 2, r.stderr
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("gpt2-jax launch: error:"), r.stderr
+    assert needle in lines[0]
+
+
+def test_process_argv_and_env():
+    argv = launch.process_argv(["eval", "--workdir=w"], 1, 4, 1234)
+    assert argv[1:4] == ["-m", "gpt2_jax", "eval"]
+    assert "--config.distributed.coordinator_address=127.0.0.1:1234" in argv
+    assert "--config.distributed.num_processes=4" in argv
+    assert "--config.distributed.process_id=1" in argv
+    assert "--config.distributed.cpu_collectives=gloo" in argv
+    env = launch.process_env(
+        {"XLA_FLAGS": "--xla_force_host_platform_device_count=8 --xla_foo=1", "A": "b"}, 2
+    )
+    assert env["XLA_FLAGS"].split() == ["--xla_foo=1", "--xla_force_host_platform_device_count=2"]
+    assert env["A"] == "b"
+    assert launch.exit_code(-9) == 137 and launch.exit_code(3) == 3
+
+
+# ------------------------------------------------------------------ a killed process
+
+
+def _pids_with(marker: str) -> list[int]:
+    """Live processes whose command line mentions ``marker`` (the test's own workdir)."""
+    pids = []
+    for d in Path("/proc").iterdir():
+        if not d.name.isdigit():
+            continue
+        try:
+            cmdline = (d / "cmdline").read_bytes().replace(b"\0", b" ").decode()
+            state = (d / "stat").read_text().rsplit(")", 1)[1].split()[0]
+        except (OSError, IndexError):
+            continue
+        if marker in cmdline and state != "Z":
+            pids.append(int(d.name))
+    return pids
+
+
+def _train_steps(workdir: Path) -> list[int]:
+    path = workdir / "metrics.jsonl"
+    if not path.exists():
+        return []
+    rows = [json.loads(x) for x in path.read_text().splitlines() if x.strip()]
+    return [r["step"] for r in rows if r["split"] == "train"]
+
+
+def _checkpoints(workdir: Path) -> list[int]:
+    d = workdir / "checkpoints"
+    return sorted(int(p.name) for p in d.iterdir() if p.name.isdigit()) if d.is_dir() else []
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="/proc and PDEATHSIG")
+def test_sigkill_of_one_process_stops_all_and_the_same_command_resumes(tmp_path):
+    workdir = tmp_path / "run"
+    cmd = [
+        sys.executable,
+        "-m",
+        "gpt2_jax",
+        "launch",
+        "--processes=2",
+        "--devices_per_process=1",
+        "--",
+        "train",
+        f"--config={TINY}",
+        f"--workdir={workdir}",
+        "--config.train.steps=40",
+        "--config.train.checkpoint_every=5",
+        "--config.train.log_every=5",
+    ]
+    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+    proc = subprocess.Popen(
+        cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
+    try:
+        deadline = time.monotonic() + 300
+        while not _checkpoints(workdir) and time.monotonic() < deadline:
+            assert proc.poll() is None, proc.communicate()[1][-3000:]
+            time.sleep(0.5)
+        assert _checkpoints(workdir), "no checkpoint within 300 s"
+        victim = [
+            p for p in _pids_with(str(workdir)) if p != proc.pid and "process_id=1" in
+            (Path(f"/proc/{p}/cmdline").read_bytes().replace(b"\0", b" ").decode())
+        ]
+        assert len(victim) == 1
+        killed_at = time.monotonic()
+        os.kill(victim[0], signal.SIGKILL)
+        _out, err = proc.communicate(timeout=60)
+        assert time.monotonic() - killed_at < 60
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode != 0
+    assert "exited with code" in err, err[-3000:]
+    assert _pids_with(str(workdir)) == []  # no orphan left behind
+    saved = _checkpoints(workdir)
+    assert saved and max(saved) < 40
+
+    again = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert f"resumed from {workdir / 'checkpoints' / str(max(saved))}" in again.stdout
+    assert _train_steps(workdir) == list(range(5, 41, 5))
+    assert (workdir / "logs" / "process_1.log").stat().st_size > 0
