@@ -228,9 +228,7 @@ class Launcher:
             f.close()
 
     def run(self) -> int:
-        previous = {
-            s: signal.signal(s, self._forward) for s in (signal.SIGTERM, signal.SIGINT)
-        }
+        previous = {s: signal.signal(s, self._forward) for s in (signal.SIGTERM, signal.SIGINT)}
         try:
             self.start()
             return self.wait()
@@ -249,9 +247,7 @@ def main(argv: list[str]) -> int:
     if not log_dir:
         workdir = workdir_of(command)
         log_dir = (
-            str(Path(workdir) / "logs")
-            if workdir
-            else tempfile.mkdtemp(prefix="gpt2_jax_launch_")
+            str(Path(workdir) / "logs") if workdir else tempfile.mkdtemp(prefix="gpt2_jax_launch_")
         )
     launcher = Launcher(command, args.processes, args.devices_per_process, args.port, log_dir)
     print(

@@ -127,8 +127,11 @@ def test_sigkill_of_one_process_stops_all_and_the_same_command_resumes(tmp_path)
             time.sleep(0.5)
         assert _checkpoints(workdir), "no checkpoint within 300 s"
         victim = [
-            p for p in _pids_with(str(workdir)) if p != proc.pid and "process_id=1" in
-            (Path(f"/proc/{p}/cmdline").read_bytes().replace(b"\0", b" ").decode())
+            p
+            for p in _pids_with(str(workdir))
+            if p != proc.pid
+            and "process_id=1"
+            in (Path(f"/proc/{p}/cmdline").read_bytes().replace(b"\0", b" ").decode())
         ]
         assert len(victim) == 1
         killed_at = time.monotonic()
