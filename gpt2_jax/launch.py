@@ -120,15 +120,27 @@ def exit_code(returncode: int) -> int:
 # ------------------------------------------------------------------ processes
 
 
-def _die_with_parent() -> None:  # pragma: no cover - runs in the child before exec
-    """Linux: the child gets SIGKILL when the launcher dies, even by SIGKILL (no orphans)."""
+def _libc():
+    """libc loaded in the parent: the forked child must not import or dlopen anything."""
     try:
         import ctypes
 
-        libc = ctypes.CDLL("libc.so.6", use_errno=True)
-        libc.prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+        return ctypes.CDLL("libc.so.6", use_errno=True)
     except OSError:
-        pass
+        return None
+
+
+def _die_with_parent_fn():
+    """A preexec_fn: on Linux the child gets SIGKILL when the launcher dies, even by SIGKILL
+    (no orphans). None where prctl is unavailable."""
+    libc = _libc() if sys.platform.startswith("linux") else None
+    if libc is None:
+        return None
+
+    def preexec() -> None:  # pragma: no cover - runs in the child before exec
+        libc.prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+
+    return preexec
 
 
 def _tee(src, sinks: list, lock: threading.Lock) -> None:
@@ -161,6 +173,7 @@ class Launcher:
         self.log_dir.mkdir(parents=True, exist_ok=True)
         env = process_env(dict(os.environ), self.devices)
         lock = threading.Lock()
+        preexec = _die_with_parent_fn()
         for i in range(self.n):
             log = open(self.log_dir / f"process_{i}.log", "ab")  # closed in close()
             self._files.append(log)
@@ -172,7 +185,7 @@ class Launcher:
                 stdout=pipe,
                 stderr=pipe,
                 start_new_session=True,  # own process group: stopped as a whole
-                preexec_fn=_die_with_parent if sys.platform.startswith("linux") else None,
+                preexec_fn=preexec,
             )
             self.procs.append(proc)
             if i == 0:  # stdout stays stdout and stderr stays stderr on the terminal
