@@ -49,7 +49,7 @@ class MemoryEstimate:
 
 
 def _gib(n: int) -> str:
-    return f"{n / GiB:.2f} GiB"
+    return f"{n / GiB:.2f} GiB" if n >= GiB // 10 else f"{n / 1024**2:.1f} MiB"
 
 
 # ------------------------------------------------------------------ pure pieces
