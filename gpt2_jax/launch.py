@@ -28,6 +28,8 @@ from pathlib import Path
 
 GRACE_SECONDS = 10.0  # after a failure: SIGTERM, then SIGKILL the survivors after this
 POLL_SECONDS = 0.2
+PREEMPTED = 143  # train's exit code after saving on SIGTERM
+PREEMPT_GRACE_SECONDS = 300.0  # for the others to reach the same step and save
 
 
 class LaunchError(ValueError):
@@ -216,10 +218,18 @@ class Launcher:
             p.wait()
 
     def wait(self) -> int:
-        """Waits for all; on the first failure stops the rest. Returns the exit code."""
+        """Waits for all; on the first failure stops the rest. Returns the exit code.
+
+        Exit 143 is a process that saved on SIGTERM (a preemption): the others reach the
+        same step and save too, so they get PREEMPT_GRACE_SECONDS before being stopped.
+        """
+        preempt_deadline = None
         while True:
             codes = [p.poll() for p in self.procs]
-            failed = [c for c in codes if c not in (None, 0)]
+            if preempt_deadline is None and PREEMPTED in codes:
+                preempt_deadline = time.monotonic() + PREEMPT_GRACE_SECONDS
+            in_grace = preempt_deadline is not None and time.monotonic() < preempt_deadline
+            failed = [c for c in codes if c not in (None, 0) and not (c == PREEMPTED and in_grace)]
             if failed and not self._stop_requested:
                 failed_id = codes.index(failed[0])
                 print(

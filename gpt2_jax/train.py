@@ -200,6 +200,11 @@ class _Sigterm:
         self._previous = None
 
     def __enter__(self):
+        if jax.process_count() > 1:
+            # jax.distributed's preemption notifier owns SIGTERM there and agrees on one step
+            # for every process (_preempted); a Python handler would replace it, and a SIGTERM
+            # seen by one process only would make it save alone and hang the others.
+            return self
         try:
             self._previous = signal.signal(signal.SIGTERM, self._handle)
         except ValueError:  # not the main thread (e.g. some test runners)

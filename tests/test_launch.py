@@ -98,8 +98,19 @@ def _checkpoints(workdir: Path) -> list[int]:
     return sorted(int(p.name) for p in d.iterdir() if p.name.isdigit()) if d.is_dir() else []
 
 
+def _wait_for_checkpoint_after(proc, workdir: Path, step: int, timeout: float = 300) -> None:
+    deadline = time.monotonic() + timeout
+    while not [s for s in _checkpoints(workdir) if s > step]:
+        assert proc.poll() is None, proc.communicate()[1][-3000:]
+        assert time.monotonic() < deadline, f"no checkpoint after step {step} in {timeout} s"
+        time.sleep(0.3)
+
+
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="/proc and PDEATHSIG")
-def test_sigkill_of_one_process_stops_all_and_the_same_command_resumes(tmp_path):
+def test_sigterm_saves_sigkill_stops_all_and_the_same_command_resumes(tmp_path):
+    """SIGTERM to the launcher: every process saves the same step, exit 143. SIGKILL of one
+    process: the launcher stops the other and exits non-zero within 60 s, nothing is left
+    running. Each time the same command resumes, and the run ends complete."""
     workdir = tmp_path / "run"
     cmd = [
         sys.executable,
@@ -112,43 +123,59 @@ def test_sigkill_of_one_process_stops_all_and_the_same_command_resumes(tmp_path)
         "train",
         f"--config={TINY}",
         f"--workdir={workdir}",
-        "--config.train.steps=40",
+        "--config.train.steps=60",
         "--config.train.checkpoint_every=5",
         "--config.train.log_every=5",
     ]
     env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
-    proc = subprocess.Popen(
-        cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
-    )
+
+    def start():
+        return subprocess.Popen(
+            cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+        )
+
+    # ---- SIGTERM to the launcher: forwarded, every process saves one agreed step
+    proc = start()
     try:
-        deadline = time.monotonic() + 300
-        while not _checkpoints(workdir) and time.monotonic() < deadline:
-            assert proc.poll() is None, proc.communicate()[1][-3000:]
-            time.sleep(0.5)
-        assert _checkpoints(workdir), "no checkpoint within 300 s"
+        _wait_for_checkpoint_after(proc, workdir, 0)
+        proc.send_signal(signal.SIGTERM)
+        out, err = proc.communicate(timeout=300)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 143, err[-3000:]
+    saved = max(_checkpoints(workdir))
+    assert f"SIGTERM: saved step {saved} " in out, out[-3000:]
+    assert _pids_with(str(workdir)) == []
+
+    # ---- the same command resumes; SIGKILL one process after its next checkpoint
+    proc = start()
+    try:
+        _wait_for_checkpoint_after(proc, workdir, saved)
         victim = [
             p
             for p in _pids_with(str(workdir))
             if p != proc.pid
-            and "process_id=1"
-            in (Path(f"/proc/{p}/cmdline").read_bytes().replace(b"\0", b" ").decode())
+            and "process_id=1" in Path(f"/proc/{p}/cmdline").read_bytes().decode(errors="replace")
         ]
         assert len(victim) == 1
         killed_at = time.monotonic()
         os.kill(victim[0], signal.SIGKILL)
-        _out, err = proc.communicate(timeout=60)
+        out, err = proc.communicate(timeout=60)
         assert time.monotonic() - killed_at < 60
     finally:
         if proc.poll() is None:
             proc.kill()
+    assert f"resumed from {workdir / 'checkpoints' / str(saved)}" in out
     assert proc.returncode != 0
     assert "exited with code" in err, err[-3000:]
     assert _pids_with(str(workdir)) == []  # no orphan left behind
-    saved = _checkpoints(workdir)
-    assert saved and max(saved) < 40
+    last = max(_checkpoints(workdir))
+    assert saved < last < 60
 
+    # ---- and once more: it resumes from the last checkpoint and finishes
     again = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert again.returncode == 0, again.stderr[-3000:]
-    assert f"resumed from {workdir / 'checkpoints' / str(max(saved))}" in again.stdout
-    assert _train_steps(workdir) == list(range(5, 41, 5))
+    assert f"resumed from {workdir / 'checkpoints' / str(last)}" in again.stdout
+    assert _train_steps(workdir) == list(range(5, 61, 5))
     assert (workdir / "logs" / "process_1.log").stat().st_size > 0
