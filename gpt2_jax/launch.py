@@ -155,6 +155,19 @@ def _tee(src, sinks: list, lock: threading.Lock) -> None:
     src.close()
 
 
+class _TextSink:
+    """A bytes sink over a text stream without ``.buffer`` (e.g. a captured sys.stdout)."""
+
+    def __init__(self, stream):
+        self.stream = stream
+
+    def write(self, data: bytes) -> None:
+        self.stream.write(data.decode(errors="replace"))
+
+    def flush(self) -> None:
+        self.stream.flush()
+
+
 def _signal_group(proc: subprocess.Popen, sig: int) -> None:
     with contextlib.suppress(ProcessLookupError, PermissionError):
         os.killpg(proc.pid, sig)  # start_new_session: pid == its process group id
@@ -192,9 +205,8 @@ class Launcher:
             self.procs.append(proc)
             if i == 0:  # stdout stays stdout and stderr stays stderr on the terminal
                 for src, term in ((proc.stdout, sys.stdout), (proc.stderr, sys.stderr)):
-                    t = threading.Thread(
-                        target=_tee, args=(src, [log, term.buffer], lock), daemon=True
-                    )
+                    sinks = [log, getattr(term, "buffer", None) or _TextSink(term)]
+                    t = threading.Thread(target=_tee, args=(src, sinks, lock), daemon=True)
                     t.start()
                     self._threads.append(t)
 

@@ -16,7 +16,9 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
+import socket
 import sys
+import zlib
 
 import jax
 import numpy as np
@@ -109,7 +111,7 @@ def device_budget(device, local_devices: int) -> tuple[int | None, str]:
             avail = None
         if avail is not None:
             share = avail // max(local_devices, 1)
-            return share, f"MemAvailable {_gib(avail)} / {local_devices} local CPU devices"
+            return share, f"MemAvailable {_gib(avail)} / {local_devices} CPU devices on this host"
     return None, "unknown"
 
 
@@ -135,6 +137,16 @@ def check(est: MemoryEstimate, budget: int | None, source: str, cfg) -> None:
         f"memory preflight: {est.describe()} exceeds the {_gib(budget)} available "
         f"({source}). Try {advice(cfg)}; or skip this check with --config.train.preflight=False"
     )
+
+
+def _processes_on_this_host() -> int:
+    """How many of the run's processes share this host (collective: every process calls it)."""
+    if jax.process_count() == 1:
+        return 1
+    from jax.experimental import multihost_utils
+
+    mine = np.int32(zlib.crc32(socket.gethostname().encode()) & 0x7FFFFFFF)
+    return int(np.sum(multihost_utils.process_allgather(mine) == mine))
 
 
 # ------------------------------------------------------------------ the train step
@@ -175,7 +187,12 @@ def compile_train_step(cfg, model_cfg, total_steps: int):
     analysis = compiled.memory_analysis() if cfg.train.preflight else None
     if analysis is not None:  # None: skipped, or a backend without the analysis
         est = estimate(analysis, abstract_state, abstract_batch)
-        budget, source = device_budget(jax.local_devices()[0], jax.local_device_count())
+        device = jax.local_devices()[0]
+        # CPU devices of every process on this host share its RAM (e.g. under launch).
+        sharing = jax.local_device_count() * (
+            _processes_on_this_host() if device.platform == "cpu" else 1
+        )
+        budget, source = device_budget(device, sharing)
     fits = est is None or budget is None or est.peak <= budget
     if jax.process_count() > 1:
         from jax.experimental import multihost_utils

@@ -68,7 +68,7 @@ def test_budget_is_the_accelerators_limit_or_a_share_of_available_ram():
     one, _ = preflight.device_budget(cpu, 1)
     four, source = preflight.device_budget(cpu, 4)
     assert one > 0 and abs(four - one // 4) < one // 8  # MemAvailable moves a little
-    assert "MemAvailable" in source and "4 local CPU devices" in source
+    assert "MemAvailable" in source and "4 CPU devices on this host" in source
     odd = types.SimpleNamespace(platform="metal", memory_stats=lambda: None)
     assert preflight.device_budget(odd, 1) == (None, "unknown")
 
