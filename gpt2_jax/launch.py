@@ -46,14 +46,19 @@ class _Parser(argparse.ArgumentParser):
 
 def parse_args(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
     """``[--processes=N --devices_per_process=M --port=P] -- CMD ...`` -> (flags, CMD argv)."""
-    if "--" not in argv:
-        raise LaunchError("give the command after '--', e.g. launch --processes=2 -- train ...")
-    cut = argv.index("--")
-    p = _Parser(prog="gpt2-jax launch", description=__doc__)
+    p = _Parser(
+        prog="gpt2-jax launch",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     p.add_argument("--processes", type=int, default=2, help="local processes to start")
     p.add_argument("--devices_per_process", type=int, default=1, help="CPU devices each")
     p.add_argument("--port", type=int, default=0, help="coordinator port (0: a free one)")
     p.add_argument("--log_dir", default="", help="default: WORKDIR/logs")
+    if "--" not in argv:
+        p.parse_known_args(argv)  # --help prints and exits; a bad value is reported first
+        raise LaunchError("give the command after '--', e.g. launch --processes=2 -- train ...")
+    cut = argv.index("--")
     args = p.parse_args(argv[:cut])
     command = argv[cut + 1 :]
     if args.processes < 1:
