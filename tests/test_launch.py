@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from gpt2_jax import launch
+from gpt2_jax import cli, launch
 
 from .conftest import ROOT, run_cli
 
@@ -43,12 +43,17 @@ def test_parse_args_splits_launcher_flags_from_the_command():
         (["--processes=two", "--", "train"], "two"),
     ],
 )
-def test_bad_launch_flags_are_one_line_exit_2(argv, needle, tmp_path):
-    r = run_cli(["launch", *argv])
-    assert r.returncode == 2, r.stderr
-    lines = r.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("gpt2-jax launch: error:"), r.stderr
+def test_bad_launch_flags_are_one_line_exit_2(argv, needle, capsys):
+    assert cli.main(["launch", *argv]) == 2
+    err = capsys.readouterr().err
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("gpt2-jax launch: error:"), err
     assert needle in lines[0]
+
+
+def test_launch_is_a_command_of_the_cli():
+    r = run_cli(["launch", "--processes=0", "--", "train"])
+    assert r.returncode == 2 and "gpt2-jax launch: error: --processes=0" in r.stderr
 
 
 def test_process_argv_and_env():
