@@ -5,6 +5,7 @@ gpt2-jax eval     --workdir=DIR [--config.KEY=VALUE ...]
 gpt2-jax eval     --config=configs/NAME.py --config.init_from=hf:PATH_OR_HUB_ID
 gpt2-jax generate --workdir=DIR | --init_from=hf:PATH_OR_HUB_ID --prompt=TEXT [...]
 gpt2-jax export   --workdir=DIR --out=HF_DIR
+gpt2-jax launch   --processes=N --devices_per_process=M [--port=P] -- train|eval ...
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ import json
 import sys
 from pathlib import Path
 
-COMMANDS = ("train", "eval", "generate", "export")
+COMMANDS = ("train", "eval", "generate", "export", "launch")
 
 
 class UsageError(ValueError):
@@ -117,6 +118,7 @@ def cmd_eval(args, overrides) -> int:
     from gpt2_jax import evaluate, sharding
 
     cfg = _load_config(args, overrides)
+    sharding.maybe_initialize_distributed(cfg.distributed)  # flags, or a detected cluster
     model_cfg, params = _model_and_params(cfg, args)
     config_lib.validate(cfg, jax.device_count())
     splits = data_lib.load_splits(cfg.data, tuple(cfg.eval.splits))
@@ -197,6 +199,16 @@ def cmd_export(args, overrides) -> int:
     return 0
 
 
+def cmd_launch(argv: list[str]) -> int:
+    """N local processes of the gpt2-jax command after ``--`` (see gpt2_jax/launch.py)."""
+    from gpt2_jax import launch
+
+    try:
+        return launch.main(argv)
+    except launch.LaunchError as e:
+        raise UsageError(str(e)) from None
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv and argv[0] in ("-h", "--help", "help"):
@@ -212,6 +224,8 @@ def main(argv: list[str] | None = None) -> int:
     from gpt2_jax import config as config_lib
 
     try:
+        if command == "launch":  # what follows '--' is a whole command line of its own
+            return cmd_launch(rest)
         rest, overrides = config_lib.split_override_args(rest)
         args = _parser(command).parse_args(rest)
         handler = {

@@ -63,6 +63,7 @@ def base_config() -> ml_collections.ConfigDict:
     t.nonfinite = "stop"  # non-finite loss/grads: stop (exit, save nothing) | skip (no update)
     t.max_nonfinite = 10  # with nonfinite=skip: stop after this many non-finite steps in a row
     t.progress = True  # tqdm progress bar on stderr
+    t.preflight = True  # refuse a run whose compiled step cannot fit in memory (preflight.py)
 
     c.optim = o = ml_collections.ConfigDict()
     o.learning_rate = 6e-4  # peak learning rate

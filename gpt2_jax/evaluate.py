@@ -69,8 +69,30 @@ def _batch_devices(batch_sharding: NamedSharding) -> int:
     return math.prod(batch_sharding.mesh.shape[a] for a in axes)
 
 
+def local_rows(batch_size: int, batch_sharding: NamedSharding | None) -> tuple[int, int]:
+    """[lo, hi): the rows of a global batch of ``batch_size`` that this process holds.
+
+    Every process reads and scores only these rows (its devices' shards of the batch axis,
+    contiguous because the mesh lists each process's devices together); with one process
+    it is the whole batch.
+    """
+    if batch_sharding is None or jax.process_count() == 1:
+        return 0, batch_size
+    vector = NamedSharding(batch_sharding.mesh, PartitionSpec(*batch_sharding.spec[:1]))
+    slices = vector.addressable_devices_indices_map((batch_size,)).values()
+    starts = sorted({sl[0].start or 0 for sl in slices})
+    stops = sorted({batch_size if sl[0].stop is None else sl[0].stop for sl in slices})
+    lo, hi = starts[0], stops[-1]
+    if sum(b - a for a, b in zip(starts, stops, strict=True)) != hi - lo:
+        raise ValueError("this process's rows of the eval batch are not contiguous")
+    return lo, hi
+
+
 def _placer(batch_size: int, batch_sharding: NamedSharding | None) -> Callable:
-    """Returns put(array) -> device array, sharded on the batch axis when asked."""
+    """Returns put(local rows) -> global device array, sharded on the batch axis when asked.
+
+    ``put`` takes this process's rows (``local_rows``) of a global [batch_size, ...] batch.
+    """
     if batch_sharding is None:
         return jnp.asarray
     n = _batch_devices(batch_sharding)
@@ -82,7 +104,8 @@ def _placer(batch_size: int, batch_sharding: NamedSharding | None) -> Callable:
     vector = NamedSharding(batch_sharding.mesh, PartitionSpec(*batch_sharding.spec[:1]))
 
     def put(x: np.ndarray) -> jax.Array:
-        return jax.device_put(x, batch_sharding if x.ndim > 1 else vector)
+        sh = batch_sharding if x.ndim > 1 else vector
+        return jax.make_array_from_process_local_data(sh, x, (batch_size, *x.shape[1:]))
 
     return put
 
@@ -138,9 +161,9 @@ def eval_blocks(
     numpy array [N, T]). Each block scores its T - 1 shifted predictions; the loss is
     their token-weighted mean over all N blocks (padding of the last batch excluded).
     Returns ``{"loss", "perplexity": exp(loss), "tokens": N * (T - 1)}`` (tokens = scored
-    predictions). ``batch_sharding``: a NamedSharding for [batch_size, T] int arrays;
-    batches are placed with ``jax.device_put``, so with several processes every process
-    passes the same ``blocks``.
+    predictions). ``batch_sharding``: a NamedSharding for [batch_size, T] int arrays; with
+    several processes every process passes the same ``blocks`` but reads and scores only
+    its rows of each batch (the last batch padded, so all run the same number of steps).
     """
     n = len(blocks)
     if n == 0:
@@ -152,9 +175,11 @@ def eval_blocks(
     params = _place_params(params, batch_sharding)
     n_batches = -(-n // batch_size)
 
+    lo, hi = local_rows(batch_size, batch_sharding)
+
     def batches():
         for start in range(0, n, batch_size):
-            idx = np.arange(start, start + batch_size)
+            idx = np.arange(start + lo, start + hi)  # this process's rows only
             weights = (idx < n).astype(np.float32)
             idx = np.where(idx < n, idx, 0)  # padding rows repeat block 0, weight 0
             ids = np.asarray(blocks[idx], dtype=np.int32)
@@ -254,10 +279,12 @@ def eval_sliding_window(
     params = _place_params(params, batch_sharding)
     n_batches = -(-len(plan) // batch_size)
 
+    lo, hi = local_rows(batch_size, batch_sharding)
+
     def batches():
         for start in range(0, len(plan), batch_size):
-            rows = plan[start : start + batch_size]
-            pad = np.zeros((batch_size - len(rows), 3), np.int64)  # empty windows
+            rows = plan[start + lo : start + hi]  # this process's windows only
+            pad = np.zeros((hi - lo - len(rows), 3), np.int64)  # empty windows
             yield tuple(
                 put(x) for x in _window_batch(tokens, np.concatenate([rows, pad]), max_length)
             )

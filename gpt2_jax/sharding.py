@@ -17,22 +17,58 @@ from jax.sharding import PartitionSpec as P
 BATCH_AXES = ("data", "fsdp")
 
 
-def maybe_initialize_distributed(dist_cfg) -> None:
-    """Starts ``jax.distributed`` for a multi-process run (no-op for one process).
+def detected_cluster() -> str | None:
+    """The name of the cluster JAX's own detection finds (SLURM, Open MPI, TPU pod, GKE,
+    Kubernetes), else None.
 
-    Explicit config wins; otherwise JAX's own auto-detection (Cloud TPU, SLURM, ...) runs
-    when ``JAX_COORDINATOR_ADDRESS`` is set.
+    Asks the same ``ClusterEnv`` subclasses that ``jax.distributed.initialize()`` asks,
+    skipping the opt-in ones (mpi4py: merely installed is not a cluster).
     """
+    from jax._src import clusters  # private, but the only list of what JAX can detect
+
+    for env in clusters.ClusterEnv._cluster_types:
+        if getattr(env, "opt_in_only_method", False):
+            continue
+        try:
+            present = env.is_env_present()
+        except Exception:  # a detector that cannot even look (e.g. no metadata server)
+            present = False
+        if present:
+            return env.__name__
+    return None
+
+
+def maybe_initialize_distributed(dist_cfg) -> str | None:
+    """Starts ``jax.distributed`` for a multi-process run; returns how (None: one process).
+
+    1. ``distributed.coordinator_address`` given: exactly those flags (they win).
+    2. else a cluster JAX detects (SLURM, Open MPI, TPU pod/GKE, Kubernetes with
+       ``jax[k8s]``): ``jax.distributed.initialize()`` reads everything from it.
+    3. else one process, nothing to start.
+    """
+    if dist_cfg.cpu_collectives:
+        jax.config.update("jax_cpu_collectives_implementation", dist_cfg.cpu_collectives)
     if dist_cfg.coordinator_address:
-        if dist_cfg.cpu_collectives:
-            jax.config.update("jax_cpu_collectives_implementation", dist_cfg.cpu_collectives)
         jax.distributed.initialize(
             coordinator_address=dist_cfg.coordinator_address,
             num_processes=int(dist_cfg.num_processes),
             process_id=int(dist_cfg.process_id),
         )
-    elif os.environ.get("JAX_COORDINATOR_ADDRESS"):
+        return "flags"
+    cluster = detected_cluster()
+    if cluster is not None:
         jax.distributed.initialize()
+        return cluster
+    if os.environ.get("JAX_COORDINATOR_ADDRESS"):
+        # JAX reads no process count or id from the environment: this alone cannot work.
+        from gpt2_jax.config import ConfigError
+
+        raise ConfigError(
+            "JAX_COORDINATOR_ADDRESS is set but no cluster was detected (SLURM, Open MPI, "
+            "TPU pod, Kubernetes); pass --config.distributed.coordinator_address, "
+            "--config.distributed.num_processes and --config.distributed.process_id"
+        )
+    return None
 
 
 def mesh_shape(mesh_cfg, num_devices: int) -> tuple[int, int]:

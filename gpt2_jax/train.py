@@ -27,7 +27,7 @@ from gpt2_jax import checkpoint as ckpt_lib
 from gpt2_jax import config as config_lib
 from gpt2_jax import data as data_lib
 from gpt2_jax import model as model_lib
-from gpt2_jax import optim, sharding, weights
+from gpt2_jax import optim, preflight, sharding, weights
 from gpt2_jax.evaluate import evaluate_splits
 
 State = dict[str, Any]  # {"step": int32[], "params": ..., "opt_state": ..., "rng": uint32[2]}
@@ -210,6 +210,11 @@ class _Interrupts:
         return self.signum is not None
 
     def __enter__(self):
+        if jax.process_count() > 1:
+            # jax.distributed's preemption notifier owns SIGTERM there and agrees on one step
+            # for every process (_preempted); a Python handler would replace it, and a signal
+            # seen by one process only would make it save alone and hang the others.
+            return self
         for sig in self.SIGNALS:
             try:
                 self._previous[sig] = signal.signal(sig, self._handle)
@@ -239,6 +244,11 @@ class _Interrupts:
 def _nan_step() -> int:
     """Test-only fault injection: ``GPT2_JAX_TEST_NAN_STEP=N`` poisons step N's gradients."""
     return int(os.environ.get("GPT2_JAX_TEST_NAN_STEP", "0") or 0)
+
+
+def step_options(cfg) -> dict:
+    """``train_step``'s static options from the config (the preflight compiles the same)."""
+    return {"skip_nonfinite": cfg.train.nonfinite == "skip", "nan_step": _nan_step()}
 
 
 def train(cfg: ml_collections.ConfigDict, workdir: str | Path) -> dict:
@@ -276,8 +286,17 @@ def train(cfg: ml_collections.ConfigDict, workdir: str | Path) -> dict:
     # A bad HF checkpoint fails here, before the workdir is touched.
     hf_params = weights.load_hf_params(source) if source.kind == "hf" else None
 
+    # ---- memory preflight: compile the step, refuse a run that cannot fit (nothing written
+    # yet); the loop reuses this executable. With many processes it is also a barrier.
+    total_steps = cfg.train.steps or cfg.train.epochs * loader.steps_per_epoch
+    compiled_step = preflight.compile_train_step(
+        cfg, source.model_cfg, total_steps, **step_options(cfg)
+    )
+
     with contextlib.ExitStack() as stack:
-        return _run(cfg, workdir, source, splits, train_blocks, loader, hf_params, stack)
+        return _run(
+            cfg, workdir, source, splits, train_blocks, loader, hf_params, stack, compiled_step
+        )
 
 
 def _prepare_workdir(cfg, workdir: Path, source: weights.Source) -> list[str]:
@@ -300,7 +319,9 @@ def _prepare_workdir(cfg, workdir: Path, source: weights.Source) -> list[str]:
     return done
 
 
-def _run(cfg, workdir: Path, source, splits, train_blocks, loader, hf_params, stack) -> dict:
+def _run(
+    cfg, workdir: Path, source, splits, train_blocks, loader, hf_params, stack, step_fn=None
+) -> dict:
     """The training proper; everything opened is closed by ``stack`` (errors included)."""
     model_cfg = source.model_cfg
     # ---- workdir
@@ -343,14 +364,8 @@ def _run(cfg, workdir: Path, source, splits, train_blocks, loader, hf_params, st
 
     accum = cfg.optim.accumulation_steps
     batch_sh = sharding.batch_sharding(mesh, leading=1)
-    step_fn = jax.jit(
-        functools.partial(
-            train_step,
-            model_cfg=model_cfg,
-            tx=tx,
-            skip_nonfinite=cfg.train.nonfinite == "skip",
-            nan_step=_nan_step(),
-        ),
+    step_fn = step_fn or jax.jit(  # the preflight's compiled step, when given
+        functools.partial(train_step, model_cfg=model_cfg, tx=tx, **step_options(cfg)),
         in_shardings=(state_sh, batch_sh),
         out_shardings=(state_sh, None),
         donate_argnums=0,
