@@ -86,7 +86,7 @@ def _sample(logits: jax.Array, row_keys: jax.Array, index: jax.Array, s: Samplin
 class State(NamedTuple):
     """Decoding state, carried from call to call (donated: updated in place)."""
 
-    cache: list  # model_lib.init_cache: per layer {"k", "v"} [B, S, nh, hs]
+    cache: list  # model_lib.init_cache: per layer k [B*nh, hs, S], v [B*nh, S, hs]
     tokens: jax.Array  # [B, S] int32: padded prompt, then the new tokens
     t: jax.Array  # int32 scalar: slot of the last token written
     done: jax.Array  # [B] bool: the row has produced the stop token

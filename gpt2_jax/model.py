@@ -219,15 +219,23 @@ class GPT2(nn.Module):
 
 
 def init_cache(cfg: GPT2Config, batch: int, length: int) -> list[dict[str, jax.Array]]:
-    """Zeroed KV cache: one ``{"k", "v"}`` pair of [B, S, nh, hs] arrays per layer.
+    """Zeroed KV cache for ``length`` slots: per layer, ``k`` [B * nh, hs, S] and ``v``
+    [B * nh, S, hs].
 
-    One array per layer (not one stacked [L, ...] array) so that each layer's in-place
-    update inside the decode loop touches only its own buffer.
+    One pair per layer (not one stacked [L, ...] array) so that each layer's in-place
+    update inside the decode loop touches only its own buffer. These are the layouts
+    XLA's CPU matmuls read as they lie (q.k contracts hs, p.v contracts S, one batch
+    axis): with k as [B, nh, S, hs] XLA transposed the whole k cache at every step, and
+    with a separate B axis it copied the caches around the reshape to one batch axis.
     """
-    shape = (batch, length, cfg.n_head, cfg.n_embd // cfg.n_head)
+    hs = cfg.n_embd // cfg.n_head
     dtype = DTYPES[cfg.dtype]
     return [
-        {"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype)} for _ in range(cfg.n_layer)
+        {
+            "k": jnp.zeros((batch * cfg.n_head, hs, length), dtype),
+            "v": jnp.zeros((batch * cfg.n_head, length, hs), dtype),
+        }
+        for _ in range(cfg.n_layer)
     ]
 
 
@@ -248,30 +256,36 @@ def _cached_attention(
 ) -> tuple[jax.Array, dict[str, jax.Array]]:
     """Causal self-attention of T new tokens against the cache, which it updates.
 
-    x: [B, T, C], the tokens at cache slots ``start .. start + T - 1``; cache k, v:
-    [B, S, nh, hs]; key_start: [B] int, the first real (not left-padding) slot of each
+    x: [B, T, C], the tokens at cache slots ``start .. start + T - 1``; cache: as
+    ``init_cache``; key_start: [B] int, the first real (not left-padding) slot of each
     row. Returns ([B, T, C], updated cache). The same numbers as ``Attention`` (scaled
     dot product, fp32 softmax), with padding and not-yet-written slots masked out.
+
     """
     B, T, C = x.shape
     nh, hs = cfg.n_head, C // cfg.n_head
+    S = cache["v"].shape[1]
     qkv = _dense(cfg, 3 * C, None, cfg.initializer_range).apply({"params": p["c_attn"]}, x)
     q, k, v = (t.reshape(B, T, nh, hs) for t in jnp.split(qkv, 3, axis=-1))  # (B, T, nh, hs)
-    ks = jax.lax.dynamic_update_slice_in_dim(cache["k"], k.astype(cache["k"].dtype), start, 1)
-    vs = jax.lax.dynamic_update_slice_in_dim(cache["v"], v.astype(cache["v"].dtype), start, 1)
-    S = ks.shape[1]
-    att = jnp.einsum("btnh,bsnh->bnts", q, ks, preferred_element_type=jnp.float32)
-    att = att / math.sqrt(hs)  # (B, nh, T, S)
+    q = q.transpose(0, 2, 1, 3).reshape(B * nh, T, hs)
+    k = k.transpose(0, 2, 3, 1).reshape(B * nh, hs, T).astype(cache["k"].dtype)
+    v = v.transpose(0, 2, 1, 3).reshape(B * nh, T, hs).astype(cache["v"].dtype)
+    ks = jax.lax.dynamic_update_slice_in_dim(cache["k"], k, start, 2)  # (B*nh, hs, S)
+    vs = jax.lax.dynamic_update_slice_in_dim(cache["v"], v, start, 1)  # (B*nh, S, hs)
+    att = jnp.einsum("ath,ahs->ats", q, ks, preferred_element_type=jnp.float32)
+    att = att.reshape(B, nh, T, S) / math.sqrt(hs)
     slot = jnp.arange(S)[None, None, :]  # (1, 1, S)
     query_slot = (start + jnp.arange(T))[None, :, None]  # (1, T, 1)
     # Causal within the cache, and never a left-padding slot (GPT-2 has no pad token).
     visible = (slot <= query_slot) & (slot >= key_start[:, None, None])  # (B, T, S)
     # finfo.min, not -inf: a padding query sees no key at all and must not give NaN.
     att = jnp.where(visible[:, None], att, jnp.finfo(jnp.float32).min)
-    att = jax.nn.softmax(att, axis=-1).astype(vs.dtype)
-    y = jnp.einsum("bnts,bsnh->btnh", att, vs).reshape(B, T, C)
-    proj_std = cfg.initializer_range / math.sqrt(2 * cfg.n_layer)
-    y = _dense(cfg, C, None, proj_std).apply({"params": p["c_proj"]}, y)
+    att = jax.nn.softmax(att, axis=-1).astype(vs.dtype).reshape(B * nh, T, S)
+    y = jnp.einsum("ats,ash->ath", att, vs)  # (B*nh, T, hs)
+    y = y.reshape(B, nh, T, hs).transpose(0, 2, 1, 3).reshape(B, T, C)
+    y = _dense(cfg, C, None, cfg.initializer_range / math.sqrt(2 * cfg.n_layer)).apply(
+        {"params": p["c_proj"]}, y
+    )
     return y, {"k": ks, "v": vs}
 
 
