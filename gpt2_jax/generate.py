@@ -50,23 +50,46 @@ def filter_logits(logits: jax.Array, temperature: float, top_k: int, top_p: floa
     """logits: [B, V] float32 -> scaled logits with filtered entries at -inf.
 
     ``top_k <= 0`` and ``top_p >= 1`` disable those filters; temperature must be > 0.
-    Top-p keeps the smallest set of most likely tokens whose probability mass reaches
-    ``top_p`` (after temperature and top-k), ties at the cut kept.
+    Top-k keeps the k largest (ties at the cut kept); top-p keeps the smallest set of most
+    likely tokens whose probability mass reaches ``top_p`` (after temperature and top-k),
+    ties at the cut kept.
     """
     logits = logits / temperature
     V = logits.shape[-1]
     if 0 < top_k < V:
-        kth = jax.lax.top_k(logits, top_k)[0][:, -1:]  # [B, 1]
-        logits = jnp.where(logits < kth, -jnp.inf, logits)
+        cut = _largest_cut(logits, lambda keep: jnp.sum(keep, axis=-1) >= top_k)
+        logits = jnp.where(logits < cut, -jnp.inf, logits)
     if top_p < 1.0:
-        sorted_logits = jnp.sort(logits, axis=-1)[:, ::-1]  # [B, V] descending
-        cum = jnp.cumsum(jax.nn.softmax(sorted_logits, axis=-1), axis=-1)
-        # Keep the smallest prefix whose mass reaches top_p (always at least one token).
-        cutoff_idx = jnp.sum(cum < top_p, axis=-1, keepdims=True)  # [B, 1]
-        cutoff_idx = jnp.minimum(cutoff_idx, V - 1)  # rounding: cum[-1] may be < 1
-        cutoff = jnp.take_along_axis(sorted_logits, cutoff_idx, axis=-1)
-        logits = jnp.where(logits < cutoff, -jnp.inf, logits)
+        probs = jax.nn.softmax(logits, axis=-1)
+        cut = _largest_cut(logits, lambda keep: jnp.sum(jnp.where(keep, probs, 0), -1) >= top_p)
+        logits = jnp.where(logits < cut, -jnp.inf, logits)
     return logits
+
+
+def _largest_cut(logits: jax.Array, enough) -> jax.Array:
+    """The largest value c among each row's logits such that ``enough(logits >= c)``
+    holds (``enough``: [B, V] bool -> [B] bool, monotone: true for a low enough c).
+
+    logits: [B, V] float32 -> [B, 1]. A bisection over the 2^32 float32 bit patterns (32
+    passes over the row) instead of a sort: inside the decode loop XLA's CPU top_k and
+    sort of a 50257-wide row cost ~35 ms per step here, the bisection well under 1 ms.
+    """
+    bits = jax.lax.bitcast_convert_type(logits, jnp.uint32)
+    # Monotone map float32 -> uint32: flip all bits of negatives, the sign bit of the rest.
+    key = jnp.where(bits >> 31 == 1, ~bits, bits | jnp.uint32(1 << 31))  # [B, V]
+
+    def step(_, lo_hi):
+        lo, hi = lo_hi  # [B, 1]: the answer lies in [lo, hi]
+        mid = lo + (hi - lo) // 2 + (hi > lo)  # upper middle; no uint32 overflow
+        ok = enough(key >= mid)[:, None]
+        return jnp.where(ok, mid, lo), jnp.where(ok, hi, mid - 1)
+
+    B = logits.shape[0]
+    lo = jnp.zeros((B, 1), jnp.uint32)
+    hi = jnp.full((B, 1), 0xFFFFFFFF, jnp.uint32)
+    lo, _ = jax.lax.fori_loop(0, 32, step, (lo, hi))
+    bits = jnp.where(lo >> 31 == 1, lo & jnp.uint32(0x7FFFFFFF), ~lo)  # back to float bits
+    return jax.lax.bitcast_convert_type(bits, jnp.float32)
 
 
 def _sample(logits: jax.Array, row_keys: jax.Array, index: jax.Array, s: Sampling) -> jax.Array:

@@ -165,6 +165,26 @@ def test_filter_logits_temperature_and_top_k():
     np.testing.assert_allclose(out[[1, 3]], [1.5, 1.25], rtol=1e-6)
 
 
+def test_filter_logits_equals_a_sort_on_random_rows():
+    """The bisection cut equals numpy's sort-based top-k and top-p on wide random rows
+    (with repeated values, so ties at the cut occur)."""
+    rng = np.random.default_rng(0)
+    logits = np.round(rng.normal(size=(6, 5000)) * 4, 1).astype(np.float32)  # many ties
+    for top_k, top_p in [(7, 1.0), (1, 1.0), (0, 0.3), (0, 0.9), (50, 0.5)]:
+        out = np.asarray(g.filter_logits(jnp.asarray(logits), 1.0, top_k, top_p))
+        for row, got in zip(logits, out, strict=True):
+            keep = np.ones_like(row, bool)
+            if top_k:
+                keep &= row >= np.sort(row)[-top_k]
+            if top_p < 1:
+                z = np.where(keep, row, -np.inf)
+                probs = np.exp(z - z.max()) / np.exp(z - z.max()).sum()
+                order = np.sort(probs)[::-1]
+                cut = order[np.searchsorted(np.cumsum(order), top_p)]
+                keep &= probs >= cut
+            np.testing.assert_array_equal(np.isfinite(got), keep, err_msg=f"{top_k} {top_p}")
+
+
 def test_sample_frequencies_follow_temperature():
     """Many rows of one 5-way distribution: the frequencies are softmax(logits / T), so
     the entropy grows with T."""
