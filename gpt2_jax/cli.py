@@ -39,12 +39,20 @@ def _parser(command: str) -> argparse.ArgumentParser:
         )
     if command == "generate":
         p.add_argument("--init_from", default="", help="hf:<dir or hub id>")
-        p.add_argument("--prompt", default="\n")
+        p.add_argument("--prompt", default=None, help="text to continue (default: a newline)")
+        p.add_argument("--prompt_file", default=None, help="one prompt a line, all decoded at once")
         p.add_argument("--max_new_tokens", type=int, default=100)
         p.add_argument("--temperature", type=float, default=0.8, help="0 = greedy")
         p.add_argument("--top_k", type=int, default=200, help="0 = off")
         p.add_argument("--top_p", type=float, default=1.0, help="1 = off")
         p.add_argument("--seed", type=int, default=0)
+        p.add_argument("--num_samples", type=int, default=1, help="samples per prompt")
+        p.add_argument(
+            "--stop_at_eos",
+            action=argparse.BooleanOptionalAction,
+            default=True,
+            help="end a sample at <|endoftext|>",
+        )
     if command == "export":
         p.add_argument("--out", required=True, help="output Hugging Face directory")
         p.add_argument("--overwrite", action="store_true")
@@ -145,13 +153,15 @@ def cmd_generate(args, overrides) -> int:
             raise UsageError(f"--init_from={args.init_from!r} must be hf:<dir or hub id>") from None
     for ok, flag in (
         (args.prompt != "", "--prompt: must not be empty"),
-        (args.max_new_tokens >= 0, f"--max_new_tokens={args.max_new_tokens}: must be >= 0"),
+        (args.max_new_tokens >= 1, f"--max_new_tokens={args.max_new_tokens}: must be >= 1"),
         (args.temperature >= 0, f"--temperature={args.temperature}: must be >= 0 (0 = greedy)"),
         (args.top_k >= 0, f"--top_k={args.top_k}: must be >= 0 (0 = off)"),
         (0 < args.top_p <= 1, f"--top_p={args.top_p}: must be in (0, 1] (1 = off)"),
+        (args.num_samples >= 1, f"--num_samples={args.num_samples}: must be >= 1"),
     ):
         if not ok:
             raise UsageError(flag)
+    prompts = _read_prompts(args)
     if args.init_from and not args.config and not args.workdir:
         cfg = config_lib.base_config()
         cfg.lock()
@@ -163,19 +173,116 @@ def cmd_generate(args, overrides) -> int:
             cfg.init_from = args.init_from
     model_cfg, params = _model_and_params(cfg, args)
     enc = tokenizer.get_tokenizer()
-    prompt_ids = enc.encode_ordinary(args.prompt)
-    new = gen_lib.generate(
+    prompt_ids = [enc.encode_ordinary(text) for text in prompts]
+    for flag, ids in zip(_prompt_flags(args, len(prompts)), prompt_ids, strict=True):
+        if len(ids) + args.max_new_tokens > model_cfg.n_positions:
+            raise UsageError(
+                f"{flag}: {len(ids)} prompt tokens + --max_new_tokens={args.max_new_tokens} "
+                f"> n_positions={model_cfg.n_positions}; shorten the prompt or lower "
+                f"--max_new_tokens"
+            )
+    rows = [ids for ids in prompt_ids for _ in range(args.num_samples)]
+    stop = 50256 if args.stop_at_eos else None  # <|endoftext|>
+    stats = gen_lib.Stats()
+    stream = gen_lib.stream_batch(
         model_cfg,
         params,
-        prompt_ids,
+        rows,
         args.max_new_tokens,
         temperature=args.temperature,
         top_k=args.top_k,
         top_p=args.top_p,
         seed=args.seed,
+        stop_token=stop,
+        chunk_size=16,  # a jitted call per 16 tokens: text appears as it is made
+        stats=stats,
     )
-    print(tokenizer.decode(enc, prompt_ids + new))
+    if len(rows) == 1:
+        _print_streamed(enc, rows[0], stream, stop)
+    else:
+        _print_rows(enc, rows, stream, stop, args.num_samples)
+    print(
+        f"prompt tokens: {stats.prompt_tokens}, new tokens: {stats.new_tokens}, "
+        f"compile: {stats.compile_seconds:.1f} s, {stats.tokens_per_second:.1f} tokens/s "
+        f"({stats.run_seconds:.2f} s)",
+        file=sys.stderr,
+    )
     return 0
+
+
+def _read_prompts(args) -> list[str]:
+    """The prompt texts from --prompt or --prompt_file (one a line)."""
+    if args.prompt is not None and args.prompt_file is not None:
+        raise UsageError("give --prompt or --prompt_file, not both")
+    if args.prompt_file is None:
+        return ["\n" if args.prompt is None else args.prompt]
+    path = Path(args.prompt_file)
+    if not path.is_file():
+        raise UsageError(f"--prompt_file={args.prompt_file}: no such file")
+    lines = path.read_text(encoding="utf-8").splitlines()
+    if not lines:
+        raise UsageError(f"--prompt_file={args.prompt_file}: the file is empty")
+    for i, line in enumerate(lines, 1):
+        if not line.strip():
+            raise UsageError(f"--prompt_file={args.prompt_file}: line {i} is empty")
+    return lines
+
+
+def _prompt_flags(args, n: int) -> list[str]:
+    """How to name each prompt in an error message."""
+    if args.prompt_file is None:
+        return ["--prompt"]
+    return [f"--prompt_file={args.prompt_file} line {i}" for i in range(1, n + 1)]
+
+
+def _print_streamed(enc, prompt_ids: list[int], stream, stop) -> None:
+    """One sample: the text as it comes, chunk by chunk (a chunk can end inside a UTF-8
+    character: the trailing replacement characters wait for the next chunk)."""
+    from gpt2_jax import tokenizer
+
+    ids, printed = list(prompt_ids), ""
+    for chunk in stream:
+        for tok in chunk[0].tolist():
+            if tok == stop:
+                break
+            ids.append(tok)
+        text = tokenizer.decode(enc, ids).rstrip("\ufffd")
+        if text.startswith(printed):
+            sys.stdout.write(text[len(printed) :])
+            sys.stdout.flush()
+            printed = text
+        if stop in chunk[0]:
+            break
+    text = tokenizer.decode(enc, ids)
+    sys.stdout.write(text[len(printed) :] + "\n")
+    sys.stdout.flush()
+
+
+def _print_rows(enc, rows: list[list[int]], stream, stop, num_samples: int) -> None:
+    """Several samples: each printed whole, as soon as it has ended."""
+    from gpt2_jax import tokenizer
+
+    new: list[list[int]] = [[] for _ in rows]
+    ended = [False] * len(rows)
+
+    def show(b: int) -> None:
+        i, j = divmod(b, num_samples)
+        print(f"--- prompt {i + 1}, sample {j + 1} ---")
+        print(tokenizer.decode(enc, rows[b] + new[b]), flush=True)
+
+    for chunk in stream:
+        for b, part in enumerate(chunk.tolist()):
+            if ended[b]:
+                continue
+            if stop in part:
+                new[b] += part[: part.index(stop)]
+                ended[b] = True
+                show(b)
+            else:
+                new[b] += part
+    for b in range(len(rows)):
+        if not ended[b]:
+            show(b)
 
 
 def cmd_export(args, overrides) -> int:
