@@ -7,8 +7,8 @@ out for validation, as run_clm does. Get the file with
     curl -o input.txt https://raw.githubusercontent.com/karpathy/char-rnn/master/data/tinyshakespeare/input.txt
 
 Model: 4 layers, 4 heads, n_embd 128, context 128, the GPT-2 tokenizer and vocabulary
-(7.2M parameters, 6.4M of them the tied embedding); batch 16 x 128 tokens, 300 steps
-(~1.9 epochs).
+(7.2M parameters, 6.4M of them the tied embedding); batch 16 x 128 tokens, 450 steps
+(~2.9 epochs).
 
     gpt2-jax train --config=configs/tinyshakespeare.py:input.txt --workdir=runs/shakespeare
     gpt2-jax plot runs/shakespeare
@@ -37,7 +37,7 @@ def get_config(arg=None):
     c.model.n_positions = 128
     c.model.dropout = 0.0  # under 2 epochs: too little repetition to overfit much
     c.train.batch_size = 16
-    c.train.steps = 300
+    c.train.steps = 450
     c.train.log_every = 10
     c.train.eval_every = 50
     c.train.checkpoint_every = 50
