@@ -20,6 +20,7 @@ import itertools
 import json
 import logging
 import os
+import re
 import sys
 import uuid
 import warnings
@@ -187,10 +188,45 @@ def _builder_for(path: Path) -> str:
 
 @functools.lru_cache(maxsize=1)
 def _pydoc_rows() -> tuple[str, ...]:
-    """Python's bundled help topics, sorted by key, split into lines like the Text builder."""
+    """Python's bundled help topics, sorted by key, laid out by ``normalize_layout`` and
+    split into lines like the Text builder."""
     from pydoc_data.topics import topics
 
-    return tuple(line for k in sorted(topics) for line in StringIO(topics[k]).readlines())
+    return tuple(
+        line for k in sorted(topics) for line in StringIO(normalize_layout(topics[k])).readlines()
+    )
+
+
+# Heading underlines ("*****", "=====") and table borders ("+-----+----+"): no words.
+_RULE = re.compile(r"^[ *=\-~^+|]*[*=\-~^+|]{3}[ *=\-~^+|]*$")
+_INNER_SPACES = re.compile(r"(?<=\S) {2,}")
+MAX_INDENT = 4
+
+
+def normalize_layout(text: str) -> str:
+    """The builtin corpus's layout, made mostly words (``make demo`` samples it).
+
+    The help text is rendered reStructuredText: paragraphs indented by 3-8 spaces, grammar
+    rules aligned with runs of 16+ spaces, heading underlines of ``*`` and table borders.
+    Whitespace runs are separate GPT-2 tokens, so a small model trained on the raw text
+    mostly learns to emit spaces. Each paragraph (lines between blank lines) is dedented,
+    the indentation left is capped at ``MAX_INDENT`` spaces (code stays visibly nested),
+    runs of inner spaces (alignment, two spaces after a full stop) become one, rules are
+    dropped and runs of blank lines become one blank line.
+    """
+    out: list[str] = []
+    for para in re.split(r"\n\s*\n", text):
+        lines = [ln.rstrip() for ln in para.split("\n")]
+        lines = [ln for ln in lines if ln and not _RULE.match(ln)]
+        if not lines:
+            continue
+        base = min(len(ln) - len(ln.lstrip(" ")) for ln in lines)
+        for ln in lines:
+            body = ln[base:]
+            indent = min(len(body) - len(body.lstrip(" ")), MAX_INDENT)
+            out.append(" " * indent + _INNER_SPACES.sub(" ", body.lstrip(" ")))
+        out.append("")
+    return "\n".join(out)
 
 
 def _pydoc_sha() -> str:
