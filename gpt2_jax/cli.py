@@ -160,6 +160,7 @@ def cmd_eval(args, overrides) -> int:
         print(json.dumps(r))
     from gpt2_jax import summary
 
+    sys.stdout.flush()  # the table follows the JSON lines on a terminal showing both
     print(summary.eval_table(results), file=sys.stderr)
     return 0
 
