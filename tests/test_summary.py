@@ -2,12 +2,13 @@
 
 import contextlib
 import io
+import json
 import re
 
 import pytest
 
+from gpt2_jax import cli, summary
 from gpt2_jax import config as config_lib
-from gpt2_jax import summary
 from gpt2_jax import train as train_lib
 
 from .conftest import ROOT
@@ -77,3 +78,18 @@ def test_eval_table_has_a_row_per_split_aligned():
     assert lines[1].split() == ["validation", "5.2967", "199.68", "6,015"]
     assert lines[2].split() == ["test", "5.4000", "221.41", "123,456"]
     assert len({len(line) for line in lines}) == 1  # columns line up
+
+
+def test_eval_prints_json_on_stdout_and_the_table_on_stderr(tiny_run, capsys):
+    workdir, _ = tiny_run
+    assert cli.main(["eval", f"--workdir={workdir}", "--config.train.progress=false"]) == 0
+    captured = capsys.readouterr()
+    record = json.loads(captured.out.strip().splitlines()[-1])
+    table = captured.err.strip().splitlines()[-2:]
+    assert table[0].split() == ["split", "loss", "perplexity", "tokens"]
+    assert table[1].split() == [
+        "validation",
+        f"{record['loss']:.4f}",
+        f"{record['perplexity']:.2f}",
+        f"{record['tokens']:,}",
+    ]
