@@ -208,11 +208,13 @@ def normalize_layout(text: str) -> str:
 
     The help text is rendered reStructuredText: paragraphs indented by 3-8 spaces, grammar
     rules aligned with runs of 16+ spaces, heading underlines of ``*`` and table borders.
-    Whitespace runs are separate GPT-2 tokens, so a small model trained on the raw text
-    mostly learns to emit spaces. Each paragraph (lines between blank lines) is dedented,
-    the indentation left is capped at ``MAX_INDENT`` spaces (code stays visibly nested),
-    runs of inner spaces (alignment, two spaces after a full stop) become one, rules are
-    dropped and runs of blank lines become one blank line.
+    Whitespace runs and line breaks are separate GPT-2 tokens, so a small model trained on
+    the raw text mostly learns to emit spaces and newlines. So: rules are dropped; a prose
+    paragraph (every line at column 0) becomes one line, as the hard wrap at 70 columns
+    carries no meaning; any other paragraph (code, grammar, lists, notes) is dedented, its
+    remaining indentation capped at ``MAX_INDENT`` spaces (code stays visibly nested); runs
+    of inner spaces (alignment, two spaces after a full stop) become one; paragraphs are
+    separated by one line break, not a blank line (each newline is one more token).
     """
     out: list[str] = []
     for para in re.split(r"\n\s*\n", text):
@@ -220,13 +222,15 @@ def normalize_layout(text: str) -> str:
         lines = [ln for ln in lines if ln and not _RULE.match(ln)]
         if not lines:
             continue
-        base = min(len(ln) - len(ln.lstrip(" ")) for ln in lines)
+        indents = [len(ln) - len(ln.lstrip(" ")) for ln in lines]
+        if max(indents) == 0:  # prose
+            lines = [" ".join(lines)]
+        base = min(indents)
         for ln in lines:
             body = ln[base:]
             indent = min(len(body) - len(body.lstrip(" ")), MAX_INDENT)
             out.append(" " * indent + _INNER_SPACES.sub(" ", body.lstrip(" ")))
-        out.append("")
-    return "\n".join(out)
+    return "".join(line + "\n" for line in out)
 
 
 def _pydoc_sha() -> str:

@@ -147,11 +147,13 @@ def test_pydoc_layout_is_normalised():
         "   x = 1      # note\n       y\n"
     )
     assert data.normalize_layout(text) == (
-        'Title\n\nfor_stmt ::= "for" target\n    ["else"]\n\nx = 1 # note\n    y\n'
+        'Title\nfor_stmt ::= "for" target\n    ["else"]\nx = 1 # note\n    y\n'
     )
+    prose = "A first line\nwrapped at 70 columns.\n\nNext  paragraph.\n"
+    assert data.normalize_layout(prose) == "A first line wrapped at 70 columns.\nNext paragraph.\n"
     rows = data._pydoc_rows()
     assert not any(r.startswith(" " * (data.MAX_INDENT + 1)) for r in rows)
-    assert not any(a == b == "\n" for a, b in zip(rows, rows[1:], strict=False))  # no blank runs
+    assert "\n" not in rows  # no blank lines
     # The token cache key covers the layout: it hashes the rows as normalised.
     cfg = data.default_data_config()
     cfg.dataset = "pydoc_topics"
