@@ -12,11 +12,11 @@ Model: 4 layers, 4 heads, n_embd 128, context 128, the GPT-2 tokenizer and vocab
 
     gpt2-jax train --config=configs/tinyshakespeare.py:input.txt --workdir=runs/shakespeare
     gpt2-jax plot runs/shakespeare
-    gpt2-jax generate --workdir=runs/shakespeare --prompt="ROMEO:" --temperature=0
+    gpt2-jax generate --workdir=runs/shakespeare --prompt="ROMEO:" --top_k=0 --top_p=0.9
 
 Expected (experiments/tinyshakespeare/README.md): validation loss from ~10.8 at init
-(ln 50257) to about 5.2 (perplexity ~180); samples with speaker names, line breaks and
-Early Modern English words, not yet sense.
+(ln 50257) to 5.48 (perplexity 240) after 450 steps, ~15 minutes on 2 idle CPU cores;
+top-p samples with verse lines, Early Modern English words and punctuation, not yet sense.
 
 The argument is the path to input.txt (default ``data/tinyshakespeare/input.txt``,
 relative to the current directory); a missing file is reported as ``data.train_files``.
