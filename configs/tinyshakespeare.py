@@ -15,7 +15,8 @@ Model: 4 layers, 4 heads, n_embd 128, context 128, the GPT-2 tokenizer and vocab
     gpt2-jax generate --workdir=runs/shakespeare --prompt="ROMEO:" --top_k=0 --top_p=0.9
 
 Expected (experiments/tinyshakespeare/README.md): validation loss from ~10.8 at init
-(ln 50257) to 5.48 (perplexity 240) after 450 steps, ~15 minutes on 2 idle CPU cores;
+(ln 50257) to 5.48 (perplexity 240) after 450 steps (an estimated ~15 min on 2 idle cores;
+the recorded run took 60 min on a shared machine);
 top-p samples with verse lines, Early Modern English words and punctuation, not yet sense.
 
 The argument is the path to input.txt (default ``data/tinyshakespeare/input.txt``,
