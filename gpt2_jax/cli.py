@@ -1,4 +1,4 @@
-"""``gpt2-jax train | eval | generate | export``: parses flags, calls the library.
+"""``gpt2-jax train | eval | generate | export | plot``: parses flags, calls the library.
 
 gpt2-jax train    --config=configs/NAME.py[:ARG] --workdir=DIR [--config.KEY=VALUE ...]
 gpt2-jax eval     --workdir=DIR [--config.KEY=VALUE ...]
@@ -6,6 +6,7 @@ gpt2-jax eval     --config=configs/NAME.py --config.init_from=hf:PATH_OR_HUB_ID
 gpt2-jax generate --workdir=DIR | --init_from=hf:PATH_OR_HUB_ID --prompt=TEXT [...]
 gpt2-jax export   --workdir=DIR --out=HF_DIR
 gpt2-jax launch   --processes=N --devices_per_process=M [--port=P] -- train|eval ...
+gpt2-jax plot     WORKDIR [WORKDIR ...] [--out=FILE.png]   # default: WORKDIR/curves.png
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ import json
 import sys
 from pathlib import Path
 
-COMMANDS = ("train", "eval", "generate", "export", "launch")
+COMMANDS = ("train", "eval", "generate", "export", "plot", "launch")
 
 
 class UsageError(ValueError):
@@ -28,6 +29,12 @@ def _parser(command: str) -> argparse.ArgumentParser:
         description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
+    if command == "plot":
+        p.add_argument("workdirs", nargs="*", metavar="WORKDIR", help="run directories")
+        p.add_argument("--workdir", action="append", default=[], help="run directory (repeatable)")
+        p.add_argument("--out", help="PNG path (default WORKDIR/curves.png; ./curves.png for 2+)")
+        p.add_argument("--smoothing", type=float, default=0.6, help="train-loss EMA, in [0, 1)")
+        return p
     p.add_argument("--config", help="configs/NAME.py[:ARG]")
     p.add_argument("--workdir", help="run directory (checkpoints, metrics, config.json)")
     if command in ("eval", "generate", "export"):
@@ -136,6 +143,10 @@ def cmd_eval(args, overrides) -> int:
     )
     for r in results:
         print(json.dumps(r))
+    from gpt2_jax import summary
+
+    sys.stdout.flush()  # the table follows the JSON lines on a terminal showing both
+    print(summary.eval_table(results), file=sys.stderr)
     return 0
 
 
@@ -316,6 +327,35 @@ def cmd_launch(argv: list[str]) -> int:
         raise UsageError(str(e)) from None
 
 
+def cmd_plot(args, overrides) -> int:
+    from gpt2_jax import plot
+
+    if overrides:
+        raise UsageError(f"plot takes no --config.* flags (got --config.{next(iter(overrides))})")
+    print(plot.plot_runs(args.workdirs + args.workdir, args.out, args.smoothing))
+    return 0
+
+
+def _parse_args(command: str, argv: list[str]) -> argparse.Namespace:
+    """argparse, but an unknown flag is a UsageError naming the closest known flag."""
+    import difflib
+
+    parser = _parser(command)
+    args, unknown = parser.parse_known_args(argv)
+    if not unknown:
+        return args
+    bad = unknown[0]
+    if not bad.startswith("-"):
+        raise UsageError(f"unexpected argument {bad!r}")
+    name = bad.partition("=")[0]
+    if "." in name.lstrip("-"):  # --train.steps=5: a config key without its prefix
+        raise UsageError(f"unknown flag {name}: did you mean --config.{name.lstrip('-')}?")
+    known = [o for o in parser._option_string_actions if o.startswith("--")]
+    close = difflib.get_close_matches(name, known, n=1, cutoff=0.6)
+    hint = f": did you mean {close[0]}?" if close else f" (flags: {', '.join(sorted(known))})"
+    raise UsageError(f"unknown flag {name}{hint}")
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv and argv[0] in ("-h", "--help", "help"):
@@ -334,12 +374,13 @@ def main(argv: list[str] | None = None) -> int:
         if command == "launch":  # what follows '--' is a whole command line of its own
             return cmd_launch(rest)
         rest, overrides = config_lib.split_override_args(rest)
-        args = _parser(command).parse_args(rest)
+        args = _parse_args(command, rest)
         handler = {
             "train": cmd_train,
             "eval": cmd_eval,
             "generate": cmd_generate,
             "export": cmd_export,
+            "plot": cmd_plot,
         }[command]
         return handler(args, overrides)
     except KeyboardInterrupt:
@@ -361,6 +402,7 @@ def _is_user_error(e: Exception) -> bool:
         "TrainingError",
         "HFImportError",
         "TokenizerError",
+        "PlotError",
     }
     return any(cls.__name__ in names for cls in type(e).__mro__)
 

@@ -8,6 +8,7 @@ names the key.
 
 from __future__ import annotations
 
+import difflib
 import importlib.util
 import json
 from pathlib import Path
@@ -167,15 +168,58 @@ def _parse_value(key: str, text: str, current):
     )
 
 
+def dotted_keys(cfg: ml_collections.ConfigDict, prefix: str = "") -> list[str]:
+    """Every key of ``cfg`` in full, groups and leaves: ``["data", "data.block_size", ...]``."""
+    keys = []
+    for k in sorted(cfg.keys()):
+        keys.append(prefix + k)
+        if isinstance(cfg[k], ml_collections.ConfigDict):
+            keys += dotted_keys(cfg[k], f"{prefix}{k}.")
+    return keys
+
+
+def unknown_key_message(cfg: ml_collections.ConfigDict, key: str) -> str:
+    """``unknown config key 'train.step': did you mean 'train.steps'?``
+
+    The match is over full dotted names, so a typo in the section (``trian.steps``) or a
+    key under the wrong section (``train.learning_rate``) is answered too. A truncated
+    name (``data.validation_split``) is completed first; the section the key is already
+    in (``train`` for ``train.xyzzy``) is never the answer.
+    """
+    keys = [k for k in dotted_keys(cfg) if not key.startswith(k + ".")]
+    completions = [k for k in keys if k.startswith(key)]
+    if completions:
+        close = difflib.get_close_matches(key, completions, n=1, cutoff=0.0)
+    else:
+        # The shared section inflates the ratio of full names ('optim.lr' vs 'optim.b2' is
+        # 0.75), so the last parts must look alike too.
+        leaf = key.rpartition(".")[2]
+        close = [
+            k
+            for k in difflib.get_close_matches(key, keys, n=5, cutoff=0.6)
+            if difflib.SequenceMatcher(None, leaf, k.rpartition(".")[2]).ratio() >= 0.5
+        ]
+    if close:
+        return f"unknown config key {key!r}: did you mean {close[0]!r}?"
+    parts = key.split(".")
+    node, where = cfg, "<top>"
+    for i, part in enumerate(parts[:-1]):  # the deepest existing section
+        if part in node and not isinstance(node[part], ml_collections.ConfigDict):
+            value = ".".join(parts[: i + 1])
+            return f"unknown config key {key!r}: {value} is a value, not a group"
+        if part not in node:
+            break
+        node, where = node[part], ".".join(parts[: i + 1])
+    return f"unknown config key {key!r} (keys under {where}: {sorted(node.keys())})"
+
+
 def apply_overrides(cfg: ml_collections.ConfigDict, overrides: dict[str, str]) -> None:
     """Sets ``{"a.b": "text"}`` on ``cfg`` in place; an unknown key is a ConfigError."""
     for key, text in overrides.items():
         node, parts = cfg, key.split(".")
         for i, part in enumerate(parts):
             if not isinstance(node, ml_collections.ConfigDict) or part not in node:
-                where = ".".join(parts[:i]) or "<top>"
-                known = sorted(node.keys()) if isinstance(node, ml_collections.ConfigDict) else []
-                raise ConfigError(f"unknown config key {key!r} (keys under {where}: {known})")
+                raise ConfigError(unknown_key_message(cfg, key))
             if i < len(parts) - 1:
                 node = node[part]
         leaf = parts[-1]

@@ -20,6 +20,7 @@ import itertools
 import json
 import logging
 import os
+import re
 import sys
 import uuid
 import warnings
@@ -187,10 +188,49 @@ def _builder_for(path: Path) -> str:
 
 @functools.lru_cache(maxsize=1)
 def _pydoc_rows() -> tuple[str, ...]:
-    """Python's bundled help topics, sorted by key, split into lines like the Text builder."""
+    """Python's bundled help topics, sorted by key, laid out by ``normalize_layout`` and
+    split into lines like the Text builder."""
     from pydoc_data.topics import topics
 
-    return tuple(line for k in sorted(topics) for line in StringIO(topics[k]).readlines())
+    return tuple(
+        line for k in sorted(topics) for line in StringIO(normalize_layout(topics[k])).readlines()
+    )
+
+
+# Heading underlines ("*****", "=====") and table borders ("+-----+----+"): no words.
+_RULE = re.compile(r"^[ *=\-~^+|]*[*=\-~^+|]{3}[ *=\-~^+|]*$")
+_INNER_SPACES = re.compile(r"(?<=\S) {2,}")
+MAX_INDENT = 4
+
+
+def normalize_layout(text: str) -> str:
+    """The builtin corpus's layout, made mostly words (``make demo`` samples it).
+
+    The help text is rendered reStructuredText: paragraphs indented by 3-8 spaces, grammar
+    rules aligned with runs of 16+ spaces, heading underlines of ``*`` and table borders.
+    Whitespace runs and line breaks are separate GPT-2 tokens, so a small model trained on
+    the raw text mostly learns to emit spaces and newlines. So: rules are dropped; a prose
+    paragraph (every line at column 0) becomes one line, as the hard wrap at 70 columns
+    carries no meaning; any other paragraph (code, grammar, lists, notes) is dedented, its
+    remaining indentation capped at ``MAX_INDENT`` spaces (code stays visibly nested); runs
+    of inner spaces (alignment, two spaces after a full stop) become one; paragraphs are
+    separated by one line break, not a blank line (each newline is one more token).
+    """
+    out: list[str] = []
+    for para in re.split(r"\n\s*\n", text):
+        lines = [ln.rstrip() for ln in para.split("\n")]
+        lines = [ln for ln in lines if ln and not _RULE.match(ln)]
+        if not lines:
+            continue
+        indents = [len(ln) - len(ln.lstrip(" ")) for ln in lines]
+        if max(indents) == 0:  # prose
+            lines = [" ".join(lines)]
+        base = min(indents)
+        for ln in lines:
+            body = ln[base:]
+            indent = min(len(body) - len(body.lstrip(" ")), MAX_INDENT)
+            out.append(" " * indent + _INNER_SPACES.sub(" ", body.lstrip(" ")))
+    return "".join(line + "\n" for line in out)
 
 
 def _pydoc_sha() -> str:

@@ -27,7 +27,7 @@ from gpt2_jax import checkpoint as ckpt_lib
 from gpt2_jax import config as config_lib
 from gpt2_jax import data as data_lib
 from gpt2_jax import model as model_lib
-from gpt2_jax import optim, preflight, sharding, weights
+from gpt2_jax import optim, preflight, sharding, summary, weights
 from gpt2_jax.evaluate import evaluate_splits
 
 State = dict[str, Any]  # {"step": int32[], "params": ..., "opt_state": ..., "rng": uint32[2]}
@@ -324,6 +324,7 @@ def _run(
 ) -> dict:
     """The training proper; everything opened is closed by ``stack`` (errors included)."""
     model_cfg = source.model_cfg
+    run_start = time.perf_counter()
     # ---- workdir
     moved = _prepare_workdir(cfg, workdir, source)
     ckpt = ckpt_lib.Checkpointer(
@@ -390,12 +391,26 @@ def _run(
     stack.callback(bar.close)
     log = MetricLogger(workdir, resume_step, bar if show else None)
     stack.callback(log.close)
-    log.echo(
-        f"gpt2_jax: {model_lib.count_params(abstract['params']) / 1e6:.1f}M params, "
-        f"{len(train_blocks)} train blocks of {cfg.data.block_size} tokens, "
-        f"{loader.steps_per_epoch} steps/epoch, steps {start}->{total_steps}, "
-        f"mesh {dict(mesh.shape)}, workdir {workdir}"
+    # Run summary (summary.py) on stdout, and as TensorBoard text with the resolved config.
+    resumed = ckpt.directory / str(resume_step) if resume_step is not None else None
+    start_text = summary.start_summary(
+        config_lib.to_dict(cfg),
+        params=model_lib.count_params(abstract["params"]),
+        device_count=jax.device_count(),
+        process_count=jax.process_count(),
+        platform=jax.devices()[0].platform,
+        mesh_shape=dict(mesh.shape),
+        start_step=start,
+        total_steps=total_steps,
+        steps_per_epoch=loader.steps_per_epoch,
+        blocks={"train": len(train_blocks), **{k: len(v) for k, v in splits.items()}},
+        weights=summary.weights_source(resumed, cfg.init_from, cfg.train.seed),
+        workdir=workdir,
     )
+    log.echo(start_text)
+    if log.enabled:
+        tb_dir = workdir / "tensorboard"
+        summary.write_tensorboard(tb_dir, {"run/start": start_text}, start, config_lib.to_dict(cfg))
     for line in moved:
         log.echo(line)
     if resume_step is not None:
@@ -467,10 +482,21 @@ def _run(
         if ckpt.latest_step() != step:
             save(step, results)
         ckpt.wait()
-    log.echo(
-        f"checkpoints: {ckpt.directory}  metrics: {workdir / 'metrics.jsonl'}  "
-        f"tensorboard: {workdir / 'tensorboard'}"
+    end_text = summary.end_summary(
+        results,
+        start_step=start,
+        end_step=step,
+        wall_seconds=time.perf_counter() - run_start,
+        paths={
+            "checkpoints": ckpt.directory / str(ckpt.latest_step()),
+            "metrics": workdir / "metrics.jsonl",
+            "tensorboard": workdir / "tensorboard",
+            "config": workdir / "config.json",
+        },
     )
+    log.echo(end_text)
+    if log.enabled:
+        summary.write_tensorboard(workdir / "tensorboard", {"run/end": end_text}, step)
     return {r["split"]: r for r in results}
 
 

@@ -1,5 +1,6 @@
 """Data pipeline: run_clm parity of blocks and hold-out, cache, loader purity, errors."""
 
+import hashlib
 import re
 import time
 from functools import partial
@@ -133,6 +134,26 @@ def test_pydoc_topics_offline(tmp_path):
     splits = data.load_splits(cfg)
     assert len(splits["train"].tokens) > 50_000
     assert 0 < len(splits["validation"]) < len(splits["train"])
+
+
+def test_pydoc_layout_is_normalised():
+    text = (
+        'Title\n*****\n\n   for_stmt ::= "for" target\n                ["else"]\n\n\n\n'
+        "   x = 1      # note\n       y\n"
+    )
+    assert data.normalize_layout(text) == (
+        'Title\nfor_stmt ::= "for" target\n    ["else"]\nx = 1 # note\n    y\n'
+    )
+    prose = "A first line\nwrapped at 70 columns.\n\nNext  paragraph.\n"
+    assert data.normalize_layout(prose) == "A first line wrapped at 70 columns.\nNext paragraph.\n"
+    rows = data._pydoc_rows()
+    assert not any(r.startswith(" " * (data.MAX_INDENT + 1)) for r in rows)
+    assert "\n" not in rows  # no blank lines
+    # The token cache key covers the layout: it hashes the rows as normalised.
+    cfg = data.default_data_config()
+    cfg.dataset = "pydoc_topics"
+    spec = data._split_spec(cfg, "train")
+    assert spec["topics_sha"] == hashlib.sha256("".join(rows).encode()).hexdigest()
 
 
 def test_json_lines_with_text_column(tmp_path):

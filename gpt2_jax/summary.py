@@ -1,0 +1,178 @@
+"""What a run is about to do and what it did, as short text: stdout, TensorBoard, eval table.
+
+``start_summary`` is one screen printed before the first step (model, weights, devices and
+mesh, batch, steps and epochs, blocks per split, cadence, workdir); ``end_summary`` gives
+the final metrics, wall time and the paths written. ``write_tensorboard`` stores both,
+with the resolved config, as TensorBoard text. Every function takes plain values (the
+config as a dict), so this module needs neither jax nor the training loop.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+_INDENT = "  "
+
+
+def _row(name: str, text: str) -> str:
+    return f"{_INDENT}{name:<11} {text}"
+
+
+def _every(n: int, what: str, never: str) -> str:
+    if not n:
+        return f"{what} {never}"
+    return f"{what} every step" if n == 1 else f"{what} every {n:,} steps"
+
+
+def _plural(n: int, word: str) -> str:
+    return f"{n:,} {word}" if n == 1 else f"{n:,} {word}s"
+
+
+def weights_source(resume_checkpoint: str | Path | None, init_from: str, seed: int) -> str:
+    """Where the weights come from, in words: a checkpoint, ``hf:...`` or scratch."""
+    if resume_checkpoint is not None:
+        return f"checkpoint {resume_checkpoint} (resuming)"
+    if init_from:
+        return f"{init_from} (Hugging Face weights)"
+    return f"scratch (random init, train.seed={seed})"
+
+
+def start_summary(
+    config: dict,
+    *,
+    params: int,
+    device_count: int,
+    process_count: int,
+    platform: str,
+    mesh_shape: dict,
+    start_step: int,
+    total_steps: int,
+    steps_per_epoch: int,
+    blocks: dict[str, int],
+    weights: str,
+    workdir: str | Path,
+) -> str:
+    """The start-of-run screen. ``config``: the resolved config as a dict (``to_dict``);
+    ``blocks``: examples per split, e.g. ``{"train": 2088, "validation": 95}``."""
+    m, t, d, o = config["model"], config["train"], config["data"], config["optim"]
+    shape = (
+        f"{_plural(m['n_layer'], 'layer')} x {_plural(m['n_head'], 'head')} x n_embd {m['n_embd']}"
+        if m.get("n_layer")
+        else f"size {m.get('size')!r}"
+    )
+    block = d["block_size"]
+    accum = o.get("accumulation_steps", 1)
+    micro = t["batch_size"] // accum
+    batch = f"{t['batch_size']:,} sequences x {block} tokens = {t['batch_size'] * block:,} tokens"
+    batch += (
+        f" a step (global; {accum} microbatches of {micro})" if accum > 1 else " a step (global)"
+    )
+    epochs = total_steps / steps_per_epoch if steps_per_epoch else float("nan")
+    steps = f"{start_step:,} -> {total_steps:,}, {steps_per_epoch:,} steps an epoch"
+    steps += f" = {epochs:.2f} epochs"
+    per_split = ", ".join(f"{name} {n:,}" for name, n in blocks.items())
+    cadence = ", ".join(
+        (
+            _every(t["log_every"], "log", "never"),
+            _every(t["eval_every"], "eval", "at the end"),
+            _every(t["checkpoint_every"], "checkpoint", "at the end and on SIGTERM"),
+            f"keep {t.get('keep_checkpoints', 0)}",
+        )
+    )
+    devices = f"{_plural(device_count, platform + ' device')} in "
+    devices += f"{process_count} process" + "es" * (process_count != 1)
+    mesh = " x ".join(f"{axis}={size}" for axis, size in mesh_shape.items())
+    lines = [
+        "gpt2-jax train: run summary",
+        _row("model", f"{params / 1e6:.1f}M parameters ({params:,}), {shape}"),
+        _row("weights", weights),
+        _row("devices", f"{devices}; mesh {mesh}"),
+        _row("batch", batch),
+        _row("steps", steps),
+        _row("blocks", f"{per_split} (of {block} tokens)"),
+        _row(
+            "optimizer", f"lr {o['learning_rate']:g}, {o['schedule']}, warmup {o['warmup_steps']}"
+        ),
+        _row("cadence", cadence),
+        _row("workdir", str(workdir)),
+    ]
+    return "\n".join(lines)
+
+
+def end_summary(
+    results: list[dict],
+    *,
+    start_step: int,
+    end_step: int,
+    wall_seconds: float,
+    paths: dict[str, str | Path],
+) -> str:
+    """The end-of-run screen: final eval metrics, wall time, the files written.
+
+    ``results``: eval records (``split``, ``loss``, ``perplexity``, ``tokens``);
+    ``paths``: ``{"checkpoints": ..., "metrics": ...}`` in the order to print.
+    """
+    minutes, seconds = divmod(wall_seconds, 60)
+    lines = [
+        "gpt2-jax train: done",
+        _row(
+            "trained",
+            f"steps {start_step:,} -> {end_step:,} in {int(minutes)} min {seconds:.0f} s wall "
+            "(compilation, evals and checkpoints included)",
+        ),
+    ]
+    for r in results:
+        lines.append(
+            _row(
+                r["split"],
+                f"loss {r['loss']:.4f}, perplexity {r['perplexity']:.2f} "
+                f"({r['tokens']:,} scored tokens)",
+            )
+        )
+    for i, (name, path) in enumerate(paths.items()):
+        lines.append(_row("wrote" if i == 0 else "", f"{name + ':':<12} {path}"))
+    return "\n".join(lines)
+
+
+def eval_table(results: list[dict]) -> str:
+    """``gpt2-jax eval``'s closing table (split, loss, perplexity, tokens), one row a split."""
+    header = ("split", "loss", "perplexity", "tokens")
+    rows = [
+        (r["split"], f"{r['loss']:.4f}", f"{r['perplexity']:.2f}", f"{r['tokens']:,}")
+        for r in results
+    ]
+    widths = [max(len(x) for x in col) for col in zip(header, *rows, strict=True)]
+
+    def fmt(cells):  # split left-aligned, numbers right-aligned
+        first, *rest = cells
+        return "  ".join(
+            [first.ljust(widths[0])] + [c.rjust(w) for c, w in zip(rest, widths[1:], strict=True)]
+        )
+
+    return "\n".join([fmt(header)] + [fmt(r) for r in rows])
+
+
+def write_tensorboard(
+    logdir: str | Path, texts: dict[str, str], step: int, config: dict | None = None
+) -> None:
+    """Adds ``texts`` (``{tag: text}``) and the resolved ``config`` as TensorBoard text.
+
+    A writer of its own (file suffix ``.summary``) beside the metrics writer: TensorBoard
+    merges the event files of one directory, and the metric logger stays untouched.
+    """
+    from tensorboardX import SummaryWriter
+
+    writer = SummaryWriter(str(logdir), filename_suffix=".summary")
+    try:
+        # TensorBoard renders text as Markdown: 4-space indentation keeps it monospace.
+        for tag, text in texts.items():
+            writer.add_text(tag, _as_code(text), step)
+        if config is not None:
+            writer.add_text("run/config", _as_code(json.dumps(config, indent=2)), step)
+    finally:
+        writer.close()
+
+
+def _as_code(text: str) -> str:
+    return "\n".join("    " + line for line in text.splitlines())
