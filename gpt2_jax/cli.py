@@ -96,16 +96,18 @@ def _load_config(args, overrides):
     return cfg
 
 
-def _model_and_params(cfg, args):
-    """(model config, params) from the one resolver (weights.py); says where from."""
+def _model_and_params(cfg, args, announce: bool = True):
+    """(model config, params, source) from the one resolver (weights.py); says where from
+    on stderr unless ``announce=False`` (the caller then says it after its own checks)."""
     from gpt2_jax import config as config_lib
     from gpt2_jax import weights
 
     workdir = None if getattr(args, "init_from", "") else args.workdir
     model_cfg, params, source = weights.load_params(cfg, workdir, args.step)
     config_lib.set_model_shape(cfg, model_cfg)
-    print(f"loaded {source.describe()}", file=sys.stderr)
-    return model_cfg, params
+    if announce:
+        print(f"loaded {source.describe()}", file=sys.stderr)
+    return model_cfg, params, source
 
 
 def cmd_train(args, overrides) -> int:
@@ -134,7 +136,7 @@ def cmd_eval(args, overrides) -> int:
 
     cfg = _load_config(args, overrides)
     sharding.maybe_initialize_distributed(cfg.distributed)  # flags, or a detected cluster
-    model_cfg, params = _model_and_params(cfg, args)
+    model_cfg, params, _ = _model_and_params(cfg, args)
     config_lib.validate(cfg, jax.device_count())
     splits = data_lib.load_splits(cfg.data, tuple(cfg.eval.splits))
     mesh = sharding.make_mesh(cfg.mesh)
@@ -182,7 +184,7 @@ def cmd_generate(args, overrides) -> int:
     if args.init_from:
         with cfg.unlocked():
             cfg.init_from = args.init_from
-    model_cfg, params = _model_and_params(cfg, args)
+    model_cfg, params, source = _model_and_params(cfg, args, announce=False)
     enc = tokenizer.get_tokenizer()
     prompt_ids = [enc.encode_ordinary(text) for text in prompts]
     for flag, ids in zip(_prompt_flags(args, len(prompts)), prompt_ids, strict=True):
@@ -192,6 +194,7 @@ def cmd_generate(args, overrides) -> int:
                 f"> n_positions={model_cfg.n_positions}; shorten the prompt or lower "
                 f"--max_new_tokens"
             )
+    print(f"loaded {source.describe()}", file=sys.stderr)  # after the checks: errors stay one line
     rows = [ids for ids in prompt_ids for _ in range(args.num_samples)]
     stop = 50256 if args.stop_at_eos else None  # <|endoftext|>
     stats = gen_lib.Stats()
@@ -311,7 +314,7 @@ def cmd_export(args, overrides) -> int:
             f"--out={args.out} exists and is not empty; pass --overwrite to replace it"
         )
     cfg = _load_config(args, overrides)
-    model_cfg, params = _model_and_params(cfg, args)
+    model_cfg, params, _ = _model_and_params(cfg, args)
     hf.save_pretrained(model_cfg, params, args.out, overwrite=args.overwrite)
     print(f"wrote {args.out}")
     return 0

@@ -65,6 +65,7 @@ def base_config() -> ml_collections.ConfigDict:
     t.max_nonfinite = 10  # with nonfinite=skip: stop after this many non-finite steps in a row
     t.progress = True  # tqdm progress bar on stderr
     t.preflight = True  # refuse a run whose compiled step cannot fit in memory (preflight.py)
+    t.peak_flops = 0.0  # one device's peak FLOP/s for `mfu` (0: flops.PEAK_FLOPS by device kind)
 
     c.optim = o = ml_collections.ConfigDict()
     o.learning_rate = 6e-4  # peak learning rate

@@ -26,8 +26,8 @@ import optax
 from gpt2_jax import checkpoint as ckpt_lib
 from gpt2_jax import config as config_lib
 from gpt2_jax import data as data_lib
+from gpt2_jax import flops, optim, preflight, sharding, summary, weights
 from gpt2_jax import model as model_lib
-from gpt2_jax import optim, preflight, sharding, summary, weights
 from gpt2_jax.evaluate import evaluate_splits
 
 State = dict[str, Any]  # {"step": int32[], "params": ..., "opt_state": ..., "rng": uint32[2]}
@@ -429,6 +429,7 @@ def _run(
 
     # ---- the loop: metrics leave the device only at log, checkpoint and stop steps
     tokens_per_step = cfg.train.batch_size * cfg.data.block_size
+    throughput = _Throughput(cfg, model_cfg, jax.devices())
     guard = _NonFinite(cfg.train.nonfinite, cfg.train.max_nonfinite)
     pending: list[tuple[int, dict]] = []
     last_time, last_step = time.perf_counter(), start
@@ -437,6 +438,10 @@ def _run(
         while step < total_steps:
             state, metrics = step_fn(state, get_batch(step))
             step += 1
+            if step == start + 1:
+                # The first step may carry compilation: tokens/s counts from its end.
+                jax.block_until_ready(metrics["loss"])
+                last_time, last_step = time.perf_counter(), step
             pending.append((step, metrics))
             log_now = step % cfg.train.log_every == 0 or step == total_steps
             eval_now = bool(cfg.train.eval_every and step % cfg.train.eval_every == 0)
@@ -458,8 +463,10 @@ def _run(
                     "loss": window["loss"],
                     "learning_rate": float(schedule(step - 1)),
                     "grad_norm": window["grad_norm"],
-                    "tokens_per_second": tokens_per_step * (step - last_step) / (now - last_time),
                 }
+                if step > last_step:  # not the first step's window alone
+                    tps = tokens_per_step * (step - last_step) / (now - last_time)
+                    record.update(throughput.metrics(tps))
                 if cfg.train.nonfinite == "skip":
                     record["nonfinite"] = window["nonfinite"]
                 log.write(record)
@@ -498,6 +505,26 @@ def _run(
     if log.enabled:
         summary.write_tensorboard(workdir / "tensorboard", {"run/end": end_text}, step)
     return {r["split"]: r for r in results}
+
+
+class _Throughput:
+    """tokens/s -> tokens/s, tokens/s per device and (where the peak is known) MFU."""
+
+    def __init__(self, cfg, model_cfg, devices):
+        self.devices = len(devices)
+        self.flops_per_token = flops.flops_per_token(model_cfg, cfg.data.block_size)
+        self.peak = float(cfg.train.peak_flops) or flops.peak_flops(
+            devices[0].device_kind, model_cfg.dtype
+        )
+
+    def metrics(self, tokens_per_second: float) -> dict:
+        out = {
+            "tokens_per_second": tokens_per_second,
+            "tokens_per_second_per_device": tokens_per_second / self.devices,
+        }
+        if self.peak:
+            out["mfu"] = tokens_per_second * self.flops_per_token / (self.peak * self.devices)
+        return out
 
 
 class _NonFinite:
