@@ -82,12 +82,11 @@ def start_summary(
     )
     devices = f"{_plural(device_count, platform + ' device')} in "
     devices += f"{process_count} process" + "es" * (process_count != 1)
-    mesh = " x ".join(f"{axis}={size}" for axis, size in mesh_shape.items())
     lines = [
         "gpt2-jax train: run summary",
         _row("model", f"{params / 1e6:.1f}M parameters ({params:,}), {shape}"),
         _row("weights", weights),
-        _row("devices", f"{devices}; mesh {mesh}"),
+        _row("devices", f"{devices}; mesh {dict(mesh_shape)}"),
         _row("batch", batch),
         _row("steps", steps),
         _row("blocks", f"{per_split} (of {block} tokens)"),

@@ -33,7 +33,7 @@ def test_start_summary_lists_what_the_run_will_do(tiny_run):
     expected = [
         r"model +1\.6M parameters \(1,6\d\d,\d{3}\), 1 layer x 2 heads x n_embd 32",
         r"weights +scratch \(random init, train\.seed=0\)",
-        r"devices +1 cpu device in 1 process; mesh data=1 x fsdp=1",
+        r"devices +1 cpu device in 1 process; mesh \{'data': 1, 'fsdp': 1\}",
         r"batch +4 sequences x 32 tokens = 128 tokens a step",
         r"steps +0 -> 6, \d+ steps an epoch = 0\.\d\d epochs",
         r"blocks +train \d[\d,]*, validation \d[\d,]* \(of 32 tokens\)",
