@@ -31,8 +31,10 @@ PEAK_FLOPS = (
 def flops_per_token(cfg: GPT2Config, seq_len: int) -> float:
     """Training FLOPs per token (forward + backward) of ``cfg`` at context ``seq_len``."""
     C, L = cfg.n_embd, cfg.n_layer
-    block = 2 * C * 3 * C + 3 * C + C * C + C + 2 * C * cfg.inner_dim + cfg.inner_dim + C
-    block += 4 * C  # two LayerNorms
+    inner = cfg.inner_dim
+    attn = (C * 3 * C + 3 * C) + (C * C + C)  # c_attn, c_proj (weights + biases)
+    mlp = (C * inner + inner) + (inner * C + C)  # c_fc, c_proj
+    block = attn + mlp + 4 * C  # + two LayerNorms
     n = cfg.vocab_size * C + L * block + 2 * C
     return 6.0 * n + 12.0 * L * seq_len * C
 
