@@ -392,8 +392,22 @@ def main(argv: list[str] | None = None) -> int:
     except Exception as e:  # user-facing errors: one line, no traceback
         if _is_user_error(e):
             print(f"gpt2-jax {command}: error: {e}", file=sys.stderr)
+            _exit_now_if_multiprocess(2)
             return 2
         raise
+
+
+def _exit_now_if_multiprocess(code: int) -> None:
+    """With several processes, a failed one leaves at once: jax.distributed's shutdown
+    at exit would wait for peers that may be waiting for it, and the launcher (or the
+    cluster) must see the failure to stop the others."""
+    jax = sys.modules.get("jax")
+    if jax is not None and jax.process_count() > 1:
+        import os
+
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
 
 
 def _is_user_error(e: Exception) -> bool:

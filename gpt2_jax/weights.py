@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any
 
 import jax
+import numpy as np
 
 from gpt2_jax import checkpoint as ckpt_lib
 from gpt2_jax import config as config_lib
@@ -323,9 +324,15 @@ def load_params(cfg, workdir: str | Path | None, step=None) -> tuple[Any, dict, 
         init = functools.partial(model_lib.init_params, mcfg)
         return {"params": jax.eval_shape(init, jax.random.PRNGKey(0))}
 
-    def shardings_fn(abstract):  # one device: eval/generate place them as they need
-        device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
-        return jax.tree.map(lambda _: device, abstract)
+    def shardings_fn(abstract):
+        # One process: one local device (eval/generate place them as they need). Several:
+        # replicated over every device, so each process holds the whole (addressable) copy.
+        if jax.process_count() == 1:
+            where = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+        else:
+            mesh = jax.sharding.Mesh(np.asarray(jax.devices()), ("all",))
+            where = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+        return jax.tree.map(lambda _: where, abstract)
 
     with ckpt_lib.Checkpointer(source.path, read_only=True) as ckpt:
         state = restore(source, ckpt, abstract_fn, shardings_fn, "--step", partial=True)
