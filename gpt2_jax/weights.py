@@ -265,10 +265,15 @@ def resolve(cfg, workdir: str | Path | None, step=None, *, training: bool = Fals
 
 
 def _saved_steps(ckpt_dir: Path) -> list[int]:
+    """The finished checkpoint steps in ``ckpt_dir``, read from the directory names.
+
+    Orbax writes ``<step>.orbax-checkpoint-tmp-*`` and renames it to ``<step>`` when done,
+    so an all-digits directory is a finished step. No CheckpointManager here: opening one
+    is a collective with several processes, and process 0 alone calls this (to move steps).
+    """
     if not ckpt_dir.is_dir():
         return []
-    with ckpt_lib.Checkpointer(ckpt_dir, read_only=True) as ckpt:
-        return ckpt.all_steps()
+    return sorted(int(p.name) for p in ckpt_dir.iterdir() if p.is_dir() and p.name.isdigit())
 
 
 def load_hf_params(source: Source) -> dict:
