@@ -162,7 +162,10 @@ def write_tensorboard(
     """
     from tensorboardX import SummaryWriter
 
-    writer = SummaryWriter(str(logdir), filename_suffix=".summary")
+    # The event file is named by the second it is opened in: a run's start and end
+    # summaries can fall in the same second, and the second file would replace the first.
+    label = "-".join(tag.replace("/", "_") for tag in texts) or "config"
+    writer = SummaryWriter(str(logdir), filename_suffix=f".{label}.summary")
     try:
         # TensorBoard renders text as Markdown: 4-space indentation keeps it monospace.
         for tag, text in texts.items():
