@@ -86,6 +86,27 @@ def jax_worker(task: dict) -> dict:
     kind = task["kind"]
     if kind == "matmul":
         return _jax_matmul(task)
+    if kind == "tokenize":
+        from gpt2_jax import tokenizer
+
+        enc = tokenizer.get_tokenizer()
+        rows = _text_rows(task["text"])
+        t0 = time.perf_counter()
+        n = sum(len(x) for x in enc.encode_ordinary_batch(rows, num_threads=os.cpu_count()))
+        return {"step_s": time.perf_counter() - t0, "tokens": n}
+    if kind == "loader":
+        from gpt2_jax import data as data_lib
+
+        rng, B, T = np.random.default_rng(0), task["batch"], task["seq"]
+        tokens = rng.integers(0, VOCAB, 4_000_000).astype(np.uint16)
+        offsets = np.arange(0, len(tokens) + 1, 400)
+        blocks = data_lib.Blocks(tokens, offsets, T, 1000)
+        loader = data_lib.BatchLoader(len(blocks), B, 0)
+        n = 200
+        t0 = time.perf_counter()
+        for s in range(n):
+            loader.batch(blocks, s)
+        return {"step_s": (time.perf_counter() - t0) / n}
     L, H, C = SIZES[task["size"]]
     B, T = task["batch"], task["seq"]
     drop = task.get("dropout", 0.0)
@@ -140,26 +161,6 @@ def jax_worker(task: dict) -> dict:
             task["steps"],
         )
         return {"first_s": first, "step_s": step}
-    if kind == "tokenize":
-        from gpt2_jax import tokenizer
-
-        enc = tokenizer.get_tokenizer()
-        rows = _text_rows(task["text"])
-        t0 = time.perf_counter()
-        n = sum(len(x) for x in enc.encode_ordinary_batch(rows, num_threads=os.cpu_count()))
-        return {"step_s": time.perf_counter() - t0, "tokens": n}
-    if kind == "loader":
-        from gpt2_jax import data as data_lib
-
-        tokens = rng.integers(0, VOCAB, 4_000_000).astype(np.uint16)
-        offsets = np.arange(0, len(tokens) + 1, 400)
-        blocks = data_lib.Blocks(tokens, offsets, T, 1000)
-        loader = data_lib.BatchLoader(len(blocks), B, 0)
-        n = 200
-        t0 = time.perf_counter()
-        for s in range(n):
-            loader.batch(blocks, s)
-        return {"step_s": (time.perf_counter() - t0) / n}
     raise ValueError(kind)
 
 
@@ -207,12 +208,20 @@ def torch_worker(task: dict) -> dict:
             out[f"{M}x{K}x{N}"] = 2 * M * K * N / t / 1e9
         return {"gflops": out}
     if kind == "tokenize":
+        import shutil
+        import tempfile
+
         from transformers import GPT2TokenizerFast
 
         from gpt2_jax import tokenizer
 
+        # A Hugging Face GPT-2 tokenizer directory from the same two files (what run_clm
+        # loads from the hub: vocab.json = encoder.json, merges.txt = vocab.bpe).
         encoder_json, vocab_bpe = tokenizer.vocab_files()
-        tok = GPT2TokenizerFast(vocab_file=str(encoder_json), merges_file=str(vocab_bpe))
+        directory = Path(tempfile.mkdtemp())
+        shutil.copyfile(encoder_json, directory / "vocab.json")
+        shutil.copyfile(vocab_bpe, directory / "merges.txt")
+        tok = GPT2TokenizerFast.from_pretrained(directory)
         rows = _text_rows(task["text"])
         t0 = time.perf_counter()
         n = 0
