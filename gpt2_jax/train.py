@@ -117,8 +117,11 @@ def train_step(
         poison = state["step"] + 1 == nan_step
         grads = jax.tree.map(lambda g: jnp.where(poison, jnp.nan, g), grads)
     grad_norm = optax.global_norm(grads)
-    updates, opt_state = tx.update(grads, state["opt_state"], params)
-    new_params = optax.apply_updates(params, updates)
+    if hasattr(tx, "apply"):  # optim.FusedTransformation: update and apply in one pass
+        new_params, opt_state = tx.apply(grads, state["opt_state"], params)
+    else:
+        updates, opt_state = tx.update(grads, state["opt_state"], params)
+        new_params = optax.apply_updates(params, updates)
     if skip_nonfinite:
         ok = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
         keep = functools.partial(jax.tree.map, lambda new, old: jnp.where(ok, new, old))

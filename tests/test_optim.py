@@ -88,3 +88,49 @@ def test_clipping_bounds_the_global_norm():
         _, state = tx.update(grads, tx.init(grads), grads)
         mu = optax.tree_utils.tree_get(state, "mu")
         np.testing.assert_allclose(float(optax.global_norm(mu)), 0.1 * norm, rtol=1e-5)
+
+
+@pytest.mark.parametrize(
+    "kw",
+    [
+        dict(),  # clip on, decay on kernels
+        dict(grad_clip=0.0, weight_decay=0.0),
+        dict(grad_clip=0.5, decay_embeddings=True, schedule="cosine"),
+    ],
+)
+def test_fused_update_equals_the_optax_chain(kw):
+    # The fused per-leaf update must give optax's numbers and state, step after step,
+    # with clipping both triggered (large gradients) and not (small ones).
+    cfg = _cfg(**kw)
+    tx, schedule = optim.make_optimizer(cfg, 20)
+    parts = [optax.clip_by_global_norm(cfg.grad_clip)] if cfg.grad_clip > 0 else []
+    parts.append(
+        optax.adamw(
+            schedule, b1=cfg.b1, b2=cfg.b2, eps=cfg.eps, weight_decay=cfg.weight_decay,
+            mask=lambda p: optim.decay_mask(p, cfg.decay_embeddings),
+        )
+    )  # fmt: skip
+    ref = optax.chain(*parts)
+    params = {
+        "wte": {"embedding": jnp.linspace(-1, 1, 12).reshape(4, 3)},
+        "d": {"kernel": jnp.linspace(0.5, -0.5, 6).reshape(3, 2), "bias": jnp.ones(2)},
+    }
+    p_fused, s_fused = params, tx.init(params)
+    p_ref, s_ref = params, ref.init(params)
+    assert jax.tree.structure(s_fused) == jax.tree.structure(s_ref)  # checkpoints interchange
+    for i in range(6):
+        scale = 5.0 if i % 2 else 0.01
+        grads = jax.tree.map(
+            lambda x, i=i: scale * jax.random.normal(jax.random.PRNGKey(i), x.shape), params
+        )
+        p_fused, s_fused = jax.jit(tx.apply)(grads, s_fused, p_fused)
+        updates, s_ref = jax.jit(ref.update)(grads, s_ref, p_ref)
+        p_ref = optax.apply_updates(p_ref, updates)
+        # The `update` half (optax's interface) gives the same step as `apply`.
+        if i == 0:
+            u, _ = tx.update(grads, tx.init(params), params)
+            u_ref, _ = ref.update(grads, ref.init(params), params)
+            for a, b in zip(jax.tree.leaves(u), jax.tree.leaves(u_ref)):
+                np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-9)
+    for a, b in zip(jax.tree.leaves((p_fused, s_fused)), jax.tree.leaves((p_ref, s_ref))):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7)
