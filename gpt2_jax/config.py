@@ -44,7 +44,10 @@ def base_config() -> ml_collections.ConfigDict:
     m.dropout = 0.1  # embd/attn/resid dropout (HF's *_pdrop)
     m.dtype = "float32"  # compute dtype: float32 | bfloat16
     m.param_dtype = "float32"  # parameter and optimizer-state dtype
-    m.scan_layers = True  # scan one compiled block over layers (fast compile) vs unrolled h_<i>
+    # Unrolled layers (h_<i>) run 11-14% faster steps than scanned ones on CPU
+    # (experiments/speed); scan (params under h) compiles once for all layers: set it for
+    # deep models, where unrolled compile time grows with every layer.
+    m.scan_layers = False
     m.remat = False  # recompute activations in backward (less memory, ~1/3 more compute)
 
     c.data = default_data_config()

@@ -47,7 +47,7 @@ class GPT2Config:
     # Not in Hugging Face's config: how we compute, not what the model is.
     dtype: str = "float32"  # compute dtype (activations, matmuls)
     param_dtype: str = "float32"  # parameter (and optimizer state) dtype
-    scan_layers: bool = True  # one block compiled and scanned over layers, params under "h"
+    scan_layers: bool = False  # True: one block compiled and scanned over layers, params under "h"
     remat: bool = False  # recompute block activations in the backward pass (saves memory)
 
     @classmethod

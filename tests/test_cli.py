@@ -342,7 +342,7 @@ def test_train_from_hf_model_with_non_default_mlp_width(tmp_path, texts, capsys)
     saved = json.loads((tmp_path / "w" / "config.json").read_text())["model"]
     assert saved["n_inner"] == 48 and saved["layer_norm_epsilon"] == 1e-6
     params = checkpoint_params(tmp_path / "w")
-    assert params["h"]["mlp"]["c_fc"]["kernel"].shape[-1] == 48
+    assert params["h_0"]["mlp"]["c_fc"]["kernel"].shape[-1] == 48
 
 
 # ---------------------------------------------------------------------- 3. export

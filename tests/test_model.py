@@ -10,7 +10,7 @@ import pytest
 from gpt2_jax import model as m
 
 # Odd sizes catch shape bugs: 2 layers, 3 heads, n_embd 48, vocab not a power of two.
-CFG = m.GPT2Config(vocab_size=97, n_positions=24, n_embd=48, n_layer=2, n_head=3)
+CFG = m.GPT2Config(vocab_size=97, n_positions=24, n_embd=48, n_layer=2, n_head=3, scan_layers=True)
 
 
 @pytest.fixture(scope="module")

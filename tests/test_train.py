@@ -122,6 +122,7 @@ def saved_layouts(workdir) -> dict:
 
 def test_two_devices_and_fsdp_match_one_device(tmp_path):
     args = ["train", f"--config={TINY}", "--config.model.dropout=0.1", "--config.train.steps=4"]
+    args.append("--config.model.scan_layers=true")  # the stacked layout: its layer axis stays whole
     one = run_cli([*args, f"--workdir={tmp_path}/one"], devices=1)
     two = run_cli([*args, f"--workdir={tmp_path}/two"], devices=2)
     fsdp = run_cli([*args, f"--workdir={tmp_path}/fsdp", "--config.mesh.fsdp=2"], devices=2)
