@@ -6,7 +6,8 @@ microbatches inside the one jitted step (one optimizer update per step, no extra
 
 from __future__ import annotations
 
-from typing import Callable, NamedTuple
+from collections.abc import Callable
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp

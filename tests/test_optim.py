@@ -121,7 +121,8 @@ def test_fused_update_equals_the_optax_chain(kw):
     for i in range(6):
         scale = 5.0 if i % 2 else 0.01
         grads = jax.tree.map(
-            lambda x, i=i: scale * jax.random.normal(jax.random.PRNGKey(i), x.shape), params
+            lambda x, i=i, scale=scale: scale * jax.random.normal(jax.random.PRNGKey(i), x.shape),
+            params,
         )
         p_fused, s_fused = jax.jit(tx.apply)(grads, s_fused, p_fused)
         updates, s_ref = jax.jit(ref.update)(grads, s_ref, p_ref)
@@ -130,7 +131,9 @@ def test_fused_update_equals_the_optax_chain(kw):
         if i == 0:
             u, _ = tx.update(grads, tx.init(params), params)
             u_ref, _ = ref.update(grads, ref.init(params), params)
-            for a, b in zip(jax.tree.leaves(u), jax.tree.leaves(u_ref)):
+            for a, b in zip(jax.tree.leaves(u), jax.tree.leaves(u_ref), strict=True):
                 np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-9)
-    for a, b in zip(jax.tree.leaves((p_fused, s_fused)), jax.tree.leaves((p_ref, s_ref))):
+    for a, b in zip(
+        jax.tree.leaves((p_fused, s_fused)), jax.tree.leaves((p_ref, s_ref)), strict=True
+    ):
         np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7)

@@ -91,7 +91,9 @@ def test_parse_step(text, want):
 
 
 def test_relayout_round_trip_covers_optimizer_state():
-    cfg = model_lib.GPT2Config(n_layer=2, n_head=2, n_embd=16, vocab_size=64, n_positions=8, scan_layers=True)
+    cfg = model_lib.GPT2Config(
+        n_layer=2, n_head=2, n_embd=16, vocab_size=64, n_positions=8, scan_layers=True
+    )
     params = model_lib.init_params(cfg, jax.random.PRNGKey(0))
     tree = {"params": params, "opt": ({"mu": params, "count": np.int32(3)},)}
     flat = weights.relayout(tree, scan_layers=False, n_layer=2)

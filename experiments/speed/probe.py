@@ -49,9 +49,7 @@ def main() -> None:
     )  # fmt: skip
     tx, _ = optim.make_optimizer(config_lib.base_config().optim, 1000)
     state = train_lib.init_state(jax.random.PRNGKey(0), model_cfg=cfg, tx=tx)
-    batch = jnp.asarray(
-        np.random.default_rng(0).integers(0, 50257, (1, a.batch, a.seq)), jnp.int32
-    )
+    batch = jnp.asarray(np.random.default_rng(0).integers(0, 50257, (1, a.batch, a.seq)), jnp.int32)
     step = jax.jit(functools.partial(train_lib.train_step, model_cfg=cfg, tx=tx), donate_argnums=0)
     t0 = time.perf_counter()
     state, m = step(state, batch)
