@@ -75,7 +75,7 @@ def loss_fn(
         return_hidden=True,
         rngs={"dropout": dropout_rng},
     )
-    return jnp.mean(model_lib.hidden_token_nll(hidden, params["wte"]["embedding"], batch))
+    return model_lib.mean_token_nll(hidden, params["wte"]["embedding"], batch)
 
 
 def train_step(

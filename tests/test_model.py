@@ -166,3 +166,23 @@ def test_padded_training_head_equals_plain_logits_loss(params):
     # jitted: one compile each instead of one per op of the eager backward pass.
     g1, g2 = jax.jit(jax.grad(loss_plain))(params), jax.jit(jax.grad(loss_padded))(params)
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6), g1, g2)
+
+
+@pytest.mark.parametrize("chunk", [7, 10, 1024])  # padded last chunk, exact split, plain head
+def test_chunked_training_loss_equals_the_plain_head(params, chunk):
+    ids = _ids(B=2, T=16)  # 30 predictions
+
+    def plain(p):
+        h = m.GPT2(CFG).apply({"params": p}, ids, return_hidden=True)
+        return m.hidden_token_nll(h, p["wte"]["embedding"], ids).mean()
+
+    def chunked(p):
+        h = m.GPT2(CFG).apply({"params": p}, ids, return_hidden=True)
+        return m.mean_token_nll(h, p["wte"]["embedding"], ids, chunk=chunk)
+
+    (l1, g1), (l2, g2) = (jax.jit(jax.value_and_grad(f))(params) for f in (plain, chunked))
+    np.testing.assert_allclose(l2, l1, rtol=1e-6)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(b, a, rtol=1e-4, atol=1e-7), g1, g2)
+    # Scaled cotangents (a loss multiplied by a constant) scale the gradients.
+    g3 = jax.jit(jax.grad(lambda p: 3.0 * chunked(p)))(params)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(b, 3 * a, rtol=1e-4, atol=1e-7), g1, g3)

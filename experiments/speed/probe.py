@@ -41,10 +41,14 @@ def main() -> None:
     ap.add_argument("--scan", action="store_true", help="model.scan_layers=True")
     ap.add_argument("--steps", type=int, default=3)
     ap.add_argument("--profile", action="store_true")
+    ap.add_argument(
+        "--shape", default="12,12,768", help="n_layer,n_head,n_embd (quickstart: 4,4,128)"
+    )
     a = ap.parse_args()
     d = a.dropout
     cfg = model_lib.GPT2Config(
-        n_layer=12, n_head=12, n_embd=768, n_positions=1024, resid_pdrop=d, embd_pdrop=d,
+        **dict(zip(("n_layer", "n_head", "n_embd"), map(int, a.shape.split(",")), strict=True)),
+        n_positions=1024, resid_pdrop=d, embd_pdrop=d,
         attn_pdrop=d, scan_layers=a.scan, dtype=a.dtype,
     )  # fmt: skip
     tx, _ = optim.make_optimizer(config_lib.base_config().optim, 1000)
@@ -74,7 +78,7 @@ def main() -> None:
             jax.block_until_ready(m)
         (path,) = glob.glob(f"{tmp}/**/perfetto_trace.json.gz", recursive=True)
         events = json.load(gzip.open(path))["traceEvents"]
-    total, count = collections.Counter(), collections.Counter()
+    total, count, single = collections.Counter(), collections.Counter(), collections.Counter()
     for e in events:
         name = e.get("name", "")
         if e.get("ph") != "X" or name.startswith("$") or "Thunk" in name or "Slinky" in name:
@@ -82,8 +86,12 @@ def main() -> None:
         kind = re.sub(r"\.\d+$", "", name)
         total[kind] += e.get("dur", 0)
         count[kind] += 1
+        single[name] += e.get("dur", 0)
     for kind, us in total.most_common(12):
         print(f"{us / 1e3:9.1f} ms  {count[kind]:4d} x {kind}")
+    print("largest single ops:")
+    for name, us in single.most_common(8):
+        print(f"{us / 1e3:9.1f} ms  {name}")
 
 
 if __name__ == "__main__":
