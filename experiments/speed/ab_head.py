@@ -19,27 +19,38 @@ from gpt2_jax import model as model_lib
 from gpt2_jax import optim
 from gpt2_jax import train as train_lib
 
-L, H, C, B, T = map(int, sys.argv[1:6])
-cfg = model_lib.GPT2Config(
-    n_layer=L, n_head=H, n_embd=C, n_positions=1024, resid_pdrop=0, embd_pdrop=0, attn_pdrop=0
-)
-tx, _ = optim.make_optimizer(config_lib.base_config().optim, 1000)
-batch = jnp.asarray(np.random.default_rng(0).integers(0, 50257, (1, B, T)), jnp.int32)
-orig = model_lib.mean_token_nll
-plain = lambda h, w, ids: model_lib.hidden_token_nll(h, w, ids).mean()
-steps = {}
-for name, fn in (("chunked", orig), ("plain", plain)):
-    model_lib.mean_token_nll = fn
-    st = train_lib.init_state(jax.random.PRNGKey(0), model_cfg=cfg, tx=tx)
-    f = jax.jit(functools.partial(train_lib.train_step, model_cfg=cfg, tx=tx), donate_argnums=0)
-    st, m = f(st, batch)
-    jax.block_until_ready(m)
-    steps[name] = [f, st]
-res = {k: [] for k in steps}
-for r in range(4):
-    for k, v in steps.items():
-        t = time.perf_counter()
-        v[1], m = v[0](v[1], batch)
+
+def plain(h, w, ids):
+    return model_lib.hidden_token_nll(h, w, ids).mean()
+
+
+def main() -> None:
+    L, H, C, B, T = map(int, sys.argv[1:6])
+    cfg = model_lib.GPT2Config(
+        n_layer=L, n_head=H, n_embd=C, n_positions=1024, resid_pdrop=0, embd_pdrop=0,
+        attn_pdrop=0,
+    )  # fmt: skip
+    tx, _ = optim.make_optimizer(config_lib.base_config().optim, 1000)
+    batch = jnp.asarray(np.random.default_rng(0).integers(0, 50257, (1, B, T)), jnp.int32)
+    steps = {}
+    for name, fn in (("chunked", model_lib.mean_token_nll), ("plain", plain)):
+        model_lib.mean_token_nll = fn  # train.loss_fn looks it up at trace time
+        state = train_lib.init_state(jax.random.PRNGKey(0), model_cfg=cfg, tx=tx)
+        step = jax.jit(
+            functools.partial(train_lib.train_step, model_cfg=cfg, tx=tx), donate_argnums=0
+        )
+        state, m = step(state, batch)
         jax.block_until_ready(m)
-        res[k].append(time.perf_counter() - t)
-print(sys.argv[1:], {k: f"{np.median(v) * 1e3:.0f} ms" for k, v in res.items()})
+        steps[name] = [step, state]
+    times = {k: [] for k in steps}
+    for _ in range(4):
+        for name, s in steps.items():
+            t0 = time.perf_counter()
+            s[1], m = s[0](s[1], batch)
+            jax.block_until_ready(m)
+            times[name].append(time.perf_counter() - t0)
+    print(sys.argv[1:], {k: f"{np.median(v) * 1e3:.0f} ms" for k, v in times.items()})
+
+
+if __name__ == "__main__":
+    main()
