@@ -124,6 +124,25 @@ def _layer_norm(cfg: GPT2Config, name: str | None) -> nn.LayerNorm:
     )
 
 
+def _use_cudnn(cfg: GPT2Config) -> bool:
+    """cuDNN's fused attention: on GPU, in a half-precision compute dtype, no attention
+    dropout (cuDNN's dropout RNG differs from ``nn.Dropout``'s)."""
+    return jax.default_backend() == "gpu" and cfg.dtype in ("bfloat16", "float16")
+
+
+def _cudnn_attention(qkv: jax.Array, nh: int) -> jax.Array | None:
+    """Causal attention through ``jax.nn.dot_product_attention(implementation="cudnn")``;
+    None when cuDNN refuses the shapes or dtype (the caller falls back to XLA's). Not
+    exercised on this project's CPU-only machines."""
+    B, T, C3 = qkv.shape
+    q, k, v = (t.reshape(B, T, nh, C3 // (3 * nh)) for t in jnp.split(qkv, 3, axis=-1))
+    try:
+        y = jax.nn.dot_product_attention(q, k, v, is_causal=True, implementation="cudnn")
+    except (NotImplementedError, ValueError, RuntimeError):
+        return None
+    return y.reshape(B, T, C3 // 3)
+
+
 class Attention(nn.Module):
     cfg: GPT2Config
 
@@ -136,20 +155,22 @@ class Attention(nn.Module):
         proj_std = cfg.initializer_range / math.sqrt(2 * cfg.n_layer)
 
         qkv = _dense(cfg, 3 * C, "c_attn", cfg.initializer_range)(x)  # (B, T, 3C)
-        q, k, v = jnp.split(qkv, 3, axis=-1)
-        q, k, v = (t.reshape(B, T, nh, hs) for t in (q, k, v))  # (B, T, nh, hs)
-        if deterministic or cfg.attn_pdrop == 0.0:
-            y = jax.nn.dot_product_attention(q, k, v, is_causal=True)  # (B, T, nh, hs)
-        else:
-            # dot_product_attention has no dropout on the probabilities: spell it out.
-            att = jnp.einsum("btnh,bsnh->bnts", q, k, preferred_element_type=jnp.float32)
+        no_dropout = deterministic or cfg.attn_pdrop == 0.0
+        y = _cudnn_attention(qkv, nh) if no_dropout and _use_cudnn(cfg) else None
+        if y is None:
+            # Head-major once, right after the projection: both attention matmuls then
+            # have their batch axes (B, nh) leading and contract in place (on the 2-core
+            # CPU: -17% a gpt2 4 x 512 train step against [B, T, nh, hs] operands and
+            # jax.nn.dot_product_attention; experiments/speed).
+            q, k, v = qkv.reshape(B, T, 3, nh, hs).transpose(2, 0, 3, 1, 4)  # (B, nh, T, hs)
+            att = jnp.einsum("bnth,bnsh->bnts", q, k, preferred_element_type=jnp.float32)
             att = att / math.sqrt(hs)
             causal = jnp.tril(jnp.ones((T, T), dtype=bool))
             att = jnp.where(causal, att, jnp.finfo(jnp.float32).min)
             att = jax.nn.softmax(att, axis=-1).astype(v.dtype)  # (B, nh, T, T)
-            att = nn.Dropout(cfg.attn_pdrop)(att, deterministic=False)
-            y = jnp.einsum("bnts,bsnh->btnh", att, v)  # (B, T, nh, hs)
-        y = y.reshape(B, T, C)
+            att = nn.Dropout(cfg.attn_pdrop)(att, deterministic=deterministic)
+            y = jnp.einsum("bnts,bnsh->bnth", att, v)  # (B, nh, T, hs)
+            y = y.transpose(0, 2, 1, 3).reshape(B, T, C)
         y = _dense(cfg, C, "c_proj", proj_std)(y)
         return nn.Dropout(cfg.resid_pdrop)(y, deterministic=deterministic)
 

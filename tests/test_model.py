@@ -186,3 +186,10 @@ def test_chunked_training_loss_equals_the_plain_head(params, chunk):
     # Scaled cotangents (a loss multiplied by a constant) scale the gradients.
     g3 = jax.jit(jax.grad(lambda p: 3.0 * chunked(p)))(params)
     jax.tree.map(lambda a, b: np.testing.assert_allclose(b, 3 * a, rtol=1e-4, atol=1e-7), g1, g3)
+
+
+def test_cudnn_attention_falls_back_where_cudnn_is_absent():
+    # On a machine without cuDNN the fused path declines (None) instead of failing, and
+    # the model never asks for it off GPU.
+    assert m._cudnn_attention(jnp.ones((1, 4, 12)), 2) is None
+    assert not m._use_cudnn(m.GPT2Config(dtype="bfloat16")) or jax.default_backend() == "gpu"
