@@ -35,7 +35,7 @@ def main() -> None:
         t_vc = per_call(jax.jit(lambda a, b: a @ b.T), jx, jwt)
         tx, tw = torch.from_numpy(x), torch.from_numpy(w)
         with torch.no_grad():
-            t_torch = per_call(lambda: tx @ tw)
+            t_torch = per_call(lambda a=tx, b=tw: a @ b)
         print(
             f"[{M}, {K}] x head: jax [C,V] {t_cv * 1e3:.2f} ms ({mb / t_cv / 1e3:.0f} GB/s), "
             f"jax [V,C]^T {t_vc * 1e3:.2f} ms ({mb / t_vc / 1e3:.0f} GB/s), "
