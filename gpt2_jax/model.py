@@ -403,16 +403,24 @@ def hidden_token_nll(hidden: jax.Array, wte: jax.Array, input_ids: jax.Array) ->
     faster than the plain head (experiments/padded_head). The padding never leaves this
     function: parameters and user-facing logits keep the real vocabulary.
     """
-    V = wte.shape[0]
-    Vp = padded_vocab_size(V)
-    w = jnp.pad(wte.astype(hidden.dtype), ((0, Vp - V), (0, 0)))  # (Vp, C)
-    logits = jnp.einsum(
-        "btc,vc->btv", hidden[:, :-1], w, preferred_element_type=jnp.float32
-    )  # (B, T-1, Vp)
-    logits = jnp.where(jnp.arange(Vp) < V, logits, -jnp.inf)
-    logz = jax.nn.logsumexp(logits, axis=-1)
+    w = _padded_head(wte, hidden.dtype)
+    logits, logz = _head_logits(hidden[:, :-1], w, wte.shape[0])  # (B, T-1, Vp), (B, T-1)
     picked = jnp.take_along_axis(logits, input_ids[:, 1:, None], axis=-1)[..., 0]
     return logz - picked
+
+
+def _padded_head(wte: jax.Array, dtype) -> jax.Array:
+    """wte [V, C] zero-padded to [padded_vocab_size(V), C] in ``dtype``."""
+    V = wte.shape[0]
+    return jnp.pad(wte.astype(dtype), ((0, padded_vocab_size(V) - V), (0, 0)))
+
+
+def _head_logits(h: jax.Array, w: jax.Array, V: int) -> tuple[jax.Array, jax.Array]:
+    """h [..., C] against the padded head w [Vp, C] -> (fp32 logits [..., Vp] with the
+    padding rows at -inf, their logsumexp [...])."""
+    logits = jnp.einsum("...c,vc->...v", h, w, preferred_element_type=jnp.float32)
+    logits = jnp.where(jnp.arange(w.shape[0]) < V, logits, -jnp.inf)
+    return logits, jax.nn.logsumexp(logits, axis=-1)
 
 
 HEAD_CHUNK = 1024  # rows of the training head's logits held at once (mean_token_nll)
@@ -451,8 +459,8 @@ def _chunked_nll(h: jax.Array, wte: jax.Array, targets: jax.Array, chunk: int) -
 def _chunked_nll_fwd(h, wte, targets, chunk):
     N, C = h.shape
     V = wte.shape[0]
-    Vp = padded_vocab_size(V)
-    w = jnp.pad(wte.astype(h.dtype), ((0, Vp - V), (0, 0)))  # (Vp, C)
+    w = _padded_head(wte, h.dtype)  # (Vp, C)
+    Vp = w.shape[0]
     n_chunks = -(-N // chunk)
     pad = n_chunks * chunk - N
     hs = jnp.pad(h, ((0, pad), (0, 0))).reshape(n_chunks, chunk, C)
@@ -461,9 +469,7 @@ def _chunked_nll_fwd(h, wte, targets, chunk):
 
     def one_chunk(dw_t, xs):
         hc, tc, rc = xs  # (chunk, C), (chunk,), (chunk,)
-        logits = jnp.einsum("nc,vc->nv", hc, w, preferred_element_type=jnp.float32)
-        logits = jnp.where(jnp.arange(Vp) < V, logits, -jnp.inf)  # (chunk, Vp)
-        logz = jax.nn.logsumexp(logits, axis=-1)
+        logits, logz = _head_logits(hc, w, V)  # (chunk, Vp), (chunk,)
         picked = jnp.take_along_axis(logits, tc[:, None], axis=-1)[:, 0]
         nll = jnp.where(rc, logz - picked, 0.0)
         weight = (rc / N)[:, None]  # d(mean)/d(nll); 0 on padding rows
