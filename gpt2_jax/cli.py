@@ -371,6 +371,9 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     command, rest = argv[0], argv[1:]
 
+    from gpt2_jax import allocator
+
+    allocator.tune()  # before XLA starts its threads
     from gpt2_jax import config as config_lib
 
     try:

@@ -74,6 +74,9 @@ def _median_time(fn, steps: int) -> float:
 def jax_worker(task: dict) -> dict:
     import functools
 
+    from gpt2_jax import allocator
+
+    allocator.tune()  # as the CLI does, before XLA starts its threads
     import jax
     import jax.numpy as jnp
     import numpy as np
@@ -288,8 +291,18 @@ def torch_worker(task: dict) -> dict:
 # ------------------------------------------------------------------ the parent
 
 
-def run_worker(framework: str, task: dict, threads: int) -> dict:
+# glibc malloc settings equal to gpt2_jax.allocator.tune(), for --torch_malloc=tuned
+TUNED_MALLOC_ENV = {
+    "MALLOC_ARENA_MAX": "1",
+    "MALLOC_MMAP_MAX_": "0",
+    "MALLOC_TRIM_THRESHOLD_": str(2**31 - 1),
+}
+
+
+def run_worker(framework: str, task: dict, threads: int, torch_malloc: str = "system") -> dict:
     env = dict(os.environ)
+    if framework == "torch" and torch_malloc == "tuned":
+        env.update(TUNED_MALLOC_ENV)
     env.setdefault("PYTHONPATH", str(ROOT))
     env["OMP_NUM_THREADS"] = str(threads)
     cmd = [sys.executable, __file__, f"--worker={framework}", f"--task={json.dumps(task)}"]
@@ -297,6 +310,13 @@ def run_worker(framework: str, task: dict, threads: int) -> dict:
     if proc.returncode != 0:
         raise RuntimeError(f"{framework} worker failed on {task}:\n{proc.stderr[-3000:]}")
     return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def _jax_malloc() -> str:
+    from gpt2_jax import allocator
+
+    reason = allocator.skip_reason(os.environ)
+    return "tuned (gpt2_jax/allocator.py)" if reason is None else f"system ({reason})"
 
 
 def plan(a) -> list[dict]:
@@ -320,7 +340,7 @@ def measure(a) -> list[dict]:
             task["batch"] = task.pop("gen_batch")
             task["new_tokens"] = a.new_tokens
             task["steps"] = max(1, min(a.steps, 3))
-        res = {fw: run_worker(fw, task, a.threads) for fw in ("jax", "torch")}
+        res = {fw: run_worker(fw, task, a.threads, a.torch_malloc) for fw in ("jax", "torch")}
         rows.append(_summarise(task, res))
         print(json.dumps(rows[-1]), file=sys.stderr, flush=True)
     # The input pipeline vs the step that consumes it (largest train shape).
@@ -406,6 +426,7 @@ def markdown(rows: list[dict], meta: dict) -> str:
         f"Measured {meta['date']} on {meta['machine']}; threads={meta['threads']}; "
         f"versions: {', '.join(f'{k} {v}' for k, v in meta['versions'].items())}.",
         f"Command: `{meta['command']}`",
+        f"glibc malloc: gpt2_jax {meta['malloc']['jax']}, PyTorch {meta['malloc']['torch']}.",
         "",
     ]
     mm = next(r for r in rows if r["kind"] == "matmul")
@@ -486,6 +507,13 @@ def main(argv=None) -> int:
     p.add_argument("--threads", type=int, default=os.cpu_count())
     p.add_argument("--text", default=str(ROOT / "tests" / "data" / "wiki.test.head.raw"))
     p.add_argument("--quick", action="store_true", help="T=32, 2 steps, 16 new tokens")
+    p.add_argument(
+        "--torch_malloc",
+        choices=("system", "tuned"),
+        default="system",
+        help="system: PyTorch as run_clm.py users run it; tuned: with the glibc malloc "
+        "settings gpt2_jax applies to itself (gpt2_jax/allocator.py)",
+    )
     p.add_argument("--out", default=str(ROOT / "experiments" / "benchmark" / "results"))
     a = p.parse_args(argv)
     if a.worker:
@@ -504,6 +532,7 @@ def main(argv=None) -> int:
         "date": datetime.date.today().isoformat(),
         "machine": machine(),
         "threads": a.threads,
+        "malloc": {"jax": _jax_malloc(), "torch": a.torch_malloc},
         "versions": versions(),
         "command": " ".join([Path(sys.executable).name, *sys.argv]),
     }

@@ -26,13 +26,14 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from gpt2_jax import allocator, optim
 from gpt2_jax import config as config_lib
 from gpt2_jax import model as model_lib
-from gpt2_jax import optim
 from gpt2_jax import train as train_lib
 
 
 def main() -> None:
+    allocator.tune()  # as the CLI does (GPT2_JAX_MALLOC=system for glibc's defaults)
     ap = argparse.ArgumentParser()
     ap.add_argument("--batch", type=int, default=4)
     ap.add_argument("--seq", type=int, default=128)
