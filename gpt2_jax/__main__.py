@@ -1,5 +1,5 @@
 import sys
 
-from gpt2_jax.cli import main
+from gpt2_jax.cli import entry
 
-sys.exit(main())
+sys.exit(entry())

@@ -10,13 +10,20 @@ maps, faults in and zeroes the whole temporary space again. Measured on 2 CPU co
 of the wall time in the kernel, and the GPT-2 124M step at B=4 T=512 with dropout took
 13.7 s instead of 10.2 s.
 
-``tune()`` sets glibc's ``mallopt`` so that every thread allocates from the main heap
-(``M_ARENA_MAX=1``), never from ``mmap`` (``M_MMAP_MAX=0``), and keeps what was freed
-(``M_TRIM_THRESHOLD`` 2 GiB): the next step's temporaries reuse the same pages. The cost
-is a resident size that stays at its peak rather than shrinking between steps.
+The fix is glibc's own settings: every thread allocates from the main heap
+(``MALLOC_ARENA_MAX=1``), never from ``mmap`` (``MALLOC_MMAP_MAX_=0``), and freed memory is
+kept (``MALLOC_TRIM_THRESHOLD_`` 64 GiB), so the next step's temporaries land on pages
+already mapped. The cost is a resident size that stays at its peak.
 
-It must run before XLA starts its threads (before the first jax computation); the CLI
-calls it first thing. Left alone when:
+- ``reexec()`` (the ``gpt2-jax`` entry point, ``python -m gpt2_jax``, the benchmark's
+  workers) sets them as environment variables and re-executes the same command line,
+  so they hold from the process's first allocation. The trim threshold has to come this
+  way: a GPT-2 124M step frees more than the 2 GiB ``mallopt`` can express.
+- ``tune()`` (``cli.main`` in-process, the Python API) applies what it can with
+  ``mallopt`` in a running process: one arena, no ``mmap``, trim threshold 2 GiB. It must
+  run before XLA starts its threads (the first jax computation).
+
+Both leave things alone when:
 - ``GPT2_JAX_MALLOC=system`` is set (glibc's defaults);
 - the user tuned malloc already (``MALLOC_ARENA_MAX``, ``MALLOC_MMAP_MAX_``,
   ``MALLOC_TRIM_THRESHOLD_``, ``glibc.malloc`` in ``GLIBC_TUNABLES``, or jemalloc/tcmalloc
@@ -32,6 +39,7 @@ import ctypes
 import ctypes.util
 import importlib.util
 import os
+import platform
 import sys
 
 # glibc <malloc.h>
@@ -40,16 +48,28 @@ M_MMAP_MAX = -4
 M_ARENA_MAX = -8
 TRIM_THRESHOLD = 2**31 - 1  # mallopt takes an int: the largest, ~2 GiB
 
+# The same as environment variables (read by glibc at process start; size_t values).
+TUNED_ENV = {
+    "MALLOC_ARENA_MAX": "1",
+    "MALLOC_MMAP_MAX_": "0",
+    "MALLOC_TRIM_THRESHOLD_": str(64 << 30),
+    "GPT2_JAX_MALLOC": "tuned",  # marks them as ours: reexec() and tune() stop here
+}
+
 _USER_ENV = ("MALLOC_ARENA_MAX", "MALLOC_MMAP_MAX_", "MALLOC_TRIM_THRESHOLD_")
 _ACCELERATOR_PLUGINS = ("jax_cuda12_plugin", "jax_cuda13_plugin", "jax_rocm_plugin", "libtpu")
 
 TUNED = "glibc tuned: one arena, no mmap, freed memory kept (GPT2_JAX_MALLOC=system: defaults)"
+TUNED_IN_PROCESS = "glibc tuned in-process: one arena, no mmap, trim above 2 GiB"
 _state: str | None = None
 
 
 def skip_reason(env) -> str | None:
+    """Why malloc must be left as it is, or None to tune it."""
     if env.get("GPT2_JAX_MALLOC", "").lower() == "system":
         return "GPT2_JAX_MALLOC=system"
+    if env.get("GPT2_JAX_MALLOC", "").lower() == "tuned":
+        return "tuned at process start"
     for name in _USER_ENV:
         if name in env:
             return f"{name} set by the user"
@@ -58,8 +78,8 @@ def skip_reason(env) -> str | None:
     preload = env.get("LD_PRELOAD", "")
     if "jemalloc" in preload or "tcmalloc" in preload or "mimalloc" in preload:
         return "another malloc in LD_PRELOAD"
-    if not sys.platform.startswith("linux"):
-        return f"not Linux ({sys.platform})"
+    if not sys.platform.startswith("linux") or platform.libc_ver()[0] != "glibc":
+        return f"not Linux with glibc ({sys.platform}, {platform.libc_ver()[0] or 'unknown libc'})"
     platforms = env.get("JAX_PLATFORMS", "").lower()
     if not platforms.startswith("cpu"):
         for plugin in _ACCELERATOR_PLUGINS:
@@ -68,13 +88,28 @@ def skip_reason(env) -> str | None:
     return None
 
 
+def reexec(env=None) -> None:
+    """Re-execute this process's command line with ``TUNED_ENV`` set; returns (doing
+    nothing) where ``skip_reason`` applies, which includes the re-executed process."""
+    env = dict(os.environ if env is None else env)
+    if skip_reason(env) is not None:
+        return
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os.execve(sys.executable, [sys.executable, *sys.orig_argv[1:]], {**env, **TUNED_ENV})
+
+
 def tune(env=None) -> str:
-    """Apply the settings above once per process; returns a one-line description of the
+    """Apply what ``mallopt`` can once per process; returns a one-line description of the
     host allocator (the run summary prints it)."""
     global _state
     if _state is not None:
         return _state
-    reason = skip_reason(os.environ if env is None else env)
+    env = os.environ if env is None else env
+    if env.get("GPT2_JAX_MALLOC", "").lower() == "tuned" and all(k in env for k in TUNED_ENV):
+        _state = TUNED
+        return _state
+    reason = skip_reason(env)
     if reason is None:
         try:
             mallopt = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").mallopt
@@ -84,7 +119,7 @@ def tune(env=None) -> str:
             mallopt.argtypes, mallopt.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int
             settings = ((M_ARENA_MAX, 1), (M_MMAP_MAX, 0), (M_TRIM_THRESHOLD, TRIM_THRESHOLD))
             if all(mallopt(k, v) == 1 for k, v in settings):
-                _state = TUNED
+                _state = TUNED_IN_PROCESS
 
                 return _state
             reason = "mallopt refused"

@@ -359,6 +359,15 @@ def _parse_args(command: str, argv: list[str]) -> argparse.Namespace:
     raise UsageError(f"unknown flag {name}{hint}")
 
 
+def entry() -> int:
+    """The ``gpt2-jax`` command and ``python -m gpt2_jax``: the process re-executes itself
+    once with glibc malloc tuned for XLA:CPU (``allocator.reexec``), then runs ``main``."""
+    from gpt2_jax import allocator
+
+    allocator.reexec()
+    return main()
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv and argv[0] in ("-h", "--help", "help"):

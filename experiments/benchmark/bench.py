@@ -74,9 +74,6 @@ def _median_time(fn, steps: int) -> float:
 def jax_worker(task: dict) -> dict:
     import functools
 
-    from gpt2_jax import allocator
-
-    allocator.tune()  # as the CLI does, before XLA starts its threads
     import jax
     import jax.numpy as jnp
     import numpy as np
@@ -140,8 +137,9 @@ def jax_worker(task: dict) -> dict:
         return {"first_s": first, "step_s": _median_time(run, task["steps"])}
     if kind == "eval":
         fn = jax.jit(
-            lambda p, ids: model_lib.token_nll(model_lib.GPT2(cfg).apply({"params": p}, ids), ids)
-            .mean()
+            lambda p, ids: model_lib.token_nll(
+                model_lib.GPT2(cfg).apply({"params": p}, ids), ids
+            ).mean()
         )
         batch = jnp.asarray(rng.integers(0, VOCAB, (B, T)), jnp.int32)
         t0 = time.perf_counter()
@@ -291,18 +289,14 @@ def torch_worker(task: dict) -> dict:
 # ------------------------------------------------------------------ the parent
 
 
-# glibc malloc settings equal to gpt2_jax.allocator.tune(), for --torch_malloc=tuned
-TUNED_MALLOC_ENV = {
-    "MALLOC_ARENA_MAX": "1",
-    "MALLOC_MMAP_MAX_": "0",
-    "MALLOC_TRIM_THRESHOLD_": str(2**31 - 1),
-}
-
-
 def run_worker(framework: str, task: dict, threads: int, torch_malloc: str = "system") -> dict:
+    from gpt2_jax import allocator
+
     env = dict(os.environ)
-    if framework == "torch" and torch_malloc == "tuned":
-        env.update(TUNED_MALLOC_ENV)
+    # gpt2_jax as its CLI runs (allocator.reexec); PyTorch as run_clm.py users run it, or
+    # with the same glibc settings (--torch_malloc=tuned)
+    if allocator.skip_reason(env) is None and (framework == "jax" or torch_malloc == "tuned"):
+        env.update(allocator.TUNED_ENV)
     env.setdefault("PYTHONPATH", str(ROOT))
     env["OMP_NUM_THREADS"] = str(threads)
     cmd = [sys.executable, __file__, f"--worker={framework}", f"--task={json.dumps(task)}"]
@@ -445,7 +439,9 @@ def markdown(rows: list[dict], meta: dict) -> str:
         if r["kind"] in ("matmul", "loader"):
             continue
         j, t = r["jax"], r["torch"]
-        frac = lambda x: f"{100 * x['fraction_of_matmul_limit']:.0f}%" if "fraction_of_matmul_limit" in x else ""  # noqa: E731,E501
+        frac = lambda x: (
+            f"{100 * x['fraction_of_matmul_limit']:.0f}%" if "fraction_of_matmul_limit" in x else ""
+        )  # noqa: E731,E501
         shape = f"{r['batch']} x {r['seq']}" if r["kind"] != "tokenize" else ""
         if r["kind"] == "generate":
             shape = f"{r['batch']} x (8 + {r['new_tokens']})"

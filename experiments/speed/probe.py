@@ -33,7 +33,7 @@ from gpt2_jax import train as train_lib
 
 
 def main() -> None:
-    allocator.tune()  # as the CLI does (GPT2_JAX_MALLOC=system for glibc's defaults)
+    allocator.reexec()  # as the CLI does (GPT2_JAX_MALLOC=system for glibc's defaults)
     ap = argparse.ArgumentParser()
     ap.add_argument("--batch", type=int, default=4)
     ap.add_argument("--seq", type=int, default=128)
