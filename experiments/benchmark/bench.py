@@ -439,9 +439,12 @@ def markdown(rows: list[dict], meta: dict) -> str:
         if r["kind"] in ("matmul", "loader"):
             continue
         j, t = r["jax"], r["torch"]
-        frac = lambda x: (
-            f"{100 * x['fraction_of_matmul_limit']:.0f}%" if "fraction_of_matmul_limit" in x else ""
-        )  # noqa: E731,E501
+
+        def frac(x):
+            if "fraction_of_matmul_limit" not in x:
+                return ""
+            return f"{100 * x['fraction_of_matmul_limit']:.0f}%"
+
         shape = f"{r['batch']} x {r['seq']}" if r["kind"] != "tokenize" else ""
         if r["kind"] == "generate":
             shape = f"{r['batch']} x (8 + {r['new_tokens']})"
