@@ -52,6 +52,12 @@ def _parser(command: str) -> argparse.ArgumentParser:
         p.add_argument("--temperature", type=float, default=0.8, help="0 = greedy")
         p.add_argument("--top_k", type=int, default=200, help="0 = off")
         p.add_argument("--top_p", type=float, default=1.0, help="1 = off")
+        p.add_argument(
+            "--repetition_penalty",
+            type=float,
+            default=1.0,
+            help="> 1 makes tokens already in the text less likely (as in transformers); 1 = off",
+        )
         p.add_argument("--seed", type=int, default=0)
         p.add_argument("--num_samples", type=int, default=1, help="samples per prompt")
         p.add_argument(
@@ -170,6 +176,10 @@ def cmd_generate(args, overrides) -> int:
         (args.temperature >= 0, f"--temperature={args.temperature}: must be >= 0 (0 = greedy)"),
         (args.top_k >= 0, f"--top_k={args.top_k}: must be >= 0 (0 = off)"),
         (0 < args.top_p <= 1, f"--top_p={args.top_p}: must be in (0, 1] (1 = off)"),
+        (
+            args.repetition_penalty > 0,
+            f"--repetition_penalty={args.repetition_penalty}: must be > 0 (1 = off)",
+        ),
         (args.num_samples >= 1, f"--num_samples={args.num_samples}: must be >= 1"),
     ):
         if not ok:
@@ -210,6 +220,7 @@ def cmd_generate(args, overrides) -> int:
         stop_token=stop,
         chunk_size=16,  # a jitted call per 16 tokens: text appears as it is made
         stats=stats,
+        repetition_penalty=args.repetition_penalty,
     )
     if len(rows) == 1:
         _print_streamed(enc, rows[0], stream, stop)

@@ -44,6 +44,27 @@ class Sampling(NamedTuple):
     temperature: float  # 0 = greedy
     top_k: int  # 0 = off
     top_p: float  # 1 = off
+    repetition_penalty: float = 1.0  # 1 = off
+
+
+def penalize_repeats(logits: jax.Array, seen: jax.Array, penalty: float) -> jax.Array:
+    """logits: [B, V]; seen: [B, V] bool, the tokens already in each row (prompt and new
+    tokens) -> logits with those made less likely: divided by ``penalty`` where positive,
+    multiplied where negative (CTRL, Keskar et al. 2019; what ``transformers``'
+    ``repetition_penalty`` does, applied before temperature and top-k/top-p)."""
+    penalized = jnp.where(logits > 0, logits / penalty, logits * penalty)
+    return jnp.where(seen, penalized, logits)
+
+
+def _seen(tokens: jax.Array, key_start: jax.Array, last: jax.Array, vocab: int) -> jax.Array:
+    """tokens: [B, S]; the slots key_start[b] .. last hold row b's real tokens -> [B, V]
+    bool: which ids occur there (left padding and unwritten slots do not count)."""
+    slot = jnp.arange(tokens.shape[1])
+    real = (slot[None, :] >= key_start[:, None]) & (slot[None, :] <= last)
+    count = jax.vmap(lambda ids, ok: jnp.zeros(vocab, jnp.int32).at[ids].add(ok))(
+        tokens, real.astype(jnp.int32)
+    )
+    return count > 0
 
 
 def filter_logits(logits: jax.Array, temperature: float, top_k: int, top_p: float) -> jax.Array:
@@ -92,10 +113,15 @@ def _largest_cut(logits: jax.Array, enough) -> jax.Array:
     return jax.lax.bitcast_convert_type(bits, jnp.float32)
 
 
-def _sample(logits: jax.Array, row_keys: jax.Array, index: jax.Array, s: Sampling) -> jax.Array:
-    """logits: [B, V]; row_keys: [B, 2] uint32; index: int scalar (new-token number)
-    -> [B] int32. Row b draws with ``fold_in(row_keys[b], index)``: a row's samples do
-    not depend on its batch-mates, the prompt bucket or the chunking."""
+def _sample(
+    logits: jax.Array, row_keys: jax.Array, index: jax.Array, s: Sampling, seen=None
+) -> jax.Array:
+    """logits: [B, V]; row_keys: [B, 2] uint32; index: int scalar (new-token number);
+    seen: [B, V] bool (only read with a repetition penalty) -> [B] int32. Row b draws with
+    ``fold_in(row_keys[b], index)``: a row's samples do not depend on its batch-mates, the
+    prompt bucket or the chunking."""
+    if s.repetition_penalty != 1.0:
+        logits = penalize_repeats(logits, seen, s.repetition_penalty)
     if s.temperature == 0.0:
         return jnp.argmax(logits, axis=-1).astype(jnp.int32)
     logits = filter_logits(logits, s.temperature, s.top_k, s.top_p)
@@ -129,7 +155,10 @@ def _prefill(params, prompt, key_start, seed, stop, *, cfg, sampling, cache_len)
     row_keys = jax.vmap(jax.random.fold_in, in_axes=(None, 0))(
         jax.random.PRNGKey(seed), jnp.arange(B)
     )
-    first = _sample(logits[:, -1], row_keys, 0, sampling)  # [B]
+    seen = None
+    if sampling.repetition_penalty != 1.0:
+        seen = _seen(prompt, key_start, jnp.int32(Pb - 1), logits.shape[-1])
+    first = _sample(logits[:, -1], row_keys, 0, sampling, seen)  # [B]
     tokens = jnp.zeros((B, cache_len), jnp.int32)
     tokens = tokens.at[:, :Pb].set(prompt).at[:, Pb].set(first)
     Pb32 = jnp.int32(Pb)
@@ -150,7 +179,10 @@ def _decode(params, state: State, n_steps, *, cfg, sampling) -> State:
         tok = jax.lax.dynamic_slice_in_dim(st.tokens, st.t, 1, axis=1)  # [B, 1]
         pos = (st.t - st.key_start)[:, None]  # [B, 1] per-row learned position
         logits, cache = model_lib.decode(cfg, params, tok, pos, st.cache, st.t, st.key_start)
-        nxt = _sample(logits[:, 0], st.row_keys, st.t + 1 - st.first_new, sampling)
+        seen = None
+        if sampling.repetition_penalty != 1.0:
+            seen = _seen(st.tokens, st.key_start, st.t, logits.shape[-1])
+        nxt = _sample(logits[:, 0], st.row_keys, st.t + 1 - st.first_new, sampling, seen)
         nxt = jnp.where(st.done, st.stop, nxt)  # finished rows repeat the stop token
         tokens = jax.lax.dynamic_update_slice(st.tokens, nxt[:, None], (0, st.t + 1))
         done = st.done | (nxt == st.stop)
@@ -226,6 +258,7 @@ def check_request(
     temperature: float,
     top_k: int,
     top_p: float,
+    repetition_penalty: float = 1.0,
 ) -> None:
     """Raises ValueError naming the argument for a request that cannot be decoded."""
     if not prompts:
@@ -238,6 +271,11 @@ def check_request(
         raise ValueError(f"top_k={top_k}: must be >= 0 (0 = off)")
     if not 0 < top_p <= 1:
         raise ValueError(f"top_p={top_p}: must be in (0, 1] (1 = off)")
+    if not repetition_penalty > 0:
+        raise ValueError(
+            f"repetition_penalty={repetition_penalty}: must be > 0 (1 = off, > 1 discourages "
+            "repeats)"
+        )
     for i, ids in enumerate(prompts):
         if len(ids) == 0:
             raise ValueError(f"prompt {i} is empty: give at least one token")
@@ -273,18 +311,21 @@ def stream_batch(
     stop_token: int | None = None,
     chunk_size: int | None = None,
     stats: Stats | None = None,
+    repetition_penalty: float = 1.0,
 ) -> Iterator[np.ndarray]:
     """Decodes every prompt at once; yields [B, n] int32 arrays: the next n new tokens
     of every row, n <= ``chunk_size`` (None: all at once). A row that has produced
     ``stop_token`` repeats it; the stream ends early when every row has.
 
     ``params``: either layout; ``decode_params(cfg, params)`` output is used as is.
+    ``repetition_penalty`` > 1 makes every token already in a row (prompt included) less
+    likely, as ``transformers``' argument of that name does; 1 is off.
     """
-    check_request(cfg, prompts, max_new_tokens, temperature, top_k, top_p)
+    check_request(cfg, prompts, max_new_tokens, temperature, top_k, top_p, repetition_penalty)
     stats = stats if stats is not None else Stats()
     if "h" in params or not isinstance(jax.tree.leaves(params)[0], jax.Array):
         params = decode_params(cfg, params)
-    sampling = Sampling(float(temperature), int(top_k), float(top_p))
+    sampling = Sampling(float(temperature), int(top_k), float(top_p), float(repetition_penalty))
     B = len(prompts)
     Pb, S = buckets(cfg.n_positions, max(len(p) for p in prompts), max_new_tokens)
     prompt = np.zeros((B, Pb), np.int32)
@@ -348,6 +389,7 @@ def generate_batch(
     top_p: float = 1.0,
     seed: int = 0,
     stop_token: int | None = None,
+    repetition_penalty: float = 1.0,
 ) -> list[list[int]]:
     """New ids for each prompt (prompts may differ in length), each row as if decoded
     alone; a row ends after ``stop_token`` (included). ``temperature=0`` is greedy.
@@ -355,9 +397,10 @@ def generate_batch(
     below ``cfg.n_positions``."""
     chunks = list(
         stream_batch(
-            cfg, params, prompts, max_new_tokens, temperature, top_k, top_p, seed, stop_token
+            cfg, params, prompts, max_new_tokens, temperature, top_k, top_p, seed, stop_token,
+            repetition_penalty=repetition_penalty,
         )
-    )
+    )  # fmt: skip
     return [_until_stop(row, stop_token) for row in np.concatenate(chunks, axis=1)]
 
 
@@ -378,6 +421,7 @@ def generate(
     top_p: float = 1.0,
     seed: int = 0,
     stop_token: int | None = None,
+    repetition_penalty: float = 1.0,
 ) -> list[int]:
     """Samples up to ``max_new_tokens`` ids after ``prompt_ids``; returns only the new ids
     (ending with ``stop_token`` if it came). ``temperature=0`` is greedy. Equals row 0 of
@@ -392,6 +436,7 @@ def generate(
         top_p,
         seed,
         stop_token,
+        repetition_penalty,
     )[0]
 
 
