@@ -25,8 +25,8 @@ demo: $(VENV)/.installed
 	rm -rf $(DEMO_DIR)
 	$(PY) -m gpt2_jax train --config=configs/quickstart.py --workdir=$(DEMO_DIR)
 	$(PY) -m gpt2_jax eval --workdir=$(DEMO_DIR)
-	@echo "--- greedy sample (--temperature=0) ---"
-	$(PY) -m gpt2_jax generate --workdir=$(DEMO_DIR) --prompt="The if statement is" --max_new_tokens=60 --temperature=0
+	@echo "--- greedy sample (--temperature=0 --repetition_penalty=1.3) ---"
+	$(PY) -m gpt2_jax generate --workdir=$(DEMO_DIR) --prompt="The if statement is" --max_new_tokens=60 --temperature=0 --repetition_penalty=1.3
 	@echo "--- top-p sample (--temperature=0.8 --top_p=0.9) ---"
 	$(PY) -m gpt2_jax generate --workdir=$(DEMO_DIR) --prompt="The if statement is" --max_new_tokens=60 --temperature=0.8 --top_k=0 --top_p=0.9 --seed=0
 	@echo "demo run: $(DEMO_DIR)/checkpoints (Orbax), $(DEMO_DIR)/metrics.jsonl, $(DEMO_DIR)/tensorboard (tensorboard --logdir $(DEMO_DIR))"
