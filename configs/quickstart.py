@@ -11,7 +11,7 @@ and vocabulary.
         --temperature=0 --repetition_penalty=1.3
     gpt2-jax plot runs/quickstart
 
-Batch 16 x 64 tokens, 500 steps (~2.4 epochs).
+Batch 16 x 64 tokens, 500 steps (~5 epochs).
 
 Expected (experiments/quickstart/README.md): validation loss from ~10.8 at init
 (ln 50257) to ~5.04 (perplexity ~155) after 500 steps, ~4 min of training on 2 idle Xeon
