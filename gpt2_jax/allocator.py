@@ -123,7 +123,7 @@ def tune(env=None) -> str:
 
                 return _state
             reason = "mallopt refused"
-    _state = f"system default ({reason})"
+    _state = f"not tuned ({reason})"
     return _state
 
 

@@ -89,7 +89,7 @@ def start_summary(
         _row("model", f"{params / 1e6:.1f}M parameters ({params:,}), {shape}"),
         _row("weights", weights),
         _row("devices", f"{devices}; mesh {dict(mesh_shape)}"),
-        _row("malloc", allocator.state() or "system default (allocator.tune() not called)"),
+        _row("malloc", allocator.state() or "not tuned (allocator.tune() not called)"),
         _row("batch", batch),
         _row("steps", steps),
         _row("blocks", f"{per_split} (of {block} tokens)"),
