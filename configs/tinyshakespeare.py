@@ -1,4 +1,4 @@
-"""Tiny Shakespeare from scratch: a small GPT-2 on one 1.1 MB text file, ~22 min on 2 CPU cores.
+"""Tiny Shakespeare from scratch: a small GPT-2 on one 1.1 MB text file, ~15 min on 2 CPU cores.
 
 Data: Karpathy's ``tinyshakespeare/input.txt`` (40K lines, ~338K GPT-2 tokens), passed as
 the config argument; the first 5% of its lines (the opening scenes of Coriolanus) are held
@@ -15,7 +15,7 @@ Model: 4 layers, 4 heads, n_embd 128, context 128, the GPT-2 tokenizer and vocab
     gpt2-jax generate --workdir=runs/shakespeare --prompt="ROMEO:" --top_k=0 --top_p=0.9
 
 Expected (experiments/tinyshakespeare/README.md): validation loss from ~10.8 at init
-(ln 50257) to 4.93 (perplexity 138) after 1000 steps, 21 min 54 s on 2 idle Xeon cores;
+(ln 50257) to 4.93 (perplexity 138) after 1000 steps, 15 min 12 s on 2 idle Xeon cores;
 top-p samples with speaker names, verse lines, Early Modern English words and punctuation,
 not yet sense.
 
