@@ -61,6 +61,7 @@ _ACCELERATOR_PLUGINS = ("jax_cuda12_plugin", "jax_cuda13_plugin", "jax_rocm_plug
 
 TUNED = "glibc tuned: one arena, no mmap, freed memory kept (GPT2_JAX_MALLOC=system: defaults)"
 TUNED_IN_PROCESS = "glibc tuned in-process: one arena, no mmap, trim above 2 GiB"
+_AT_START = "tuned at process start"
 _state: str | None = None
 
 
@@ -68,8 +69,8 @@ def skip_reason(env) -> str | None:
     """Why malloc must be left as it is, or None to tune it."""
     if env.get("GPT2_JAX_MALLOC", "").lower() == "system":
         return "GPT2_JAX_MALLOC=system"
-    if env.get("GPT2_JAX_MALLOC", "").lower() == "tuned":
-        return "tuned at process start"
+    if all(env.get(k) == v for k, v in TUNED_ENV.items()):
+        return _AT_START
     for name in _USER_ENV:
         if name in env:
             return f"{name} set by the user"
@@ -105,11 +106,10 @@ def tune(env=None) -> str:
     global _state
     if _state is not None:
         return _state
-    env = os.environ if env is None else env
-    if env.get("GPT2_JAX_MALLOC", "").lower() == "tuned" and all(k in env for k in TUNED_ENV):
+    reason = skip_reason(os.environ if env is None else env)
+    if reason == _AT_START:  # reexec() set the variables: nothing left to do
         _state = TUNED
         return _state
-    reason = skip_reason(env)
     if reason is None:
         try:
             mallopt = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").mallopt
@@ -120,7 +120,6 @@ def tune(env=None) -> str:
             settings = ((M_ARENA_MAX, 1), (M_MMAP_MAX, 0), (M_TRIM_THRESHOLD, TRIM_THRESHOLD))
             if all(mallopt(k, v) == 1 for k, v in settings):
                 _state = TUNED_IN_PROCESS
-
                 return _state
             reason = "mallopt refused"
     _state = f"not tuned ({reason})"
