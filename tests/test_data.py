@@ -146,8 +146,24 @@ def test_pydoc_layout_is_normalised():
     )
     prose = "A first line\nwrapped at 70 columns.\n\nNext  paragraph.\n"
     assert data.normalize_layout(prose) == "A first line wrapped at 70 columns.\nNext paragraph.\n"
+    # A grid table: a line a row, each cell's wrapped text joined, no borders left.
+    table = (
+        "   +--------+---------------------+\n"
+        "   | Option | Meaning             |\n"
+        "   |========|=====================|\n"
+        "   | \"'<'\"  | Left-aligned within |\n"
+        "   |        | the space.          |\n"
+        "   +--------+---------------------+\n"
+        "   |        | A note  only.       |\n"
+        "   +--------+---------------------+\n"
+        "\nAfter.\n"
+    )
+    assert data.normalize_layout(table) == (
+        "Option: Meaning\n\"'<'\": Left-aligned within the space.\nA note only.\nAfter.\n"
+    )
     rows = data._pydoc_rows()
     assert not any(r.startswith(" " * (data.MAX_INDENT + 1)) for r in rows)
+    assert not any("| |" in r or r.startswith("+--") for r in rows)  # no table drawing left
     assert "\n" not in rows  # no blank lines
     # The token cache key covers the layout: it hashes the rows as normalised.
     cfg = data.default_data_config()
