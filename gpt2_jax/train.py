@@ -388,6 +388,9 @@ def _run(
         initial=start,
         desc="train",
         dynamic_ncols=True,
+        # Steps are dispatched asynchronously and wait at each log step, so the bar moves in
+        # bursts; the whole-run average gives a steady rate and ETA, the default EMA does not.
+        smoothing=0.0,
         disable=not show,
         file=sys.stderr,
     )
