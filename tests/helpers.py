@@ -22,6 +22,27 @@ TEST_DATA = ROOT / "tests" / "data"
 WIKI_HEAD = TEST_DATA / "wiki.test.head.raw"
 
 
+# The tests' training config: configs/quickstart.py's variant of 1 layer and 6 steps.
+TINY = str(ROOT / "configs" / "quickstart.py:tiny")
+
+
+def tiny_config(**overrides):
+    """``TINY`` loaded, with ``--config.KEY=VALUE`` style overrides (values as strings)."""
+    from gpt2_jax import config as config_lib
+
+    cfg = config_lib.load_config_file(TINY)
+    config_lib.apply_overrides(cfg, {k: str(v) for k, v in overrides.items()})
+    return cfg
+
+
+def train_losses(workdir) -> dict:
+    """{step: logged train loss} from a workdir's metrics.jsonl."""
+    import json
+
+    lines = [json.loads(x) for x in (Path(workdir) / "metrics.jsonl").read_text().splitlines()]
+    return {r["step"]: r["loss"] for r in lines if r["split"] == "train"}
+
+
 # ---------------------------------------------------------------------- data
 
 

@@ -18,9 +18,9 @@ from gpt2_jax import cli
 from gpt2_jax import train as train_lib
 
 from .conftest import ROOT
-from .test_weights import snapshot, tiny_config, train_losses
+from .helpers import TINY, tiny_config, train_losses
+from .test_weights import snapshot
 
-TINY = str(ROOT / "configs" / "quickstart.py:tiny")
 pytestmark = pytest.mark.filterwarnings("ignore:Sharding info not provided when restoring")
 
 

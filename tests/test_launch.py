@@ -13,9 +13,7 @@ import pytest
 from gpt2_jax import cli, launch
 
 from .conftest import ROOT, run_cli
-
-TINY = str(ROOT / "configs" / "quickstart.py:tiny")
-
+from .helpers import TINY
 
 # ------------------------------------------------------------------ pure helpers
 

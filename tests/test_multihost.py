@@ -15,8 +15,7 @@ from gpt2_jax import config as config_lib
 from gpt2_jax import sharding
 
 from .conftest import ROOT, run_cli
-
-TINY = str(ROOT / "configs" / "quickstart.py:tiny")
+from .helpers import TINY
 
 
 def _launch(args, processes, devices, timeout=600):

@@ -10,9 +10,8 @@ from gpt2_jax import cli, plot
 from gpt2_jax import config as config_lib
 from gpt2_jax import train as train_lib
 
-from .conftest import ROOT
+from .helpers import TINY
 
-TINY = str(ROOT / "configs" / "quickstart.py:tiny")
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
 

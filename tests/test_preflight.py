@@ -15,15 +15,9 @@ from gpt2_jax import preflight
 from gpt2_jax import train as train_lib
 
 from .conftest import ROOT, run_cli
+from .helpers import tiny_config
 
-TINY = str(ROOT / "configs" / "quickstart.py:tiny")
 GiB = 1024**3
-
-
-def tiny_config(**overrides):
-    cfg = config_lib.load_config_file(TINY)
-    config_lib.apply_overrides(cfg, {k: str(v) for k, v in overrides.items()})
-    return cfg
 
 
 # ------------------------------------------------------------------ pure pieces

@@ -11,9 +11,7 @@ from gpt2_jax import cli, summary
 from gpt2_jax import config as config_lib
 from gpt2_jax import train as train_lib
 
-from .conftest import ROOT
-
-TINY = str(ROOT / "configs" / "quickstart.py:tiny")
+from .helpers import TINY
 
 
 @pytest.fixture(scope="module")

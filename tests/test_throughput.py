@@ -10,9 +10,8 @@ import jax
 from gpt2_jax import config as config_lib
 from gpt2_jax import train as train_lib
 
-from .helpers import ROOT
+from .helpers import TINY
 
-TINY = str(ROOT / "configs" / "quickstart.py:tiny")
 _COMPILED = re.compile(r"Finished XLA compilation of jit\((\w+)\)")
 
 

@@ -17,22 +17,10 @@ from gpt2_jax import config as config_lib
 from gpt2_jax import data as data_lib
 from gpt2_jax import train as train_lib
 
-from .helpers import ROOT, run_cli
+from .helpers import ROOT, TINY, run_cli, tiny_config, train_losses
 
-TINY = str(ROOT / "configs" / "quickstart.py:tiny")
 # final_params restores a checkpoint as saved (no target shardings): Orbax says so each time.
 pytestmark = pytest.mark.filterwarnings("ignore:Sharding info not provided when restoring")
-
-
-def tiny_config(**overrides):
-    cfg = config_lib.load_config_file(TINY)
-    config_lib.apply_overrides(cfg, {k: str(v) for k, v in overrides.items()})
-    return cfg
-
-
-def train_losses(workdir):
-    lines = [json.loads(x) for x in (workdir / "metrics.jsonl").read_text().splitlines()]
-    return {r["step"]: r["loss"] for r in lines if r["split"] == "train"}
 
 
 def final_params(workdir):

@@ -16,21 +16,9 @@ from gpt2_jax import model as model_lib
 from gpt2_jax import train as train_lib
 from gpt2_jax.evaluate import evaluate_splits
 
-from .conftest import ROOT
+from .helpers import TINY, tiny_config, train_losses
 
-TINY = str(ROOT / "configs" / "quickstart.py:tiny")
 pytestmark = pytest.mark.filterwarnings("ignore:Sharding info not provided when restoring")
-
-
-def tiny_config(**overrides):
-    cfg = config_lib.load_config_file(TINY)
-    config_lib.apply_overrides(cfg, {k: str(v) for k, v in overrides.items()})
-    return cfg
-
-
-def train_losses(workdir):
-    lines = [json.loads(x) for x in (workdir / "metrics.jsonl").read_text().splitlines()]
-    return {r["step"]: r["loss"] for r in lines if r["split"] == "train"}
 
 
 def snapshot(root):
