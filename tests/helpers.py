@@ -43,6 +43,23 @@ def train_losses(workdir) -> dict:
     return {r["step"]: r["loss"] for r in lines if r["split"] == "train"}
 
 
+def snapshot(root) -> dict:
+    """Every file under ``root``: {relative path: (size, mtime_ns, sha256)}. "Untouched" means
+    equal: nothing added, deleted, rewritten or touched."""
+    import hashlib
+
+    root = Path(root)
+    return {
+        str(p.relative_to(root)): (
+            p.stat().st_size,
+            p.stat().st_mtime_ns,
+            hashlib.sha256(p.read_bytes()).hexdigest(),
+        )
+        for p in sorted(root.rglob("*"))
+        if p.is_file()
+    }
+
+
 # ---------------------------------------------------------------------- data
 
 

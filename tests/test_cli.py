@@ -9,7 +9,6 @@ ends in one "error:" line with exit code 2, never a traceback.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import shutil
 import subprocess
@@ -30,7 +29,7 @@ from gpt2_jax import config as config_lib
 from gpt2_jax import train as train_lib
 
 from . import helpers
-from .helpers import ROOT, run_cli, torch_sliding_window
+from .helpers import ROOT, run_cli, snapshot, torch_sliding_window
 
 CONFIG = f"{ROOT / 'configs' / 'gpt2_wikitext2.py'}:local"
 SHAPE = dict(n_layer=2, n_head=2, n_embd=32, n_positions=64, vocab_size=50257)
@@ -100,13 +99,6 @@ def tree_max_abs_diff(a, b) -> float:
 
 def checkpoint_params(workdir: Path):
     return ckpt_lib.Checkpointer(workdir / "checkpoints", read_only=True).restore(None)["params"]
-
-
-def snapshot(directory: Path) -> dict:
-    return {
-        p.name: (p.stat().st_mtime_ns, hashlib.sha256(p.read_bytes()).hexdigest())
-        for p in sorted(directory.iterdir())
-    }
 
 
 # ---------------------------------------------------------------------- fixtures
@@ -374,8 +366,9 @@ def test_export_refuses_a_non_empty_dir_unless_overwrite(run, exported, env):
     assert again.returncode == 0, again.stderr[-3000:]
     after = snapshot(exported)
     assert sorted(after) == sorted(before)
-    assert after["model.safetensors"][1] == before["model.safetensors"][1]  # same weights
-    assert after["model.safetensors"][0] != before["model.safetensors"][0]  # rewritten
+    mtime, sha = 1, 2  # fields of helpers.snapshot: (size, mtime_ns, sha256)
+    assert after["model.safetensors"][sha] == before["model.safetensors"][sha]  # same weights
+    assert after["model.safetensors"][mtime] != before["model.safetensors"][mtime]  # rewritten
 
 
 def test_eval_of_the_run_matches_its_export(run, exported, texts, env, hf_tokenizer):

@@ -18,8 +18,7 @@ from gpt2_jax import cli
 from gpt2_jax import train as train_lib
 
 from .conftest import ROOT
-from .helpers import TINY, tiny_config, train_losses
-from .test_weights import snapshot
+from .helpers import TINY, snapshot, tiny_config, train_losses
 
 pytestmark = pytest.mark.filterwarnings("ignore:Sharding info not provided when restoring")
 

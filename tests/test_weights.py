@@ -16,18 +16,9 @@ from gpt2_jax import model as model_lib
 from gpt2_jax import train as train_lib
 from gpt2_jax.evaluate import evaluate_splits
 
-from .helpers import TINY, tiny_config, train_losses
+from .helpers import TINY, snapshot, tiny_config, train_losses
 
 pytestmark = pytest.mark.filterwarnings("ignore:Sharding info not provided when restoring")
-
-
-def snapshot(root):
-    """Every file under ``root`` with its size and mtime: "untouched" means equal."""
-    return {
-        str(p.relative_to(root)): (p.stat().st_size, p.stat().st_mtime_ns)
-        for p in sorted(root.rglob("*"))
-        if p.is_file()
-    }
 
 
 @pytest.fixture(scope="module")
