@@ -170,20 +170,16 @@ def cmd_generate(args, overrides) -> int:
             config_lib.parse_init_from(args.init_from)
         except config_lib.ConfigError:
             raise UsageError(f"--init_from={args.init_from!r} must be hf:<dir or hub id>") from None
-    for ok, flag in (
-        (args.prompt != "", "--prompt: must not be empty"),
-        (args.max_new_tokens >= 1, f"--max_new_tokens={args.max_new_tokens}: must be >= 1"),
-        (args.temperature >= 0, f"--temperature={args.temperature}: must be >= 0 (0 = greedy)"),
-        (args.top_k >= 0, f"--top_k={args.top_k}: must be >= 0 (0 = off)"),
-        (0 < args.top_p <= 1, f"--top_p={args.top_p}: must be in (0, 1] (1 = off)"),
-        (
-            args.repetition_penalty > 0,
-            f"--repetition_penalty={args.repetition_penalty}: must be > 0 (1 = off)",
-        ),
-        (args.num_samples >= 1, f"--num_samples={args.num_samples}: must be >= 1"),
-    ):
-        if not ok:
-            raise UsageError(flag)
+    if args.prompt == "":
+        raise UsageError("--prompt: must not be empty")
+    if args.num_samples < 1:
+        raise UsageError(f"--num_samples={args.num_samples}: must be >= 1")
+    try:  # the API's own checks, before any weights load
+        gen_lib.check_sampling(
+            args.max_new_tokens, args.temperature, args.top_k, args.top_p, args.repetition_penalty
+        )
+    except ValueError as e:
+        raise UsageError(f"--{e}") from None
     prompts = _read_prompts(args)
     if args.init_from and not args.config and not args.workdir:
         cfg = config_lib.base_config()

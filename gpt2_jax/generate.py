@@ -114,13 +114,20 @@ def _largest_cut(logits: jax.Array, enough) -> jax.Array:
 
 
 def _sample(
-    logits: jax.Array, row_keys: jax.Array, index: jax.Array, s: Sampling, seen=None
+    logits: jax.Array,
+    row_keys: jax.Array,
+    index: jax.Array,
+    s: Sampling,
+    tokens: jax.Array | None = None,
+    key_start: jax.Array | None = None,
+    last: jax.Array | None = None,
 ) -> jax.Array:
     """logits: [B, V]; row_keys: [B, 2] uint32; index: int scalar (new-token number);
-    seen: [B, V] bool (only read with a repetition penalty) -> [B] int32. Row b draws with
-    ``fold_in(row_keys[b], index)``: a row's samples do not depend on its batch-mates, the
-    prompt bucket or the chunking."""
+    tokens [B, S], key_start [B], last: the text so far, as ``_seen`` reads it (only with a
+    repetition penalty) -> [B] int32. Row b draws with ``fold_in(row_keys[b], index)``: a
+    row's samples do not depend on its batch-mates, the prompt bucket or the chunking."""
     if s.repetition_penalty != 1.0:
+        seen = _seen(tokens, key_start, last, logits.shape[-1])
         logits = penalize_repeats(logits, seen, s.repetition_penalty)
     if s.temperature == 0.0:
         return jnp.argmax(logits, axis=-1).astype(jnp.int32)
@@ -155,10 +162,7 @@ def _prefill(params, prompt, key_start, seed, stop, *, cfg, sampling, cache_len)
     row_keys = jax.vmap(jax.random.fold_in, in_axes=(None, 0))(
         jax.random.PRNGKey(seed), jnp.arange(B)
     )
-    seen = None
-    if sampling.repetition_penalty != 1.0:
-        seen = _seen(prompt, key_start, jnp.int32(Pb - 1), logits.shape[-1])
-    first = _sample(logits[:, -1], row_keys, 0, sampling, seen)  # [B]
+    first = _sample(logits[:, -1], row_keys, 0, sampling, prompt, key_start, jnp.int32(Pb - 1))
     tokens = jnp.zeros((B, cache_len), jnp.int32)
     tokens = tokens.at[:, :Pb].set(prompt).at[:, Pb].set(first)
     Pb32 = jnp.int32(Pb)
@@ -179,10 +183,8 @@ def _decode(params, state: State, n_steps, *, cfg, sampling) -> State:
         tok = jax.lax.dynamic_slice_in_dim(st.tokens, st.t, 1, axis=1)  # [B, 1]
         pos = (st.t - st.key_start)[:, None]  # [B, 1] per-row learned position
         logits, cache = model_lib.decode(cfg, params, tok, pos, st.cache, st.t, st.key_start)
-        seen = None
-        if sampling.repetition_penalty != 1.0:
-            seen = _seen(st.tokens, st.key_start, st.t, logits.shape[-1])
-        nxt = _sample(logits[:, 0], st.row_keys, st.t + 1 - st.first_new, sampling, seen)
+        index = st.t + 1 - st.first_new
+        nxt = _sample(logits[:, 0], st.row_keys, index, sampling, st.tokens, st.key_start, st.t)
         nxt = jnp.where(st.done, st.stop, nxt)  # finished rows repeat the stop token
         tokens = jax.lax.dynamic_update_slice(st.tokens, nxt[:, None], (0, st.t + 1))
         done = st.done | (nxt == st.stop)
@@ -251,6 +253,30 @@ class Stats:
 # ---------------------------------------------------------------------------- API
 
 
+def check_sampling(
+    max_new_tokens: int,
+    temperature: float,
+    top_k: int,
+    top_p: float,
+    repetition_penalty: float = 1.0,
+) -> None:
+    """Raises ValueError for a bad decoding argument; the message starts ``name=value:``
+    (the CLI prefixes ``--``, so both name the argument as the user wrote it)."""
+    for ok, problem in (
+        (max_new_tokens >= 1, f"max_new_tokens={max_new_tokens}: must be >= 1"),
+        (temperature >= 0, f"temperature={temperature}: must be >= 0 (0 = greedy)"),
+        (top_k >= 0, f"top_k={top_k}: must be >= 0 (0 = off)"),
+        (0 < top_p <= 1, f"top_p={top_p}: must be in (0, 1] (1 = off)"),
+        (
+            repetition_penalty > 0,
+            f"repetition_penalty={repetition_penalty}: must be > 0 (1 = off, > 1 discourages "
+            "repeats)",
+        ),
+    ):
+        if not ok:
+            raise ValueError(problem)
+
+
 def check_request(
     cfg: model_lib.GPT2Config,
     prompts: list[list[int]],
@@ -263,19 +289,7 @@ def check_request(
     """Raises ValueError naming the argument for a request that cannot be decoded."""
     if not prompts:
         raise ValueError("no prompts given")
-    if max_new_tokens < 1:
-        raise ValueError(f"max_new_tokens={max_new_tokens}: must be >= 1")
-    if temperature < 0:
-        raise ValueError(f"temperature={temperature}: must be >= 0 (0 = greedy)")
-    if top_k < 0:
-        raise ValueError(f"top_k={top_k}: must be >= 0 (0 = off)")
-    if not 0 < top_p <= 1:
-        raise ValueError(f"top_p={top_p}: must be in (0, 1] (1 = off)")
-    if not repetition_penalty > 0:
-        raise ValueError(
-            f"repetition_penalty={repetition_penalty}: must be > 0 (1 = off, > 1 discourages "
-            "repeats)"
-        )
+    check_sampling(max_new_tokens, temperature, top_k, top_p, repetition_penalty)
     for i, ids in enumerate(prompts):
         if len(ids) == 0:
             raise ValueError(f"prompt {i} is empty: give at least one token")
@@ -395,12 +409,19 @@ def generate_batch(
     alone; a row ends after ``stop_token`` (included). ``temperature=0`` is greedy.
     Raises ValueError for an empty prompt or one with no room for ``max_new_tokens``
     below ``cfg.n_positions``."""
-    chunks = list(
-        stream_batch(
-            cfg, params, prompts, max_new_tokens, temperature, top_k, top_p, seed, stop_token,
-            repetition_penalty=repetition_penalty,
-        )
-    )  # fmt: skip
+    stream = stream_batch(
+        cfg,
+        params,
+        prompts,
+        max_new_tokens,
+        temperature=temperature,
+        top_k=top_k,
+        top_p=top_p,
+        seed=seed,
+        stop_token=stop_token,
+        repetition_penalty=repetition_penalty,
+    )
+    chunks = list(stream)
     return [_until_stop(row, stop_token) for row in np.concatenate(chunks, axis=1)]
 
 
