@@ -5,7 +5,10 @@ gpt2-jax eval     --workdir=DIR [--config.KEY=VALUE ...]
 gpt2-jax eval     --config=configs/NAME.py --config.init_from=hf:PATH_OR_HUB_ID
 gpt2-jax generate --workdir=DIR | --init_from=hf:PATH_OR_HUB_ID --prompt=TEXT [...]
 gpt2-jax export   --workdir=DIR --out=HF_DIR
-gpt2-jax launch   --processes=N --devices_per_process=M [--port=P] -- train|eval ...
+gpt2-jax lm-eval  --workdir=DIR [--step=N|best] | --init_from=hf:PATH_OR_HUB_ID --tasks=T1,T2
+                  [--num_fewshot --limit --batch_size --include_path --output_path
+                   --log_samples --seed --gen_kwargs --model_args]
+gpt2-jax launch   --processes=N --devices_per_process=M [--port=P] -- train|eval|lm-eval ...
 gpt2-jax plot     WORKDIR [WORKDIR ...] [--out=FILE.png]   # default: WORKDIR/curves.png
 """
 
@@ -16,7 +19,7 @@ import json
 import sys
 from pathlib import Path
 
-COMMANDS = ("train", "eval", "generate", "export", "plot", "launch")
+COMMANDS = ("train", "eval", "generate", "export", "lm-eval", "plot", "launch")
 
 
 class UsageError(ValueError):
@@ -34,6 +37,9 @@ def _parser(command: str) -> argparse.ArgumentParser:
         p.add_argument("--workdir", action="append", default=[], help="run directory (repeatable)")
         p.add_argument("--out", help="PNG path (default WORKDIR/curves.png; ./curves.png for 2+)")
         p.add_argument("--smoothing", type=float, default=0.6, help="train-loss EMA, in [0, 1)")
+        return p
+    if command == "lm-eval":
+        _lm_eval_flags(p)
         return p
     p.add_argument("--config", help="configs/NAME.py[:ARG]")
     p.add_argument("--workdir", help="run directory (checkpoints, metrics, config.json)")
@@ -70,6 +76,32 @@ def _parser(command: str) -> argparse.ArgumentParser:
         p.add_argument("--out", required=True, help="output Hugging Face directory")
         p.add_argument("--overwrite", action="store_true")
     return p
+
+
+def _lm_eval_flags(p: argparse.ArgumentParser) -> None:
+    """lm-evaluation-harness's own flag names, and the weights as eval/generate take them."""
+    p.add_argument("--workdir", default="", help="a gpt2-jax run directory")
+    p.add_argument("--step", type=_step, default=None, help="N, best, or latest (default)")
+    p.add_argument("--init_from", default="", help="hf:<dir or hub id> instead of --workdir")
+    p.add_argument("--tasks", required=True, help="comma-separated lm-eval task names")
+    p.add_argument("--num_fewshot", type=int, default=None, help="few-shot examples per task")
+    p.add_argument("--limit", type=float, default=None, help="docs per task (< 1: a fraction)")
+    p.add_argument("--batch_size", type=int, default=None, help="rows per batch (default 16)")
+    p.add_argument("--include_path", default="", help="directories of extra task YAMLs")
+    p.add_argument(
+        "--output_path",
+        default="",
+        help="results .json file or directory (default WORKDIR/lm_eval/step_<N>.json)",
+    )
+    p.add_argument("--log_samples", action="store_true", help="also write every sample")
+    p.add_argument("--seed", default=None, help="one int, or python,numpy,torch,fewshot")
+    p.add_argument("--gen_kwargs", default="", help="k=v,... for generate_until tasks")
+    p.add_argument("--model_args", default="", help="k=v,...: " + ", ".join(_MODEL_ARGS))
+    p.add_argument("--progress", action=argparse.BooleanOptionalAction, default=True)
+
+
+# gpt2_jax.harness.MODEL_ARGS (not imported here: lm-eval is an optional extra).
+_MODEL_ARGS = ("init_from", "workdir", "step", "batch_size", "dtype", "max_gen_toks", "seed")
 
 
 def _step(text: str):
@@ -327,6 +359,57 @@ def cmd_export(args, overrides) -> int:
     return 0
 
 
+def cmd_lm_eval(args, overrides) -> int:
+    """lm-evaluation-harness tasks on a run's checkpoint or Hugging Face weights."""
+    from gpt2_jax import config as config_lib
+    from gpt2_jax import sharding
+
+    try:
+        from gpt2_jax import harness
+    except ImportError as e:
+        if "lm_eval" not in str(e):
+            raise
+        raise UsageError(
+            "lm-eval needs EleutherAI's lm-evaluation-harness: pip install 'gpt2_jax[eval]'"
+        ) from None
+    bad = [k for k in overrides if not k.startswith("distributed.")]
+    if bad:
+        raise UsageError(
+            f"lm-eval takes no --config.{bad[0]} (only --config.distributed.*; model settings "
+            f"go in --model_args)"
+        )
+    cfg = config_lib.base_config()
+    cfg.lock()
+    config_lib.apply_overrides(cfg, overrides)
+    sharding.maybe_initialize_distributed(cfg.distributed)  # under launch, or a cluster
+    results, path, written = harness.evaluate_command(
+        tasks=args.tasks,
+        workdir=args.workdir,
+        step=args.step,
+        init_from=args.init_from,
+        model_args=args.model_args,
+        batch_size=args.batch_size,
+        num_fewshot=args.num_fewshot,
+        limit=int(args.limit) if args.limit is not None and args.limit >= 1 else args.limit,
+        include_path=args.include_path,
+        output_path=args.output_path,
+        log_samples=args.log_samples,
+        seed=args.seed,
+        gen_kwargs=args.gen_kwargs,
+        progress=args.progress,
+    )
+    import jax
+
+    if jax.process_index() != 0:
+        return 0
+    print(harness.table(results))
+    for p in written:
+        print(f"wrote {p}", file=sys.stderr)
+    if path is None:
+        print("(results not saved: pass --output_path=FILE.json to keep them)", file=sys.stderr)
+    return 0
+
+
 def cmd_launch(argv: list[str]) -> int:
     """N local processes of the gpt2-jax command after ``--`` (see gpt2_jax/launch.py)."""
     from gpt2_jax import launch
@@ -402,6 +485,7 @@ def main(argv: list[str] | None = None) -> int:
             "eval": cmd_eval,
             "generate": cmd_generate,
             "export": cmd_export,
+            "lm-eval": cmd_lm_eval,
             "plot": cmd_plot,
         }[command]
         return handler(args, overrides)
@@ -439,6 +523,7 @@ def _is_user_error(e: Exception) -> bool:
         "HFImportError",
         "TokenizerError",
         "PlotError",
+        "HarnessError",
     }
     return any(cls.__name__ in names for cls in type(e).__mro__)
 

@@ -88,6 +88,13 @@ def base_config() -> ml_collections.ConfigDict:
     e.max_batches = 0  # 0: the whole split; N: only the first N batches (quick looks)
     e.stride = 0  # 0: run_clm blocks; S > 0: sliding-window perplexity with stride S
     e.splits = ("validation",)  # splits scored by eval steps and `gpt2-jax eval`
+    # lm-evaluation-harness tasks during training (the [eval] extra): results in
+    # metrics.jsonl / TensorBoard as lm_eval/<task>/<metric> and WORKDIR/lm_eval/step_<N>.json.
+    e.harness_tasks = ""  # comma-separated task names ('' = off), e.g. 'lambada_openai,hellaswag'
+    e.harness_every = 0  # steps between harness evals (0: at the end only)
+    e.harness_include_path = ""  # directories of extra task YAMLs (local data, offline)
+    e.harness_limit = 0  # docs per task (0: all)
+    e.harness_num_fewshot = -1  # few-shot examples (-1: each task's default)
 
     c.mesh = ml_collections.ConfigDict()
     c.mesh.data = -1  # data-parallel axis size (-1: all devices not used by fsdp)
@@ -394,6 +401,13 @@ def validate(cfg: ml_collections.ConfigDict, num_devices: int) -> model_lib.GPT2
         "eval.stride",
         f"eval.stride={cfg.eval.stride} must be <= data.block_size={d.block_size} "
         f"(the window length; a longer stride would skip tokens)",
+    )
+    _check(cfg.eval.harness_every >= 0, "eval.harness_every", "must be >= 0 (0: at the end)")
+    _check(cfg.eval.harness_limit >= 0, "eval.harness_limit", "must be >= 0 (0: every doc)")
+    _check(
+        cfg.eval.harness_num_fewshot >= -1,
+        "eval.harness_num_fewshot",
+        "must be >= 0, or -1 for each task's default",
     )
     _check(
         t.nonfinite in ("stop", "skip"),

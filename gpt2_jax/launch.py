@@ -67,9 +67,10 @@ def parse_args(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
         raise LaunchError(f"--devices_per_process={args.devices_per_process}: must be >= 1")
     if not 0 <= args.port < 65536:
         raise LaunchError(f"--port={args.port}: must be in [0, 65535]")
-    if not command or command[0] not in ("train", "eval"):
+    if not command or command[0] not in ("train", "eval", "lm-eval"):
         raise LaunchError(
-            f"the command after '--' must be train or eval, got {' '.join(command) or 'nothing'}"
+            "the command after '--' must be train, eval or lm-eval, got "
+            f"{' '.join(command) or 'nothing'}"
         )
     if any(a.startswith("--config.distributed.") for a in command):
         # The launcher owns these; a second value would silently win or conflict.

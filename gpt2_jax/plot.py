@@ -116,12 +116,20 @@ def plot_runs(workdirs: list[str], out: str | Path | None = None, smoothing: flo
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
-    fig = Figure(figsize=(12, 8), dpi=100, layout="constrained")
+    harness = any(r.get("split") == "lm_eval" for records in runs for r in records)
+    fig = Figure(figsize=(12, 12 if harness else 8), dpi=100, layout="constrained")
     FigureCanvasAgg(fig)
-    ax_loss, ax_lr, ax_tps, ax_gn = fig.subplots(2, 2).ravel()
+    axes = fig.subplots(3 if harness else 2, 2).ravel()
+    ax_loss, ax_lr, ax_tps, ax_gn = axes[:4]
     colors = [f"C{i % 10}" for i in range(len(runs))]
     for records, label, color in zip(runs, run_labels(workdirs), colors, strict=True):
         _draw_run(records, label, color, smoothing, (ax_loss, ax_lr, ax_tps, ax_gn))
+        if harness:
+            _draw_harness(records, label, color, axes[4:])
+    if harness:
+        axes[4].set(title="lm-eval: accuracy and match rates", ylabel="fraction")
+        axes[5].set(title="lm-eval: perplexities and bits per byte", ylabel="log scale")
+        axes[5].set_yscale("log")
 
     ax_loss.set(
         title="Loss per predicted token (faint: raw train loss)",
@@ -136,7 +144,7 @@ def plot_runs(workdirs: list[str], out: str | Path | None = None, smoothing: flo
     ax_gn.set(title="Gradient norm (before clipping)", ylabel="global L2 norm (log scale)")
     ax_gn.set_yscale("log")
     _plain_log_ticks(ax_gn)
-    for ax in (ax_loss, ax_lr, ax_tps, ax_gn):
+    for ax in axes:
         ax.set_xlabel("optimizer step")
         ax.grid(True, which="major", alpha=0.3)
         if ax.lines:
@@ -179,6 +187,21 @@ def _draw_run(records, label, color, smoothing, axes) -> None:
         s, v = series(records, "train", key)
         if len(s):
             ax.plot(s, v, color=color, label=label)
+
+
+def _is_perplexity(metric: str) -> bool:
+    return "perplexity" in metric or "bits_per_byte" in metric
+
+
+def _draw_harness(records, label, color, axes) -> None:
+    """Every ``lm_eval/<task>/<metric>`` of the ``lm_eval`` lines: rates on the first
+    panel, perplexities (and bits per byte) on the second, one marker a metric."""
+    keys = sorted({k for r in records if r.get("split") == "lm_eval" for k in r if "/" in k})
+    for i, key in enumerate(keys):
+        s, v = series(records, "lm_eval", key)
+        ax = axes[1] if _is_perplexity(key) else axes[0]
+        name = key.removeprefix("lm_eval/")
+        ax.plot(s, v, color=color, marker="os^vDP*X"[i % 8], label=f"{label} {name}")
 
 
 def _plain_log_ticks(ax) -> None:

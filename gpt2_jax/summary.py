@@ -105,6 +105,7 @@ def start_summary(
 def end_summary(
     results: list[dict],
     *,
+    harness: dict | None = None,
     start_step: int,
     end_step: int,
     wall_seconds: float,
@@ -113,7 +114,8 @@ def end_summary(
     """The end-of-run screen: final eval metrics, wall time, the files written.
 
     ``results``: eval records (``split``, ``loss``, ``perplexity``, ``tokens``);
-    ``paths``: ``{"checkpoints": ..., "metrics": ...}`` in the order to print.
+    ``paths``: ``{"checkpoints": ..., "metrics": ...}`` in the order to print;
+    ``harness``: the last harness eval's ``{"lm_eval/<task>/<metric>": value}``.
     """
     minutes, seconds = divmod(wall_seconds, 60)
     lines = [
@@ -132,6 +134,12 @@ def end_summary(
                 f"({r['tokens']:,} scored tokens)",
             )
         )
+    by_task: dict[str, list[str]] = {}
+    for key, value in (harness or {}).items():
+        _, task, metric = key.split("/", 2)
+        by_task.setdefault(task, []).append(f"{metric} {value:.4g}")
+    for task, metrics in by_task.items():
+        lines.append(_row("lm-eval", f"{task}: {', '.join(metrics)}"))
     for i, (name, path) in enumerate(paths.items()):
         lines.append(_row("wrote" if i == 0 else "", f"{name + ':':<12} {path}"))
     return "\n".join(lines)

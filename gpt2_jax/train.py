@@ -172,7 +172,9 @@ class MetricLogger:
             split = record["split"]
             for k, v in record.items():
                 if k not in ("step", "split") and isinstance(v, (int, float)):
-                    self._tb.add_scalar(f"{split}/{k}", v, record["step"])
+                    # A namespaced key (lm_eval/<task>/<metric>) is its own tag.
+                    tag = k if "/" in k else f"{split}/{k}"
+                    self._tb.add_scalar(tag, v, record["step"])
             self._tb.flush()
         self.echo(" ".join(f"{k}={_fmt(v)}" for k, v in record.items()))
 
@@ -288,6 +290,8 @@ def train(cfg: ml_collections.ConfigDict, workdir: str | Path) -> dict:
     )
     # A bad HF checkpoint fails here, before the workdir is touched.
     hf_params = weights.load_hf_params(source) if source.kind == "hf" else None
+    # Harness tasks (eval.harness_tasks): known, and their data loadable, before compiling.
+    harness_hook = _harness_hook(cfg, model_cfg, workdir)
 
     # ---- memory preflight: compile the step, refuse a run that cannot fit (nothing written
     # yet); the loop reuses this executable. With many processes it is also a barrier.
@@ -298,8 +302,36 @@ def train(cfg: ml_collections.ConfigDict, workdir: str | Path) -> dict:
 
     with contextlib.ExitStack() as stack:
         return _run(
-            cfg, workdir, source, splits, train_blocks, loader, hf_params, stack, compiled_step
+            cfg,
+            workdir,
+            source,
+            splits,
+            train_blocks,
+            loader,
+            hf_params,
+            stack,
+            compiled_step,
+            harness_hook,
         )
+
+
+def _harness_hook(cfg, model_cfg, workdir: Path):
+    """``harness.TrainingHook`` when ``eval.harness_tasks`` is set, else None."""
+    if not cfg.eval.harness_tasks:
+        return None
+    try:
+        from gpt2_jax import harness
+    except ImportError as e:
+        if "lm_eval" not in str(e):
+            raise
+        raise config_lib.ConfigError(
+            "eval.harness_tasks needs EleutherAI's lm-evaluation-harness: "
+            "pip install 'gpt2_jax[eval]'"
+        ) from None
+    try:
+        return harness.TrainingHook(cfg, model_cfg, workdir)
+    except harness.HarnessError as e:
+        raise config_lib.ConfigError(f"eval.harness_tasks: {e}") from None
 
 
 def _prepare_workdir(cfg, workdir: Path, source: weights.Source) -> list[str]:
@@ -323,7 +355,16 @@ def _prepare_workdir(cfg, workdir: Path, source: weights.Source) -> list[str]:
 
 
 def _run(
-    cfg, workdir: Path, source, splits, train_blocks, loader, hf_params, stack, step_fn=None
+    cfg,
+    workdir: Path,
+    source,
+    splits,
+    train_blocks,
+    loader,
+    hf_params,
+    stack,
+    step_fn=None,
+    harness_hook=None,
 ) -> dict:
     """The training proper; everything opened is closed by ``stack`` (errors included)."""
     model_cfg = source.model_cfg
@@ -433,12 +474,22 @@ def _run(
             log.write({"step": step, **r})
         return results
 
+    harness_scalars: dict = {}
+
+    def run_harness(step: int) -> None:
+        harness_scalars.clear()
+        harness_scalars.update(harness_hook(step, state["params"]))
+        log.write({"step": step, "split": "lm_eval", **harness_scalars})
+
+    harness_every = cfg.eval.harness_every if harness_hook is not None else 0
+
     # ---- the loop: metrics leave the device only at log, checkpoint and stop steps
     tokens_per_step = cfg.train.batch_size * cfg.data.block_size
     throughput = _Throughput(cfg, model_cfg, jax.devices())
     guard = _NonFinite(cfg.train.nonfinite, cfg.train.max_nonfinite)
     pending: list[tuple[int, dict]] = []
     last_time, last_step = time.perf_counter(), start
+    paused = 0.0  # seconds of evals since last_time: not training time
     step = start
     with _Interrupts() as interrupts:
         while step < total_steps:
@@ -471,14 +522,18 @@ def _run(
                     "grad_norm": window["grad_norm"],
                 }
                 if step > last_step:  # not the first step's window alone
-                    tps = tokens_per_step * (step - last_step) / (now - last_time)
+                    tps = tokens_per_step * (step - last_step) / (now - last_time - paused)
                     record.update(throughput.metrics(tps))
                 if cfg.train.nonfinite == "skip":
                     record["nonfinite"] = window["nonfinite"]
                 log.write(record)
-                last_time, last_step = now, step
+                last_time, last_step, paused = now, step, 0.0
             bar.update(1)
+            t_eval = time.perf_counter()
             evals = run_eval(step) if eval_now else None
+            if harness_every and step % harness_every == 0 and step < total_steps:
+                run_harness(step)
+            paused += time.perf_counter() - t_eval
             if ckpt_now:
                 save(step, evals)
             if stop_now:
@@ -492,11 +547,14 @@ def _run(
                 raise Preempted(step, interrupts.signum or signal.SIGTERM)
         # ---- the end: final eval, then the final checkpoint carrying its eval loss
         results = run_eval(step)
+        if harness_hook is not None:
+            run_harness(step)
         if ckpt.latest_step() != step:
             save(step, results)
         ckpt.wait()
     end_text = summary.end_summary(
         results,
+        harness=harness_scalars,
         start_step=start,
         end_step=step,
         wall_seconds=time.perf_counter() - run_start,
@@ -505,6 +563,7 @@ def _run(
             "metrics": workdir / "metrics.jsonl",
             "tensorboard": workdir / "tensorboard",
             "config": workdir / "config.json",
+            **({"lm_eval": workdir / "lm_eval"} if harness_hook is not None else {}),
         },
     )
     log.echo(end_text)
