@@ -98,28 +98,34 @@ def _trunk(params: dict, ids: jax.Array, *, cfg: model_lib.GPT2Config) -> jax.Ar
     return model_lib.GPT2(cfg).apply({"params": params}, ids, return_hidden=True)
 
 
-def _chunk_rows(B: int, C: int) -> int:
-    """Columns of ``C`` per head chunk: the largest divisor of C with B * c <= HEAD_ROWS."""
+def _chunk_rows(B: int, C: int, head_rows: int) -> int:
+    """Columns of ``C`` per head chunk: the largest divisor of C with B * c <= head_rows."""
     best = 1
     for c in range(1, C + 1):
-        if C % c == 0 and B * c <= max(HEAD_ROWS, B):
+        if C % c == 0 and B * c <= max(head_rows, B):
             best = c
     return best
 
 
 def _head(
-    wte: jax.Array, hidden: jax.Array, first: jax.Array, targets: jax.Array, n: jax.Array
+    wte: jax.Array,
+    hidden: jax.Array,
+    first: jax.Array,
+    targets: jax.Array,
+    n: jax.Array,
+    head_rows: int = HEAD_ROWS,
 ) -> tuple[jax.Array, jax.Array]:
     """Sums of the scored log-probabilities, and whether each row is greedy.
 
     wte: [V, E]; hidden: [B, T, E]; first: [B] int32, the position whose prediction is the
     row's first scored token; targets: [B, C] int32, the scored tokens (padding beyond
     ``n``); n: [B] int32 scored tokens per row -> (logprob [B] float32, greedy [B] bool).
+    At most ``head_rows`` positions' [vocab] fp32 logits exist at once.
     """
     B, C = targets.shape
     pos = jnp.minimum(first[:, None] + jnp.arange(C)[None, :], hidden.shape[1] - 1)  # [B, C]
     h = jnp.take_along_axis(hidden, pos[..., None], axis=1)  # [B, C, E]
-    c = _chunk_rows(B, C)
+    c = _chunk_rows(B, C, head_rows)
     w = wte.astype(hidden.dtype)
 
     def one(xs):
@@ -543,10 +549,24 @@ def load_weights(
 ) -> tuple[model_lib.GPT2Config, dict, Any]:
     """(model config, params, weights.Source) of a workdir's checkpoint or of ``hf:``
     weights, through the one resolver every command uses (weights.py)."""
-    from pathlib import Path
-
-    from gpt2_jax import config as config_lib
     from gpt2_jax import weights
+
+    cfg = _weights_config(workdir, init_from, dtype)
+    return weights.load_params(cfg, workdir or None, step)
+
+
+def check_weights(workdir=None, step=None, init_from: str = "", dtype: str | None = None):
+    """Raises the one-line error of a missing run, checkpoint step or HF directory,
+    without reading any weights (the command checks this before the tasks)."""
+    from gpt2_jax import weights
+
+    cfg = _weights_config(workdir, init_from, dtype)
+    weights.resolve(cfg, workdir or None, _parse_step(step))
+
+
+def _weights_config(workdir, init_from: str, dtype: str | None):
+    """The config the resolver reads: the run's saved one, or the defaults + init_from."""
+    from gpt2_jax import config as config_lib
 
     if workdir:
         saved = Path(workdir) / "config.json"
@@ -564,14 +584,13 @@ def load_weights(
         cfg.model.dtype = dtype
     with cfg.model.unlocked():
         cfg.model.dropout = 0.0  # evaluation: deterministic anyway; keeps the config honest
-    model_cfg, params, source = weights.load_params(cfg, workdir or None, step)
-    return model_cfg, params, source
+    return cfg
 
 
 # ------------------------------------------------------------------ running tasks
 
 
-def task_manager(include_path: str = "", include_defaults: bool = True):
+def task_manager(include_path: str = "", include_defaults: bool = True, flag="--include_path"):
     """lm-eval's TaskManager: its own tasks (unless ``include_defaults=False``) and the task
     YAMLs under ``include_path`` (comma-separated directories)."""
     from pathlib import Path
@@ -581,11 +600,11 @@ def task_manager(include_path: str = "", include_defaults: bool = True):
     paths = [p.strip() for p in str(include_path or "").split(",") if p.strip()]
     for p in paths:
         if not Path(p).is_dir():
-            raise HarnessError(f"--include_path={p}: no such directory")
+            raise HarnessError(f"{flag}={p}: no such directory")
     return TaskManager(include_path=paths or None, include_defaults=include_defaults)
 
 
-def check_tasks(tasks, manager) -> list[str]:
+def check_tasks(tasks, manager, flag: str = "--tasks") -> list[str]:
     """The task names of ``tasks`` (comma-separated or a list), each known to ``manager``
     and with its data loadable: a HarnessError names an unknown task (with the closest
     names) or a task whose dataset cannot be had (offline, say), before any model loads."""
@@ -594,13 +613,13 @@ def check_tasks(tasks, manager) -> list[str]:
     names = [t.strip() for t in (tasks.split(",") if isinstance(tasks, str) else tasks)]
     names = [t for t in names if t]
     if not names:
-        raise HarnessError("--tasks: give at least one task name (lm-eval ls tasks lists them)")
+        raise HarnessError(f"{flag}: give at least one task name (lm-eval ls tasks lists them)")
     known = manager.all_tasks
     for name in names:
         if name not in known and not manager.match_tasks([name]):
             close = difflib.get_close_matches(name, known, n=3, cutoff=0.6)
             hint = f"; did you mean {', '.join(close)}?" if close else ""
-            raise HarnessError(f"--tasks: unknown task {name!r}{hint}")
+            raise HarnessError(f"{flag}: unknown task {name!r}{hint}")
     for name in names:
         try:
             manager.load([name])
@@ -818,6 +837,8 @@ def evaluate_command(
         config_lib.parse_init_from(str(args["init_from"]))
     if log_samples and not output_path and not args.get("workdir"):
         raise HarnessError("--log_samples needs --output_path (or --workdir) to write them to")
+    check_weights(args.get("workdir"), args.get("step"), args.get("init_from", ""),
+                  args.get("dtype"))  # fmt: skip
     manager = task_manager(include_path)
     names = check_tasks(tasks, manager)
     lm = GPT2JaxLM.from_args(args)
@@ -856,8 +877,8 @@ class TrainingHook:
         e = cfg.eval
         self.model_cfg = model_cfg
         self.workdir = Path(workdir)
-        self.manager = task_manager(e.harness_include_path)
-        self.tasks = check_tasks(e.harness_tasks, self.manager)
+        self.manager = task_manager(e.harness_include_path, flag="eval.harness_include_path")
+        self.tasks = check_tasks(e.harness_tasks, self.manager, flag="eval.harness_tasks")
         micro = cfg.train.batch_size // cfg.optim.accumulation_steps
         self.batch_size = e.batch_size or micro
         self.limit = e.harness_limit or None

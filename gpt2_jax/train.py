@@ -331,7 +331,7 @@ def _harness_hook(cfg, model_cfg, workdir: Path):
     try:
         return harness.TrainingHook(cfg, model_cfg, workdir)
     except harness.HarnessError as e:
-        raise config_lib.ConfigError(f"eval.harness_tasks: {e}") from None
+        raise config_lib.ConfigError(str(e)) from None
 
 
 def _prepare_workdir(cfg, workdir: Path, source: weights.Source) -> list[str]:
