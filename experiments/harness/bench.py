@@ -219,7 +219,8 @@ def main() -> None:
         f"{shape['params'] / 1e6:.0f}M shape (n_positions {shape['n_positions']}), fp32, "
         f"batch {a.batch_size}; medians of {a.repeats} whole-command runs",
         "",
-        "| task | requests | gpt2-jax lm-eval (s) | lm_eval --model hf (s) | speedup | max rel. diff |",
+        "| task | requests | gpt2-jax lm-eval (s) | lm_eval --model hf (s) | speedup "
+        "| max rel. diff |",
         "| --- | --- | --- | --- | --- | --- |",
     ]
     for r in rows:
