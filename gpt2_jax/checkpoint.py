@@ -16,8 +16,10 @@ from typing import Any
 import jax
 import orbax.checkpoint as ocp
 
+from gpt2_jax.errors import UserError
 
-class CheckpointError(RuntimeError):
+
+class CheckpointError(UserError, RuntimeError):
     pass
 
 

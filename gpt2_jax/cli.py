@@ -19,10 +19,12 @@ import json
 import sys
 from pathlib import Path
 
+from gpt2_jax.errors import UserError
+
 COMMANDS = ("train", "eval", "generate", "export", "lm-eval", "plot", "launch")
 
 
-class UsageError(ValueError):
+class UsageError(UserError, ValueError):
     """A missing or contradictory command-line flag (reported as one line, exit code 2)."""
 
 
@@ -492,12 +494,10 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
-    except Exception as e:  # user-facing errors: one line, no traceback
-        if _is_user_error(e):
-            print(f"gpt2-jax {command}: error: {e}", file=sys.stderr)
-            _exit_now_if_multiprocess(2)
-            return 2
-        raise
+    except UserError as e:  # one line, no traceback; anything else is a bug and shows it
+        print(f"gpt2-jax {command}: error: {e}", file=sys.stderr)
+        _exit_now_if_multiprocess(2)
+        return 2
 
 
 def _exit_now_if_multiprocess(code: int) -> None:
@@ -511,21 +511,6 @@ def _exit_now_if_multiprocess(code: int) -> None:
         sys.stdout.flush()
         sys.stderr.flush()
         os._exit(code)
-
-
-def _is_user_error(e: Exception) -> bool:
-    names = {
-        "UsageError",
-        "ConfigError",
-        "DataError",
-        "CheckpointError",
-        "TrainingError",
-        "HFImportError",
-        "TokenizerError",
-        "PlotError",
-        "HarnessError",
-    }
-    return any(cls.__name__ in names for cls in type(e).__mro__)
 
 
 if __name__ == "__main__":

@@ -16,9 +16,10 @@ from pathlib import Path
 import ml_collections
 
 from gpt2_jax import model as model_lib
+from gpt2_jax.errors import UserError
 
 
-class ConfigError(ValueError):
+class ConfigError(UserError, ValueError):
     pass
 
 

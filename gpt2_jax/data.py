@@ -31,6 +31,7 @@ import ml_collections
 import numpy as np
 
 from gpt2_jax import tokenizer
+from gpt2_jax.errors import UserError
 
 log = logging.getLogger(__name__)
 
@@ -57,7 +58,7 @@ DEFAULTS = dict(
 )
 
 
-class DataError(ValueError):
+class DataError(UserError, ValueError):
     """A data problem the user can fix (config key, file, too little data)."""
 
 

@@ -66,6 +66,7 @@ from gpt2_jax import evaluate, sharding
 from gpt2_jax import generate as gen_lib
 from gpt2_jax import model as model_lib
 from gpt2_jax import tokenizer as tok_lib
+from gpt2_jax.errors import UserError
 
 MIN_BUCKET = 16  # shortest trunk bucket: short requests share one executable
 MIN_SCORED = 8  # fewest scored positions per row in a head bucket
@@ -75,7 +76,7 @@ MAX_GEN_TOKS = 256  # lm-eval's default for generate_until (the hf backend's max
 MODEL_ARGS = ("init_from", "workdir", "step", "batch_size", "dtype", "max_gen_toks", "seed")
 
 
-class HarnessError(ValueError):
+class HarnessError(UserError, ValueError):
     """A harness request or argument the user can fix (reported as one line by the CLI)."""
 
 

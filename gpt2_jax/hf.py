@@ -27,10 +27,11 @@ import jax
 import numpy as np
 
 from gpt2_jax import tokenizer as tokenizer_lib
+from gpt2_jax.errors import UserError
 from gpt2_jax.model import DTYPES, RUNTIME_FIELDS, SHAPE_FIELDS, GPT2Config
 
 
-class HFImportError(ValueError):
+class HFImportError(UserError, ValueError):
     """A checkpoint or hub id that cannot be turned into our GPT-2 (message says why)."""
 
 

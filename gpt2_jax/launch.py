@@ -26,13 +26,15 @@ import threading
 import time
 from pathlib import Path
 
+from gpt2_jax.errors import UserError
+
 GRACE_SECONDS = 10.0  # after a failure: SIGTERM, then SIGKILL the survivors after this
 POLL_SECONDS = 0.2
 PREEMPTED = 143  # train's exit code after saving on SIGTERM
 PREEMPT_GRACE_SECONDS = 300.0  # for the others to reach the same step and save
 
 
-class LaunchError(ValueError):
+class LaunchError(UserError, ValueError):
     """Bad launcher flags (reported as one line, exit 2)."""
 
 

@@ -16,11 +16,13 @@ from pathlib import Path
 
 import numpy as np
 
+from gpt2_jax.errors import UserError
+
 METRICS_FILE = "metrics.jsonl"
 DEFAULT_NAME = "curves.png"
 
 
-class PlotError(ValueError):
+class PlotError(UserError, ValueError):
     """A workdir without usable metrics, or an output path that can't be written."""
 
 

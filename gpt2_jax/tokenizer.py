@@ -17,6 +17,8 @@ from pathlib import Path
 import tiktoken
 from tiktoken.load import data_gym_to_mergeable_bpe_ranks
 
+from gpt2_jax.errors import UserError
+
 EOT_TOKEN = "<|endoftext|>"
 EOT_ID = 50256
 VOCAB_SIZE = 50257
@@ -31,7 +33,7 @@ PAT_STR = r"""'(?:[sdmt]|ll|ve|re)| ?\p{L}++| ?\p{N}++| ?[^\s\p{L}\p{N}]++|\s++$
 _NAME_PAIRS = (("encoder.json", "vocab.bpe"), ("vocab.json", "merges.txt"))
 
 
-class TokenizerError(RuntimeError):
+class TokenizerError(UserError, RuntimeError):
     pass
 
 

@@ -28,12 +28,13 @@ from gpt2_jax import config as config_lib
 from gpt2_jax import data as data_lib
 from gpt2_jax import flops, optim, preflight, sharding, summary, weights
 from gpt2_jax import model as model_lib
+from gpt2_jax.errors import UserError
 from gpt2_jax.evaluate import evaluate_splits
 
 State = dict[str, Any]  # {"step": int32[], "params": ..., "opt_state": ..., "rng": uint32[2]}
 
 
-class TrainingError(RuntimeError):
+class TrainingError(UserError, RuntimeError):
     pass
 
 
