@@ -16,7 +16,7 @@ $(VENV)/.installed: pyproject.toml $(LOCK)
 	touch $@
 
 $(VENV)/.installed-test: $(VENV)/.installed
-	$(PIP_INSTALL) -e '.[test,dev,eval]'
+	$(PIP_INSTALL) -e '.[test,dev,eval,wandb]'
 	touch $@
 
 setup: $(VENV)/.installed-test

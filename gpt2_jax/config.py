@@ -70,6 +70,12 @@ def base_config() -> ml_collections.ConfigDict:
     t.progress = True  # tqdm progress bar on stderr
     t.preflight = True  # refuse a run whose compiled step cannot fit in memory (preflight.py)
     t.peak_flops = 0.0  # one device's peak FLOP/s for `mfu` (0: flops.PEAK_FLOPS by device kind)
+    t.report_to = ("tensorboard",)  # trackers besides metrics.jsonl: tensorboard, wandb | none
+    t.wandb = w = ml_collections.ConfigDict()  # with report_to wandb (the [wandb] extra)
+    w.project = "gpt2_jax"  # W&B project
+    w.entity = ""  # W&B team or user ('' = your default)
+    w.name = ""  # run name ('' = the workdir's name)
+    w.tags = ()  # run tags, e.g. ('124m', 'fineweb')
 
     c.optim = o = ml_collections.ConfigDict()
     o.learning_rate = 6e-4  # peak learning rate

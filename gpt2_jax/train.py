@@ -26,7 +26,7 @@ import optax
 from gpt2_jax import checkpoint as ckpt_lib
 from gpt2_jax import config as config_lib
 from gpt2_jax import data as data_lib
-from gpt2_jax import flops, optim, preflight, sharding, summary, weights
+from gpt2_jax import flops, optim, preflight, sharding, summary, trackers, weights
 from gpt2_jax import model as model_lib
 from gpt2_jax.errors import UserError
 from gpt2_jax.evaluate import evaluate_splits
@@ -140,13 +140,13 @@ def train_step(
 
 
 class MetricLogger:
-    """metrics.jsonl + TensorBoard + stdout, written by process 0 only."""
+    """metrics.jsonl + the trackers (``train.report_to``) + stdout, by process 0 only."""
 
-    def __init__(self, workdir: Path, resume_step: int | None, progress):
+    def __init__(self, workdir: Path, resume_step: int | None, progress, make_trackers):
         self.enabled = jax.process_index() == 0
         self.progress = progress
         self.path = workdir / "metrics.jsonl"
-        self._tb = None
+        self.trackers = []
         if not self.enabled:
             return
         if resume_step is not None and self.path.exists():
@@ -157,26 +157,22 @@ class MetricLogger:
                 if ln.strip() and json.loads(ln).get("step", 0) <= resume_step
             ]
             self.path.write_text("".join(ln + "\n" for ln in kept))
-        try:
-            from tensorboardX import SummaryWriter
-
-            self._tb = SummaryWriter(str(workdir / "tensorboard"))
-        except ImportError:  # pragma: no cover - tensorboardX is a dependency
-            self._tb = None
+        self.trackers = make_trackers()
 
     def write(self, record: dict) -> None:
         if not self.enabled:
             return
         with self.path.open("a") as f:
             f.write(json.dumps(record) + "\n")
-        if self._tb is not None:
-            split = record["split"]
-            for k, v in record.items():
-                if k not in ("step", "split") and isinstance(v, (int, float)):
-                    # A namespaced key (lm_eval/<task>/<metric>) is its own tag.
-                    tag = k if "/" in k else f"{split}/{k}"
-                    self._tb.add_scalar(tag, v, record["step"])
-            self._tb.flush()
+        split = record["split"]
+        scalars = {
+            # A namespaced key (lm_eval/<task>/<metric>) is its own tag.
+            (k if "/" in k else f"{split}/{k}"): v
+            for k, v in record.items()
+            if k not in ("step", "split") and isinstance(v, (int, float))
+        }
+        for tracker in self.trackers:
+            tracker.log(record["step"], scalars)
         self.echo(" ".join(f"{k}={_fmt(v)}" for k, v in record.items()))
 
     def echo(self, text: str) -> None:
@@ -187,9 +183,15 @@ class MetricLogger:
         else:
             print(text, flush=True)
 
+    def text(self, step: int, texts: dict[str, str], config: dict | None = None) -> None:
+        """The run's start / end summaries (and the resolved config) to every tracker."""
+        for tracker in self.trackers:
+            tracker.log_text(step, texts, config)
+
     def close(self) -> None:
-        if self._tb is not None:
-            self._tb.close()
+        for tracker in self.trackers:
+            tracker.finish()
+        self.trackers = []
 
 
 def _fmt(v) -> str:
@@ -291,6 +293,7 @@ def train(cfg: ml_collections.ConfigDict, workdir: str | Path) -> dict:
     )
     # A bad HF checkpoint fails here, before the workdir is touched.
     hf_params = weights.load_hf_params(source) if source.kind == "hf" else None
+    trackers.check(cfg.train.report_to)  # e.g. wandb asked for but not installed
     # Harness tasks (eval.harness_tasks): known, and their data loadable, before compiling.
     harness_hook = _harness_hook(cfg, model_cfg, workdir)
 
@@ -437,9 +440,16 @@ def _run(
         file=sys.stderr,
     )
     stack.callback(bar.close)
-    log = MetricLogger(workdir, resume_step, bar if show else None)
+    log = MetricLogger(
+        workdir,
+        resume_step,
+        bar if show else None,
+        lambda: trackers.make(
+            trackers.check(cfg.train.report_to), workdir, cfg.train, config_lib.to_dict(cfg)
+        ),
+    )
     stack.callback(log.close)
-    # Run summary (summary.py) on stdout, and as TensorBoard text with the resolved config.
+    # Run summary (summary.py) on stdout, and to the trackers with the resolved config.
     resumed = ckpt.directory / str(resume_step) if resume_step is not None else None
     start_text = summary.start_summary(
         config_lib.to_dict(cfg),
@@ -456,9 +466,7 @@ def _run(
         workdir=workdir,
     )
     log.echo(start_text)
-    if log.enabled:
-        tb_dir = workdir / "tensorboard"
-        summary.write_tensorboard(tb_dir, {"run/start": start_text}, start, config_lib.to_dict(cfg))
+    log.text(start, {"run/start": start_text}, config_lib.to_dict(cfg))
     for line in moved:
         log.echo(line)
     if resume_step is not None:
@@ -568,8 +576,7 @@ def _run(
         },
     )
     log.echo(end_text)
-    if log.enabled:
-        summary.write_tensorboard(workdir / "tensorboard", {"run/end": end_text}, step)
+    log.text(step, {"run/end": end_text})
     return {r["split"]: r for r in results}
 
 

@@ -348,10 +348,11 @@ def load_params(cfg, workdir: str | Path | None, step=None) -> tuple[Any, dict, 
 
 
 def start_fresh(workdir: Path) -> list[Path]:
-    """Moves the workdir's checkpoints, metrics and tensorboard aside (``*.old-<time>``)."""
+    """Moves the workdir's checkpoints, metrics, tensorboard and W&B run id aside
+    (``*.old-<time>``): a fresh start is a new W&B run too."""
     stamp = _stamp()
     moved = []
-    for name in ("checkpoints", "metrics.jsonl", "tensorboard"):
+    for name in ("checkpoints", "metrics.jsonl", "tensorboard", "wandb_run_id"):
         path = workdir / name
         if path.exists():
             moved.append(_move(path, workdir / f"{name}.old-{stamp}"))

@@ -188,3 +188,48 @@ def run_cli(args, devices: int = 1, timeout: int = 600, env_extra=None, cwd=ROOT
         text=True,
         timeout=timeout,
     )
+
+
+# ---------------------------------------------------------------------- W&B files
+
+
+def wandb_records(path) -> list:
+    """The protobuf records of a W&B ``run-<id>.wandb`` file (offline mode writes them).
+
+    wandb 0.31 no longer ships a Python reader: the file is a ``:W&B`` header and then
+    LevelDB-log framing (32 KiB blocks, 7-byte record headers: crc, length, type
+    full/first/middle/last) around ``wandb_internal_pb2.Record`` messages.
+    """
+    import struct
+
+    from wandb.proto import wandb_internal_pb2 as pb
+
+    data = Path(path).read_bytes()
+    assert data[:4] == b":W&B", path
+    pos, block, parts, out = 7, 32768, b"", []
+    while pos + 7 <= len(data):
+        left = block - pos % block
+        _, length, kind = struct.unpack("<IHB", data[pos : pos + 7]) if left >= 7 else (0, 0, 0)
+        if left < 7 or (length == 0 and kind == 0):  # block padding
+            pos += left
+            continue
+        chunk, pos = data[pos + 7 : pos + 7 + length], pos + 7 + length
+        parts = chunk if kind in (1, 2) else parts + chunk
+        if kind in (1, 4):  # a whole record, or the last piece of one
+            rec = pb.Record()
+            rec.ParseFromString(parts)
+            out.append(rec)
+            parts = b""
+    return out
+
+
+def wandb_history(path) -> list[dict]:
+    """Every ``run.log`` row of a .wandb file: {key: value} with ``_step``."""
+    import json
+
+    rows = []
+    for rec in wandb_records(path):
+        if rec.WhichOneof("record_type") == "history":
+            rows.append({i.key or "/".join(i.nested_key): json.loads(i.value_json)
+                         for i in rec.history.item})  # fmt: skip
+    return rows
