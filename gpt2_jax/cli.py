@@ -139,12 +139,10 @@ def _load_config(args, overrides):
 def _model_and_params(cfg, args, announce: bool = True):
     """(model config, params, source) from the one resolver (weights.py); says where from
     on stderr unless ``announce=False`` (the caller then says it after its own checks)."""
-    from gpt2_jax import config as config_lib
     from gpt2_jax import weights
 
     workdir = None if getattr(args, "init_from", "") else args.workdir
-    model_cfg, params, source = weights.load_params(cfg, workdir, args.step)
-    config_lib.set_model_shape(cfg, model_cfg)
+    model_cfg, params, source = weights.load_params(cfg, workdir, args.step)  # shape -> cfg
     if announce:
         print(f"loaded {source.describe()}", file=sys.stderr)
     return model_cfg, params, source
@@ -168,24 +166,12 @@ def cmd_train(args, overrides) -> int:
 
 
 def cmd_eval(args, overrides) -> int:
-    import jax
-
-    from gpt2_jax import config as config_lib
-    from gpt2_jax import data as data_lib
-    from gpt2_jax import evaluate, sharding
+    from gpt2_jax import evaluate, summary
 
     cfg = _load_config(args, overrides)
-    sharding.maybe_initialize_distributed(cfg.distributed)  # flags, or a detected cluster
-    model_cfg, params, _ = _model_and_params(cfg, args)
-    config_lib.validate(cfg, jax.device_count())
-    splits = data_lib.load_splits(cfg.data, tuple(cfg.eval.splits))
-    mesh = sharding.make_mesh(cfg.mesh)
-    results = evaluate.evaluate_splits(
-        cfg, model_cfg, params, splits, mesh, progress=cfg.train.progress
-    )
+    results = evaluate.run_command(cfg, args.workdir, args.step, progress=cfg.train.progress)
     for r in results:
         print(json.dumps(r))
-    from gpt2_jax import summary
 
     sys.stdout.flush()  # the table follows the JSON lines on a terminal showing both
     print(summary.eval_table(results), file=sys.stderr)
@@ -236,7 +222,7 @@ def cmd_generate(args, overrides) -> int:
             )
     print(f"loaded {source.describe()}", file=sys.stderr)  # after the checks: errors stay one line
     rows = [ids for ids in prompt_ids for _ in range(args.num_samples)]
-    stop = 50256 if args.stop_at_eos else None  # <|endoftext|>
+    stop = tokenizer.EOT_ID if args.stop_at_eos else None
     stats = gen_lib.Stats()
     stream = gen_lib.stream_batch(
         model_cfg,

@@ -16,12 +16,7 @@ from pathlib import Path
 import ml_collections
 
 from gpt2_jax import model as model_lib
-from gpt2_jax.errors import UserError
-
-
-class ConfigError(UserError, ValueError):
-    pass
-
+from gpt2_jax.errors import ConfigError  # defined there for the modules below; used here
 
 # ---------------------------------------------------------------------------- defaults
 
@@ -33,7 +28,20 @@ def base_config() -> ml_collections.ConfigDict:
     c = ml_collections.ConfigDict()
     c.init_from = ""  # '' = random init; 'hf:<dir or hub id>' = start from Hugging Face weights
 
-    c.model = m = ml_collections.ConfigDict()
+    c.model = _model_defaults()
+    c.data = default_data_config()
+    c.train = _train_defaults()
+    c.optim = _optim_defaults()
+    c.eval = _eval_defaults()
+    c.mesh = ml_collections.ConfigDict()
+    c.mesh.data = -1  # data-parallel axis size (-1: all devices not used by fsdp)
+    c.mesh.fsdp = 1  # parameter-sharding axis size
+    c.distributed = _distributed_defaults()
+    return c
+
+
+def _model_defaults() -> ml_collections.ConfigDict:
+    m = ml_collections.ConfigDict()
     m.size = ""  # gpt2 | gpt2-medium | gpt2-large | gpt2-xl; n_layer/n_head/n_embd > 0 override it
     m.n_layer = 0  # transformer blocks
     m.n_head = 0  # attention heads (n_embd % n_head == 0)
@@ -50,10 +58,11 @@ def base_config() -> ml_collections.ConfigDict:
     # deep models, where unrolled compile time grows with every layer.
     m.scan_layers = False
     m.remat = False  # recompute activations in backward (less memory, ~1/3 more compute)
+    return m
 
-    c.data = default_data_config()
 
-    c.train = t = ml_collections.ConfigDict()
+def _train_defaults() -> ml_collections.ConfigDict:
+    t = ml_collections.ConfigDict()
     t.batch_size = 8  # sequences per optimizer step (global, over all devices and microbatches)
     t.steps = 0  # optimizer steps; 0 = train.epochs over the train split
     t.epochs = 0  # used when steps == 0
@@ -76,8 +85,11 @@ def base_config() -> ml_collections.ConfigDict:
     w.entity = ""  # W&B team or user ('' = your default)
     w.name = ""  # run name ('' = the workdir's name)
     w.tags = ()  # run tags, e.g. ('124m', 'fineweb')
+    return t
 
-    c.optim = o = ml_collections.ConfigDict()
+
+def _optim_defaults() -> ml_collections.ConfigDict:
+    o = ml_collections.ConfigDict()
     o.learning_rate = 6e-4  # peak learning rate
     o.warmup_steps = 0  # linear warmup from 0
     o.schedule = "cosine"  # cosine | linear | constant (after warmup)
@@ -89,8 +101,11 @@ def base_config() -> ml_collections.ConfigDict:
     o.eps = 1e-8
     o.grad_clip = 1.0  # global-norm clipping (0: off)
     o.accumulation_steps = 1  # microbatches per optimizer step (scanned inside the jitted step)
+    return o
 
-    c.eval = e = ml_collections.ConfigDict()
+
+def _eval_defaults() -> ml_collections.ConfigDict:
+    e = ml_collections.ConfigDict()
     e.batch_size = 0  # 0: train.batch_size / optim.accumulation_steps
     e.max_batches = 0  # 0: the whole split; N: only the first N batches (quick looks)
     e.stride = 0  # 0: run_clm blocks; S > 0: sliding-window perplexity with stride S
@@ -102,17 +117,16 @@ def base_config() -> ml_collections.ConfigDict:
     e.harness_include_path = ""  # directories of extra task YAMLs (local data, offline)
     e.harness_limit = 0  # docs per task (0: all)
     e.harness_num_fewshot = -1  # few-shot examples (-1: each task's default)
+    return e
 
-    c.mesh = ml_collections.ConfigDict()
-    c.mesh.data = -1  # data-parallel axis size (-1: all devices not used by fsdp)
-    c.mesh.fsdp = 1  # parameter-sharding axis size
 
-    c.distributed = d = ml_collections.ConfigDict()
+def _distributed_defaults() -> ml_collections.ConfigDict:
+    d = ml_collections.ConfigDict()
     d.coordinator_address = ""  # 'host:port' of process 0 for multi-host runs ('' = one process)
     d.num_processes = 1
     d.process_id = 0
     d.cpu_collectives = ""  # e.g. 'gloo' for multi-process CPU runs
-    return c
+    return d
 
 
 # ----------------------------------------------------------------------------- loading
@@ -349,20 +363,37 @@ def warnings(cfg: ml_collections.ConfigDict) -> list[str]:
 def validate(cfg: ml_collections.ConfigDict, num_devices: int) -> model_lib.GPT2Config:
     """Checks everything that can be checked before data loads or anything compiles.
 
-    Returns the model config. Raises ConfigError naming the offending key.
+    Returns the model config. Raises ConfigError naming the offending key (the eval batch
+    and stride are checked where they are decided: ``plan.eval_batch``).
     """
     try:
         mcfg = model_config(cfg)
         mcfg.validate()
     except ValueError as e:
         raise ConfigError(str(e)) from None
-    d, t, o = cfg.data, cfg.train, cfg.optim
     _check(
-        1 < d.block_size <= mcfg.n_positions,
+        1 < cfg.data.block_size <= mcfg.n_positions,
         "data.block_size",
-        f"{d.block_size} must be in [2, model.n_positions={mcfg.n_positions}]",
+        f"{cfg.data.block_size} must be in [2, model.n_positions={mcfg.n_positions}]",
     )
     parse_init_from(cfg.init_from)
+    _check_steps(cfg.train)
+    _check_batches(cfg.train, cfg.optim, num_devices)
+    _check_optim(cfg.optim)
+    _check_eval(cfg.eval)
+    try:
+        from gpt2_jax import sharding
+
+        sharding.mesh_shape(cfg.mesh, num_devices)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
+    from gpt2_jax import data as data_lib
+
+    data_lib.check_data_config(cfg.data)  # DataError: missing files, empty globs, ...
+    return mcfg
+
+
+def _check_steps(t) -> None:
     _check(t.batch_size > 0, "train.batch_size", f"must be positive, got {t.batch_size}")
     _check(
         t.steps >= 0 and t.epochs >= 0, "train.steps", "train.steps and train.epochs must be >= 0"
@@ -371,6 +402,21 @@ def validate(cfg: ml_collections.ConfigDict, num_devices: int) -> model_lib.GPT2
     for key in ("log_every", "eval_every", "checkpoint_every"):
         _check(t[key] >= 0, f"train.{key}", f"must be >= 0, got {t[key]}")
     _check(t.log_every > 0, "train.log_every", "must be positive")
+    _check(
+        t.nonfinite in ("stop", "skip"),
+        "train.nonfinite",
+        f"{t.nonfinite!r} is not one of stop, skip",
+    )
+    _check(t.max_nonfinite >= 1, "train.max_nonfinite", "must be >= 1")
+    _check(t.resume_step >= -1, "train.resume_step", "must be a saved step, or -1 (latest)")
+    _check(
+        not (t.fresh and t.resume_step >= 0),
+        "train.fresh",
+        "train.fresh=true starts over: it cannot be combined with train.resume_step",
+    )
+
+
+def _check_batches(t, o, num_devices: int) -> None:
     _check(o.accumulation_steps >= 1, "optim.accumulation_steps", "must be >= 1")
     _check(
         t.batch_size % o.accumulation_steps == 0,
@@ -385,56 +431,28 @@ def validate(cfg: ml_collections.ConfigDict, num_devices: int) -> model_lib.GPT2
         f"the microbatch train.batch_size/optim.accumulation_steps={micro} is not divisible "
         f"by the {num_devices} devices",
     )
+
+
+def _check_optim(o) -> None:
+    from gpt2_jax.optim import SCHEDULES
+
     _check(o.learning_rate > 0, "optim.learning_rate", f"must be positive, got {o.learning_rate}")
     _check(
-        o.schedule in ("cosine", "linear", "constant"),
+        o.schedule in SCHEDULES,
         "optim.schedule",
-        f"{o.schedule!r} is not one of cosine, linear, constant",
+        f"{o.schedule!r} is not one of {', '.join(SCHEDULES)}",
     )
     _check(o.warmup_steps >= 0, "optim.warmup_steps", "must be >= 0")
     _check(o.weight_decay >= 0, "optim.weight_decay", "must be >= 0")
     _check(o.grad_clip >= 0, "optim.grad_clip", "must be >= 0 (0 disables clipping)")
     _check(0 <= o.min_lr_ratio <= 1, "optim.min_lr_ratio", "must be in [0, 1]")
-    _check(cfg.eval.batch_size >= 0, "eval.batch_size", "must be >= 0 (0: train.batch_size)")
-    eval_bs = cfg.eval.batch_size or micro
+
+
+def _check_eval(e) -> None:
+    _check(e.harness_every >= 0, "eval.harness_every", "must be >= 0 (0: at the end)")
+    _check(e.harness_limit >= 0, "eval.harness_limit", "must be >= 0 (0: every doc)")
     _check(
-        eval_bs % num_devices == 0,
-        "eval.batch_size",
-        f"{eval_bs} is not divisible by the {num_devices} devices",
-    )
-    _check(cfg.eval.stride >= 0, "eval.stride", "must be >= 0 (0: non-overlapping blocks)")
-    _check(
-        cfg.eval.stride <= d.block_size,
-        "eval.stride",
-        f"eval.stride={cfg.eval.stride} must be <= data.block_size={d.block_size} "
-        f"(the window length; a longer stride would skip tokens)",
-    )
-    _check(cfg.eval.harness_every >= 0, "eval.harness_every", "must be >= 0 (0: at the end)")
-    _check(cfg.eval.harness_limit >= 0, "eval.harness_limit", "must be >= 0 (0: every doc)")
-    _check(
-        cfg.eval.harness_num_fewshot >= -1,
+        e.harness_num_fewshot >= -1,
         "eval.harness_num_fewshot",
         "must be >= 0, or -1 for each task's default",
     )
-    _check(
-        t.nonfinite in ("stop", "skip"),
-        "train.nonfinite",
-        f"{t.nonfinite!r} is not one of stop, skip",
-    )
-    _check(t.max_nonfinite >= 1, "train.max_nonfinite", "must be >= 1")
-    _check(t.resume_step >= -1, "train.resume_step", "must be a saved step, or -1 (latest)")
-    _check(
-        not (t.fresh and t.resume_step >= 0),
-        "train.fresh",
-        "train.fresh=true starts over: it cannot be combined with train.resume_step",
-    )
-    try:
-        from gpt2_jax import sharding
-
-        sharding.mesh_shape(cfg.mesh, num_devices)
-    except ValueError as e:
-        raise ConfigError(str(e)) from None
-    from gpt2_jax import data as data_lib
-
-    data_lib.check_data_config(cfg.data)  # DataError: missing files, empty globs, ...
-    return mcfg

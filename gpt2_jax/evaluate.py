@@ -319,17 +319,11 @@ class _Head:
 
 def evaluate_splits(cfg, model_cfg, params, splits: dict, mesh, progress: bool) -> list[dict]:
     """Loss / perplexity on each split: run_clm blocks, or sliding windows if eval.stride."""
-    from gpt2_jax import config as config_lib
     from gpt2_jax import data as data_lib
+    from gpt2_jax import plan as plan_lib
     from gpt2_jax import sharding
 
-    micro = cfg.train.batch_size // cfg.optim.accumulation_steps
-    batch_size = cfg.eval.batch_size or micro
-    if cfg.eval.stride > cfg.data.block_size:  # config.validate refuses it too
-        raise config_lib.ConfigError(
-            f"eval.stride={cfg.eval.stride} must be <= data.block_size={cfg.data.block_size} "
-            f"(the window length; a longer stride would skip tokens)"
-        )
+    batch_size = plan_lib.eval_batch(cfg, jax.device_count())  # checks eval.stride too
     out = []
     for name, blocks in splits.items():
         if cfg.eval.stride:
@@ -370,3 +364,19 @@ def evaluate_splits(cfg, model_cfg, params, splits: dict, mesh, progress: bool) 
             }
         )
     return out
+
+
+def run_command(cfg, workdir, step=None, progress: bool = True) -> list[dict]:
+    """``gpt2-jax eval``: the plan (weights of ``workdir``'s checkpoint, or the config's
+    ``init_from``), the eval splits, and their loss / perplexity records."""
+    from gpt2_jax import data as data_lib
+    from gpt2_jax import plan as plan_lib
+    from gpt2_jax import sharding, weights
+
+    sharding.maybe_initialize_distributed(cfg.distributed)  # flags, or a detected cluster
+    plan = plan_lib.weights_only(cfg, workdir, step, jax.device_count(), validate=True)
+    params = weights.params_of(plan.source)
+    print(f"loaded {plan.source.describe()}", file=sys.stderr)
+    splits = data_lib.load_splits(cfg.data, tuple(cfg.eval.splits))
+    mesh = sharding.mesh_of(plan.mesh_shape)
+    return evaluate_splits(cfg, plan.model, params, splits, mesh, progress=progress)

@@ -26,11 +26,11 @@ import threading
 import time
 from pathlib import Path
 
-from gpt2_jax.errors import UserError
+from gpt2_jax.errors import UserError, signal_exit_code
 
 GRACE_SECONDS = 10.0  # after a failure: SIGTERM, then SIGKILL the survivors after this
 POLL_SECONDS = 0.2
-PREEMPTED = 143  # train's exit code after saving on SIGTERM
+PREEMPTED = signal_exit_code(signal.SIGTERM)  # train's exit code after saving on SIGTERM
 PREEMPT_GRACE_SECONDS = 300.0  # for the others to reach the same step and save
 
 
@@ -71,7 +71,7 @@ def parse_args(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
         raise LaunchError(f"--port={args.port}: must be in [0, 65535]")
     if not command or command[0] not in ("train", "eval", "lm-eval"):
         raise LaunchError(
-            "the command after '--' must be train, eval or lm-eval, got "
+            "the command after '--' must be train or eval (or lm-eval), got "
             f"{' '.join(command) or 'nothing'}"
         )
     if any(a.startswith("--config.distributed.") for a in command):

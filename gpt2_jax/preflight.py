@@ -8,13 +8,13 @@ is about ``arguments + outputs - aliased + temporaries``. The device's budget is
 ``memory_stats()['bytes_limit']`` (GPU / TPU) or, on CPU, MemAvailable from /proc/meminfo
 shared among this process's devices (simulated CPU devices share one RAM).
 
-The compiled executable is returned so the loop runs it: the step is compiled once.
+``train.build_step`` compiles the step (once: the loop runs that executable) and hands
+it here; this module imports neither the trainer nor the optimizer.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import functools
 import math
 import socket
 import sys
@@ -23,7 +23,7 @@ import zlib
 import jax
 import numpy as np
 
-from gpt2_jax.config import ConfigError
+from gpt2_jax.errors import ConfigError
 
 GiB = 1024**3
 
@@ -152,37 +152,16 @@ def _processes_on_this_host() -> int:
 # ------------------------------------------------------------------ the train step
 
 
-def compile_train_step(cfg, model_cfg, total_steps: int, **step_options):
-    """Compiles the train step on the run's mesh and checks its memory before any work.
+def check_step(compiled, abstract_state, abstract_batch, cfg) -> MemoryEstimate | None:
+    """Refuses a compiled train step that cannot fit in the devices' memory.
 
-    Returns the compiled executable (called as ``compiled(state, batch)``, state donated),
-    to be reused by the loop. Raises PreflightError when it cannot fit. With several
-    processes all of them agree on the verdict (and this is a barrier: no process writes
-    to the workdir before every one has decided where its weights come from).
+    ``compiled``: the jitted step, lowered and compiled on the run's mesh; the abstract
+    state and batch it was compiled for (ShapeDtypeStructs with shardings); ``cfg`` for
+    ``train.preflight`` and the advice. Raises PreflightError when it cannot fit; returns
+    the estimate (None when skipped). With several processes all of them agree on the
+    verdict (and this is a barrier: no process writes to the workdir before every one has
+    decided where its weights come from).
     """
-    from gpt2_jax import optim, sharding
-    from gpt2_jax import train as train_lib
-
-    tx, _ = optim.make_optimizer(cfg.optim, total_steps)
-    mesh = sharding.make_mesh(cfg.mesh)
-    init_fn = functools.partial(train_lib.init_state, model_cfg=model_cfg, tx=tx)
-    abstract = jax.eval_shape(init_fn, jax.random.PRNGKey(cfg.train.seed))
-    state_sh = sharding.state_sharding(mesh, abstract)
-    batch_sh = sharding.batch_sharding(mesh, leading=1)
-    accum = cfg.optim.accumulation_steps
-    abstract_state = jax.tree.map(
-        lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, state_sh
-    )
-    abstract_batch = jax.ShapeDtypeStruct(
-        (accum, cfg.train.batch_size // accum, cfg.data.block_size), np.int32, sharding=batch_sh
-    )
-    step = jax.jit(
-        functools.partial(train_lib.train_step, model_cfg=model_cfg, tx=tx, **step_options),
-        in_shardings=(state_sh, batch_sh),
-        out_shardings=(state_sh, None),
-        donate_argnums=0,
-    )
-    compiled = step.lower(abstract_state, abstract_batch).compile()
     est, budget, source = None, None, "unknown"
     analysis = compiled.memory_analysis() if cfg.train.preflight else None
     if analysis is not None:  # None: skipped, or a backend without the analysis
@@ -206,4 +185,4 @@ def compile_train_step(cfg, model_cfg, total_steps: int, **step_options):
         print(f"preflight: {est.describe()} {limit}", file=sys.stderr, flush=True)
     if est is not None:
         check(est, budget, source, cfg)
-    return compiled
+    return est

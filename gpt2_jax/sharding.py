@@ -61,7 +61,7 @@ def maybe_initialize_distributed(dist_cfg) -> str | None:
         return cluster
     if os.environ.get("JAX_COORDINATOR_ADDRESS"):
         # JAX reads no process count or id from the environment: this alone cannot work.
-        from gpt2_jax.config import ConfigError
+        from gpt2_jax.errors import ConfigError
 
         raise ConfigError(
             "JAX_COORDINATOR_ADDRESS is set but no cluster was detected (SLURM, Open MPI, "
@@ -90,7 +90,12 @@ def mesh_shape(mesh_cfg, num_devices: int) -> tuple[int, int]:
 
 def make_mesh(mesh_cfg, devices=None) -> Mesh:
     devices = jax.devices() if devices is None else devices
-    shape = mesh_shape(mesh_cfg, len(devices))
+    return mesh_of(mesh_shape(mesh_cfg, len(devices)), devices)
+
+
+def mesh_of(shape: tuple[int, int], devices=None) -> Mesh:
+    """The ("data", "fsdp") mesh of ``shape`` (a plan's ``mesh_shape``) over ``devices``."""
+    devices = jax.devices() if devices is None else devices
     return Mesh(np.asarray(devices).reshape(shape), ("data", "fsdp"))
 
 
@@ -126,10 +131,6 @@ def state_sharding(mesh: Mesh, abstract_state, scanned_prefix: str = "h"):
         return NamedSharding(mesh, _fsdp_spec(tuple(shape), fsdp, skip))
 
     return jax.tree_util.tree_map_with_path(spec_for, abstract_state)
-
-
-def replicated(mesh: Mesh) -> NamedSharding:
-    return NamedSharding(mesh, P())
 
 
 def put_batch(local_batch: np.ndarray, sharding: NamedSharding) -> jax.Array:

@@ -1,19 +1,27 @@
-"""Training: state, loss, the one jitted train step, and the loop.
+"""Training: the pure step, the one step builder, and the loop.
 
-This is the one module that knows everything (config, model, data, optimizer, mesh,
-checkpoints). ``train_step`` is a module-level pure function, jitted once per run with
-explicit shardings and a donated state.
+How a config becomes a run (``train(cfg, workdir)``), top to bottom:
+
+1. ``plan.training``: where the weights come from, the model config, the mesh, the
+   batches, the notes; everything validated before anything is written;
+2. the data (token blocks), the loader, and the checks of what comes later (trackers,
+   harness tasks), so that a bad value stops the run before it compiles;
+3. ``build_step``: optimizer, abstract state, shardings, donation, jit and the
+   ahead-of-time compile, once; ``preflight.check_step`` refuses a step that cannot fit;
+4. ``_Run``: setup (workdir, state created sharded or restored, logger, summary), a short
+   loop that runs the compiled step and the hooks due at each step (log, progress, eval,
+   harness, checkpoint, stop), and finish (final eval, harness, last checkpoint, summary).
 """
 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import functools
-import json
-import os
 import signal
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -26,16 +34,24 @@ import optax
 from gpt2_jax import checkpoint as ckpt_lib
 from gpt2_jax import config as config_lib
 from gpt2_jax import data as data_lib
-from gpt2_jax import flops, optim, preflight, sharding, summary, trackers, weights
 from gpt2_jax import model as model_lib
-from gpt2_jax.errors import UserError
-from gpt2_jax.evaluate import evaluate_splits
+from gpt2_jax import optim, preflight, sharding, summary, trackers, weights
+from gpt2_jax import plan as plan_lib
+from gpt2_jax.evaluate import evaluate_splits  # noqa: F401  (train_lib.evaluate_splits)
+from gpt2_jax.monitor import (
+    Interrupts,
+    MetricLogger,
+    NonFinite,
+    Preempted,
+    Throughput,
+    TrainingError,
+    preempted,
+    write_config,
+)
+
+__all__ = ["MetricLogger", "Preempted", "TrainingError", "build_step", "train", "train_step"]
 
 State = dict[str, Any]  # {"step": int32[], "params": ..., "opt_state": ..., "rng": uint32[2]}
-
-
-class TrainingError(UserError, RuntimeError):
-    pass
 
 
 # ------------------------------------------------------------------ pure functions
@@ -86,15 +102,13 @@ def train_step(
     model_cfg: model_lib.GPT2Config,
     tx: optax.GradientTransformation,
     skip_nonfinite: bool = False,
-    nan_step: int = 0,
 ) -> tuple[State, dict]:
     """One optimizer update from ``batch`` [accum, micro_batch, T] int32.
 
     Gradients of the ``accum`` microbatches are averaged by a scan inside the step (every
     block has the same T-1 targets, so this is the mean over all tokens).
     ``skip_nonfinite``: a non-finite loss or gradient norm leaves params and optimizer
-    state as they were (the step counter still advances). ``nan_step`` (tests only):
-    the update to step ``nan_step`` gets NaN gradients.
+    state as they were (the step counter still advances).
     """
     rng = jax.random.fold_in(state["rng"], state["step"])
     grad_fn = jax.value_and_grad(functools.partial(loss_fn, model_cfg=model_cfg))
@@ -114,15 +128,8 @@ def train_step(
         (loss, grads), _ = jax.lax.scan(micro, zeros, (batch, jnp.arange(accum)))
         loss, grads = jax.tree.map(lambda x: x / accum, (loss, grads))
 
-    if nan_step:
-        poison = state["step"] + 1 == nan_step
-        grads = jax.tree.map(lambda g: jnp.where(poison, jnp.nan, g), grads)
     grad_norm = optax.global_norm(grads)
-    if hasattr(tx, "apply"):  # optim.FusedTransformation: update and apply in one pass
-        new_params, opt_state = tx.apply(grads, state["opt_state"], params)
-    else:
-        updates, opt_state = tx.update(grads, state["opt_state"], params)
-        new_params = optax.apply_updates(params, updates)
+    new_params, opt_state = tx.apply(grads, state["opt_state"], params)  # optim.Fused...
     if skip_nonfinite:
         ok = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
         keep = functools.partial(jax.tree.map, lambda new, old: jnp.where(ok, new, old))
@@ -136,127 +143,60 @@ def train_step(
     return new_state, {"loss": loss, "grad_norm": grad_norm}
 
 
-# --------------------------------------------------------------------- logging
+# ------------------------------------------------------------------ the step builder
 
 
-class MetricLogger:
-    """metrics.jsonl + the trackers (``train.report_to``) + stdout, by process 0 only."""
+@dataclasses.dataclass(frozen=True)
+class Step:
+    """The compiled train step and what it was built from (``build_step``, once a run)."""
 
-    def __init__(self, workdir: Path, resume_step: int | None, progress, make_trackers):
-        self.enabled = jax.process_index() == 0
-        self.progress = progress
-        self.path = workdir / "metrics.jsonl"
-        self.trackers = []
-        if not self.enabled:
-            return
-        if resume_step is not None and self.path.exists():
-            # Lines past the restored step were from work that the resume redoes.
-            kept = [
-                ln
-                for ln in self.path.read_text().splitlines()
-                if ln.strip() and json.loads(ln).get("step", 0) <= resume_step
-            ]
-            self.path.write_text("".join(ln + "\n" for ln in kept))
-        self.trackers = make_trackers()
-
-    def write(self, record: dict) -> None:
-        if not self.enabled:
-            return
-        with self.path.open("a") as f:
-            f.write(json.dumps(record) + "\n")
-        split = record["split"]
-        scalars = {
-            # A namespaced key (lm_eval/<task>/<metric>) is its own tag.
-            (k if "/" in k else f"{split}/{k}"): v
-            for k, v in record.items()
-            if k not in ("step", "split") and isinstance(v, (int, float))
-        }
-        for tracker in self.trackers:
-            tracker.log(record["step"], scalars)
-        self.echo(" ".join(f"{k}={_fmt(v)}" for k, v in record.items()))
-
-    def echo(self, text: str) -> None:
-        if not self.enabled:
-            return
-        if self.progress is not None:
-            self.progress.write(text)
-        else:
-            print(text, flush=True)
-
-    def text(self, step: int, texts: dict[str, str], config: dict | None = None) -> None:
-        """The run's start / end summaries (and the resolved config) to every tracker."""
-        for tracker in self.trackers:
-            tracker.log_text(step, texts, config)
-
-    def close(self) -> None:
-        for tracker in self.trackers:
-            tracker.finish()
-        self.trackers = []
+    compiled: Any  # compiled(state, batch) -> (state, metrics); the state is donated
+    tx: Any  # optim.FusedTransformation
+    schedule: Callable[[int], Any]
+    mesh: jax.sharding.Mesh
+    abstract_fn: Callable  # model config -> the abstract train state (restores use it)
+    state_shardings: Any
+    batch_sharding: jax.sharding.NamedSharding
+    abstract_state: Any  # ShapeDtypeStructs with their shardings
+    abstract_batch: jax.ShapeDtypeStruct
 
 
-def _fmt(v) -> str:
-    if isinstance(v, float):
-        return f"{v:.4g}" if abs(v) < 1e4 else f"{v:.0f}"
-    return str(v)
+def build_step(cfg, plan: plan_lib.Plan) -> Step:
+    """Optimizer, abstract state, shardings, donation, jit and the ahead-of-time compile
+    of ``train_step`` for ``plan``: the one place the step is made (the loop runs it,
+    ``preflight.check_step`` reads it)."""
+    tx, schedule = optim.make_optimizer(cfg.optim, plan.total_steps)
+    mesh = sharding.mesh_of(plan.mesh_shape)
+    rng = jax.random.PRNGKey(cfg.train.seed)
+
+    def abstract_fn(model_cfg):
+        return jax.eval_shape(functools.partial(init_state, model_cfg=model_cfg, tx=tx), rng)
+
+    abstract = abstract_fn(plan.model)
+    state_sh = sharding.state_sharding(mesh, abstract)
+    batch_sh = sharding.batch_sharding(mesh, leading=1)
+    accum = cfg.optim.accumulation_steps
+    abstract_state = jax.tree.map(
+        lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, state_sh
+    )
+    abstract_batch = jax.ShapeDtypeStruct(
+        (accum, plan.micro_batch, cfg.data.block_size), np.int32, sharding=batch_sh
+    )
+    skip = cfg.train.nonfinite == "skip"
+    jitted = jax.jit(
+        functools.partial(train_step, model_cfg=plan.model, tx=tx, skip_nonfinite=skip),
+        in_shardings=(state_sh, batch_sh),
+        out_shardings=(state_sh, None),
+        donate_argnums=0,
+    )
+    compiled = jitted.lower(abstract_state, abstract_batch).compile()
+    return Step(
+        compiled, tx, schedule, mesh, abstract_fn, state_sh, batch_sh, abstract_state,
+        abstract_batch,
+    )  # fmt: skip
 
 
-# ------------------------------------------------------------------------ the loop
-
-
-class _Interrupts:
-    """SIGTERM and a first Ctrl-C (SIGINT) become a flag the loop checks between steps
-    (save the current step, then exit 143 / 130); a second Ctrl-C aborts at once."""
-
-    SIGNALS = (signal.SIGTERM, signal.SIGINT)
-
-    def __init__(self):
-        self.signum: int | None = None
-        self._previous: dict = {}
-
-    @property
-    def requested(self) -> bool:
-        return self.signum is not None
-
-    def __enter__(self):
-        if jax.process_count() > 1:
-            # jax.distributed's preemption notifier owns SIGTERM there and agrees on one step
-            # for every process (_preempted); a Python handler would replace it, and a signal
-            # seen by one process only would make it save alone and hang the others.
-            return self
-        for sig in self.SIGNALS:
-            try:
-                self._previous[sig] = signal.signal(sig, self._handle)
-            except ValueError:  # not the main thread (e.g. some test runners)
-                pass
-        return self
-
-    def _handle(self, signum, frame):
-        if self.requested and signum == signal.SIGINT:
-            # The second Ctrl-C: the user does not want to wait for the save. A half-written
-            # checkpoint is an Orbax temporary, ignored and removed at the next start.
-            print("\nCtrl-C again: aborted", file=sys.stderr, flush=True)
-            os._exit(130)
-        self.signum = self.signum or signum
-        if signum == signal.SIGINT:
-            print(
-                "\nCtrl-C: saving the current step, then exiting (Ctrl-C again aborts now)",
-                file=sys.stderr,
-                flush=True,
-            )
-
-    def __exit__(self, *exc):
-        for sig, previous in self._previous.items():
-            signal.signal(sig, previous)
-
-
-def _nan_step() -> int:
-    """Test-only fault injection: ``GPT2_JAX_TEST_NAN_STEP=N`` poisons step N's gradients."""
-    return int(os.environ.get("GPT2_JAX_TEST_NAN_STEP", "0") or 0)
-
-
-def step_options(cfg) -> dict:
-    """``train_step``'s static options from the config (the preflight compiles the same)."""
-    return {"skip_nonfinite": cfg.train.nonfinite == "skip", "nan_step": _nan_step()}
+# ------------------------------------------------------------------ the command
 
 
 def train(cfg: ml_collections.ConfigDict, workdir: str | Path) -> dict:
@@ -266,57 +206,42 @@ def train(cfg: ml_collections.ConfigDict, workdir: str | Path) -> dict:
     """
     workdir = Path(workdir).absolute()
     sharding.maybe_initialize_distributed(cfg.distributed)
-    num_devices = jax.device_count()
-
-    # ---- where the weights come from (weights.py decides), then everything checked
-    # before anything is written
-    source = weights.resolve(cfg, workdir, cfg.train.resume_step, training=True)
-    model_cfg = config_lib.validate(cfg, num_devices)
-    notes = [f"warning: {w}" for w in config_lib.warnings(cfg)]
-    if source.kind == "checkpoint":
-        notes += [
-            f"resume: {c} (this run's value, recorded in config.json)"
-            for c in weights.runtime_changes(source.saved_cfg, model_cfg)
-        ]
+    # ---- the plan: weights, model, mesh, batches; everything checked before anything is
+    # written
+    plan = plan_lib.training(cfg, workdir, jax.device_count())
     if jax.process_index() == 0:
-        for note in notes:
+        for note in plan.notes:
             print(note, file=sys.stderr)
     splits = data_lib.load_splits(cfg.data, ("train", *cfg.eval.splits))
-    train_blocks = splits["train"]
-    splits = {name: splits[name] for name in cfg.eval.splits}  # "train" may be one of them
-    loader = data_lib.BatchLoader(
-        len(train_blocks),
-        cfg.train.batch_size,
-        cfg.train.seed,
-        jax.process_index(),
+    # ("train" may be an eval split too)
+    data = _Data(splits["train"], {name: splits[name] for name in cfg.eval.splits})
+    data = dataclasses.replace(data, loader=data_lib.BatchLoader(
+        len(data.train), cfg.train.batch_size, cfg.train.seed, jax.process_index(),
         jax.process_count(),
-    )
+    ))  # fmt: skip
+    plan = plan_lib.with_data(plan, cfg, data.loader.steps_per_epoch)
     # A bad HF checkpoint fails here, before the workdir is touched.
+    source = plan.source
     hf_params = weights.load_hf_params(source) if source.kind == "hf" else None
-    trackers.check(cfg.train.report_to)  # e.g. wandb asked for but not installed
+    tracker_names = trackers.check(cfg.train.report_to)  # e.g. wandb, not installed
     # Harness tasks (eval.harness_tasks): known, and their data loadable, before compiling.
-    harness_hook = _harness_hook(cfg, model_cfg, workdir)
-
-    # ---- memory preflight: compile the step, refuse a run that cannot fit (nothing written
-    # yet); the loop reuses this executable. With many processes it is also a barrier.
-    total_steps = cfg.train.steps or cfg.train.epochs * loader.steps_per_epoch
-    compiled_step = preflight.compile_train_step(
-        cfg, source.model_cfg, total_steps, **step_options(cfg)
-    )
-
+    harness_hook = _harness_hook(cfg, plan.model, workdir)
+    # ---- the step, compiled once; the memory preflight refuses a run that cannot fit
+    # (nothing written yet). With many processes it is also a barrier.
+    step = build_step(cfg, plan)
+    preflight.check_step(step.compiled, step.abstract_state, step.abstract_batch, cfg)
     with contextlib.ExitStack() as stack:
-        return _run(
-            cfg,
-            workdir,
-            source,
-            splits,
-            train_blocks,
-            loader,
-            hf_params,
-            stack,
-            compiled_step,
-            harness_hook,
-        )
+        run = _Run(cfg, workdir, plan, step, data, stack, harness_hook, tracker_names)
+        run.setup(hf_params)
+        run.loop()
+        return run.finish()
+
+
+@dataclasses.dataclass(frozen=True)
+class _Data:
+    train: Any  # data.Blocks of the train split
+    evals: dict  # split name -> data.Blocks
+    loader: Any = None  # data.BatchLoader
 
 
 def _harness_hook(cfg, model_cfg, workdir: Path):
@@ -358,330 +283,252 @@ def _prepare_workdir(cfg, workdir: Path, source: weights.Source) -> list[str]:
     return done
 
 
-def _run(
-    cfg,
-    workdir: Path,
-    source,
-    splits,
-    train_blocks,
-    loader,
-    hf_params,
-    stack,
-    step_fn=None,
-    harness_hook=None,
-) -> dict:
-    """The training proper; everything opened is closed by ``stack`` (errors included)."""
-    model_cfg = source.model_cfg
-    run_start = time.perf_counter()
-    # ---- workdir
-    moved = _prepare_workdir(cfg, workdir, source)
-    ckpt = ckpt_lib.Checkpointer(
-        workdir / "checkpoints",
-        max_to_keep=cfg.train.keep_checkpoints,
-        keep_best=cfg.train.keep_best,
-    )
-    stack.callback(ckpt.close)  # an open async manager must not outlive an error
-    resume_step = source.step if source.kind == "checkpoint" else None
-    total_steps = cfg.train.steps or cfg.train.epochs * loader.steps_per_epoch
-    tx, schedule = optim.make_optimizer(cfg.optim, total_steps)
+# ------------------------------------------------------------------ the loop
 
-    # ---- state, created already sharded (or restored onto the mesh)
-    mesh = sharding.make_mesh(cfg.mesh)
-    rng = jax.random.PRNGKey(cfg.train.seed)
 
-    def abstract_fn(mcfg):
-        return jax.eval_shape(
-            functools.partial(init_state, model_cfg=mcfg, tx=tx), rng, params=hf_params
+@dataclasses.dataclass(frozen=True)
+class Hook:
+    """A periodic action of the loop: ``fn(step)`` at the steps where ``due(step)``."""
+
+    name: str
+    due: Callable[[int], bool]
+    fn: Callable[[int], None]
+
+
+def every(n: int, total: int, last: bool = False) -> Callable[[int], bool]:
+    """Due every ``n`` steps (never for n = 0) before the last step; at the last step
+    only with ``last`` (the final eval and checkpoint belong to ``finish``)."""
+    return lambda s: last if s == total else bool(n and s % n == 0)
+
+
+class _Run:
+    """One training run: ``setup()``, ``loop()``, ``finish()``; the periodic work is the
+    hooks list (``_hooks``), each one function and one line."""
+
+    def __init__(self, cfg, workdir, plan, step: Step, data: _Data, stack, harness, names):
+        self.cfg, self.workdir, self.plan, self.step_build, self.data = (
+            cfg, workdir, plan, step, data,
+        )  # fmt: skip
+        self.stack, self.harness_hook, self.tracker_names = stack, harness, names
+        self.total = plan.total_steps
+        self.pending: list[tuple[int, dict]] = []
+        self.window: dict = {}
+        self.evals: list[dict] | None = None
+        self.harness_scalars: dict = {}
+        self.stop_now = False
+        self.paused = 0.0  # seconds of evals since the last log: not training time
+
+    # ---------------------------------------------------------------- setup
+
+    def setup(self, hf_params) -> None:
+        cfg, workdir, source, s = self.cfg, self.workdir, self.plan.source, self.step_build
+        self.run_start = time.perf_counter()
+        moved = _prepare_workdir(cfg, workdir, source)
+        self.ckpt = ckpt_lib.Checkpointer(
+            workdir / "checkpoints",
+            max_to_keep=cfg.train.keep_checkpoints,
+            keep_best=cfg.train.keep_best,
+        )
+        self.stack.callback(self.ckpt.close)  # an open async manager must not outlive an error
+        self.resume_step = source.step if source.kind == "checkpoint" else None
+        if self.resume_step is not None:
+            # In the checkpoint's own layout, converted if scan_layers changed.
+            self.state = weights.restore(
+                source, self.ckpt, s.abstract_fn, lambda a: sharding.state_sharding(s.mesh, a),
+                "--config.train.resume_step",
+            )  # fmt: skip
+        else:
+            init_fn = functools.partial(init_state, model_cfg=self.plan.model, tx=s.tx)
+            rng = jax.random.PRNGKey(cfg.train.seed)
+            self.state = jax.jit(init_fn, out_shardings=s.state_shardings)(rng, params=hf_params)
+        write_config(cfg, workdir)  # after the restore: an unreadable checkpoint changes nothing
+        self.start = int(self.state["step"])
+        self._open_log(moved)
+
+    def _open_log(self, moved: list[str]) -> None:
+        from tqdm import tqdm
+
+        cfg, workdir = self.cfg, self.workdir
+        show = cfg.train.progress and jax.process_index() == 0
+        self.bar = tqdm(
+            total=self.total, initial=self.start, desc="train", dynamic_ncols=True,
+            # Steps are dispatched asynchronously and wait at each log step, so the bar moves
+            # in bursts; the whole-run average gives a steady rate and ETA, the EMA does not.
+            smoothing=0.0, disable=not show, file=sys.stderr,
+        )  # fmt: skip
+        self.stack.callback(self.bar.close)
+        names, config = self.tracker_names, config_lib.to_dict(cfg)
+        self.log = MetricLogger(
+            workdir, self.resume_step, self.bar if show else None,
+            lambda: trackers.make(names, workdir, cfg.train, config),
+        )  # fmt: skip
+        self.stack.callback(self.log.close)
+        text = self._start_summary()
+        self.log.echo(text)
+        self.log.text(self.start, {"run/start": text}, config)
+        for line in moved:
+            self.log.echo(line)
+        if self.resume_step is not None:
+            self.log.echo(f"resumed from {self.ckpt.directory / str(self.resume_step)}")
+
+    def _start_summary(self) -> str:
+        cfg, d = self.cfg, self.data
+        resumed = None
+        if self.resume_step is not None:
+            resumed = self.ckpt.directory / str(self.resume_step)
+        return summary.start_summary(
+            config_lib.to_dict(cfg),
+            params=model_lib.count_params(self.step_build.abstract_state["params"]),
+            device_count=jax.device_count(),
+            process_count=jax.process_count(),
+            platform=jax.devices()[0].platform,
+            mesh_shape=dict(self.step_build.mesh.shape),
+            start_step=self.start,
+            total_steps=self.total,
+            steps_per_epoch=d.loader.steps_per_epoch,
+            blocks={"train": len(d.train), **{k: len(v) for k, v in d.evals.items()}},
+            weights=summary.weights_source(resumed, cfg.init_from, cfg.train.seed),
+            workdir=self.workdir,
         )
 
-    def shardings_fn(abstract):
-        return sharding.state_sharding(mesh, abstract)
+    # ---------------------------------------------------------------- the loop
 
-    abstract = abstract_fn(model_cfg)
-    state_sh = shardings_fn(abstract)
-    if resume_step is not None:
-        # In the checkpoint's own layout, converted if scan_layers changed.
-        state = weights.restore(
-            source, ckpt, abstract_fn, shardings_fn, "--config.train.resume_step"
+    def _hooks(self) -> list[Hook]:
+        """Everything the loop does besides the step, in the order it is done at a step."""
+        t, total = self.cfg.train, self.total
+        harness_every = self.cfg.eval.harness_every if self.harness_hook else 0
+        log_due = every(t.log_every, total, last=True)
+        eval_due = every(t.eval_every, total)
+        ckpt_due = every(t.checkpoint_every, total)
+
+        def save_due(s):  # a best candidate needs its weights saved
+            return ckpt_due(s) or (t.keep_best and eval_due(s))
+
+        return [
+            Hook("preemption", lambda s: True, self._check_preemption),
+            Hook("fetch", lambda s: log_due(s) or save_due(s) or self.stop_now, self._fetch),
+            Hook("log", log_due, self._log),
+            Hook("progress", lambda s: True, lambda s: self.bar.update(1)),
+            Hook("eval", eval_due, self._eval),
+            Hook("harness", every(harness_every, total), self._harness),
+            Hook("checkpoint", save_due, self._save),
+            Hook("stop", lambda s: self.stop_now, self._stop),
+        ]
+
+    def loop(self) -> None:
+        """Runs the compiled step to ``total`` steps; the hooks do the rest."""
+        hooks = self._hooks()
+        self.throughput = Throughput(self.cfg, self.plan.model, jax.devices())
+        self.guard = NonFinite(self.cfg.train.nonfinite, self.cfg.train.max_nonfinite)
+        self.last_time, self.last_step = time.perf_counter(), self.start
+        self.step = self.start
+        with Interrupts() as self.interrupts:
+            while self.step < self.total:
+                self.state, metrics = self.step_build.compiled(self.state, self._batch(self.step))
+                self.step += 1
+                if self.step == self.start + 1:
+                    # The first step may carry compilation: tokens/s counts from its end.
+                    jax.block_until_ready(metrics["loss"])
+                    self.last_time, self.last_step = time.perf_counter(), self.step
+                self.pending.append((self.step, metrics))
+                self.evals = None
+                for hook in hooks:
+                    if hook.due(self.step):
+                        hook.fn(self.step)
+
+    def _batch(self, step: int) -> jax.Array:
+        local = self.data.train[self.data.loader.indices(step)]  # [B / processes, T]
+        local = local.reshape(self.cfg.optim.accumulation_steps, -1, local.shape[-1])
+        return sharding.put_batch(local, self.step_build.batch_sharding)  # [accum, micro, T]
+
+    # ---------------------------------------------------------------- the hooks
+
+    def _check_preemption(self, step: int) -> None:
+        self.stop_now = preempted(self.interrupts, step)  # with many processes, collective
+
+    def _fetch(self, step: int) -> None:
+        # Metrics leave the device only here; never checkpoint past a non-finite step.
+        self.window = self.guard.check(jax.device_get(self.pending), self.ckpt.latest_step())
+        self.pending = []
+
+    def _log(self, step: int) -> None:
+        now = time.perf_counter()
+        record = {
+            "step": step,
+            "split": "train",
+            "loss": self.window["loss"],
+            "learning_rate": float(self.step_build.schedule(step - 1)),
+            "grad_norm": self.window["grad_norm"],
+        }
+        if step > self.last_step:  # not the first step's window alone
+            tokens = self.cfg.train.batch_size * self.cfg.data.block_size * (step - self.last_step)
+            record.update(self.throughput.metrics(tokens / (now - self.last_time - self.paused)))
+        if self.cfg.train.nonfinite == "skip":
+            record["nonfinite"] = self.window["nonfinite"]
+        self.log.write(record)
+        self.last_time, self.last_step, self.paused = now, step, 0.0
+
+    def _eval(self, step: int) -> None:
+        t0 = time.perf_counter()
+        params = self.state["params"]
+        mesh = self.step_build.mesh
+        self.evals = evaluate_splits(
+            self.cfg, self.plan.model, params, self.data.evals, mesh, progress=False
         )
-    else:
-        init_fn = functools.partial(init_state, model_cfg=model_cfg, tx=tx)
-        state = jax.jit(init_fn, out_shardings=state_sh)(rng, params=hf_params)
-        hf_params = None  # one copy of the weights is enough
-    _write_config(cfg, workdir)  # after the restore: an unreadable checkpoint changes nothing
-    start = int(state["step"])
+        for r in self.evals:
+            self.log.write({"step": step, **r})
+        self.paused += time.perf_counter() - t0
 
-    accum = cfg.optim.accumulation_steps
-    batch_sh = sharding.batch_sharding(mesh, leading=1)
-    step_fn = step_fn or jax.jit(  # the preflight's compiled step, when given
-        functools.partial(train_step, model_cfg=model_cfg, tx=tx, **step_options(cfg)),
-        in_shardings=(state_sh, batch_sh),
-        out_shardings=(state_sh, None),
-        donate_argnums=0,
-    )
+    def _harness(self, step: int) -> None:
+        t0 = time.perf_counter()
+        self.harness_scalars = self.harness_hook(step, self.state["params"])
+        self.log.write({"step": step, "split": "lm_eval", **self.harness_scalars})
+        self.paused += time.perf_counter() - t0
 
-    def get_batch(step: int) -> jax.Array:
-        local = train_blocks[loader.indices(step)]  # [B / processes, T]
-        local = local.reshape(accum, -1, local.shape[-1])  # [accum, micro, T]
-        return sharding.put_batch(local, batch_sh)
-
-    from tqdm import tqdm
-
-    show = cfg.train.progress and jax.process_index() == 0
-    bar = tqdm(
-        total=total_steps,
-        initial=start,
-        desc="train",
-        dynamic_ncols=True,
-        # Steps are dispatched asynchronously and wait at each log step, so the bar moves in
-        # bursts; the whole-run average gives a steady rate and ETA, the default EMA does not.
-        smoothing=0.0,
-        disable=not show,
-        file=sys.stderr,
-    )
-    stack.callback(bar.close)
-    log = MetricLogger(
-        workdir,
-        resume_step,
-        bar if show else None,
-        lambda: trackers.make(
-            trackers.check(cfg.train.report_to), workdir, cfg.train, config_lib.to_dict(cfg)
-        ),
-    )
-    stack.callback(log.close)
-    # Run summary (summary.py) on stdout, and to the trackers with the resolved config.
-    resumed = ckpt.directory / str(resume_step) if resume_step is not None else None
-    start_text = summary.start_summary(
-        config_lib.to_dict(cfg),
-        params=model_lib.count_params(abstract["params"]),
-        device_count=jax.device_count(),
-        process_count=jax.process_count(),
-        platform=jax.devices()[0].platform,
-        mesh_shape=dict(mesh.shape),
-        start_step=start,
-        total_steps=total_steps,
-        steps_per_epoch=loader.steps_per_epoch,
-        blocks={"train": len(train_blocks), **{k: len(v) for k, v in splits.items()}},
-        weights=summary.weights_source(resumed, cfg.init_from, cfg.train.seed),
-        workdir=workdir,
-    )
-    log.echo(start_text)
-    log.text(start, {"run/start": start_text}, config_lib.to_dict(cfg))
-    for line in moved:
-        log.echo(line)
-    if resume_step is not None:
-        log.echo(f"resumed from {ckpt.directory / str(resume_step)}")
-
-    def save(step: int, evals: list[dict] | None = None) -> None:
+    def _save(self, step: int) -> None:
         # keep_best ranks checkpoints by the first eval split's loss at that step.
-        best = evals[0]["loss"] if (cfg.train.keep_best and evals) else None
-        ckpt.save(step, state, config_lib.to_dict(cfg), eval_loss=best)
+        best = self.evals[0]["loss"] if (self.cfg.train.keep_best and self.evals) else None
+        self.ckpt.save(step, self.state, config_lib.to_dict(self.cfg), eval_loss=best)
 
-    def run_eval(step: int) -> list[dict]:
-        results = evaluate_splits(cfg, model_cfg, state["params"], splits, mesh, progress=False)
-        for r in results:
-            log.write({"step": step, **r})
-        return results
-
-    harness_scalars: dict = {}
-
-    def run_harness(step: int) -> None:
-        harness_scalars.clear()
-        harness_scalars.update(harness_hook(step, state["params"]))
-        log.write({"step": step, "split": "lm_eval", **harness_scalars})
-
-    harness_every = cfg.eval.harness_every if harness_hook is not None else 0
-
-    # ---- the loop: metrics leave the device only at log, checkpoint and stop steps
-    tokens_per_step = cfg.train.batch_size * cfg.data.block_size
-    throughput = _Throughput(cfg, model_cfg, jax.devices())
-    guard = _NonFinite(cfg.train.nonfinite, cfg.train.max_nonfinite)
-    pending: list[tuple[int, dict]] = []
-    last_time, last_step = time.perf_counter(), start
-    paused = 0.0  # seconds of evals since last_time: not training time
-    step = start
-    with _Interrupts() as interrupts:
-        while step < total_steps:
-            state, metrics = step_fn(state, get_batch(step))
-            step += 1
-            if step == start + 1:
-                # The first step may carry compilation: tokens/s counts from its end.
-                jax.block_until_ready(metrics["loss"])
-                last_time, last_step = time.perf_counter(), step
-            pending.append((step, metrics))
-            log_now = step % cfg.train.log_every == 0 or step == total_steps
-            eval_now = bool(cfg.train.eval_every and step % cfg.train.eval_every == 0)
-            eval_now = eval_now and step < total_steps  # the final eval comes after the loop
-            ckpt_now = step < total_steps and (
-                bool(cfg.train.checkpoint_every and step % cfg.train.checkpoint_every == 0)
-                or (cfg.train.keep_best and eval_now)  # a best candidate needs its weights
-            )
-            stop_now = _preempted(interrupts, step)
-            if log_now or ckpt_now or stop_now:
-                # Never checkpoint past a non-finite step (stop), nor skip one silently.
-                window = guard.check(jax.device_get(pending), ckpt.latest_step())
-                pending = []
-            if log_now:
-                now = time.perf_counter()
-                record = {
-                    "step": step,
-                    "split": "train",
-                    "loss": window["loss"],
-                    "learning_rate": float(schedule(step - 1)),
-                    "grad_norm": window["grad_norm"],
-                }
-                if step > last_step:  # not the first step's window alone
-                    tps = tokens_per_step * (step - last_step) / (now - last_time - paused)
-                    record.update(throughput.metrics(tps))
-                if cfg.train.nonfinite == "skip":
-                    record["nonfinite"] = window["nonfinite"]
-                log.write(record)
-                last_time, last_step, paused = now, step, 0.0
-            bar.update(1)
-            t_eval = time.perf_counter()
-            evals = run_eval(step) if eval_now else None
-            if harness_every and step % harness_every == 0 and step < total_steps:
-                run_harness(step)
-            paused += time.perf_counter() - t_eval
-            if ckpt_now:
-                save(step, evals)
-            if stop_now:
-                if ckpt.latest_step() != step:
-                    save(step)
-                ckpt.wait()
-                name = signal.Signals(interrupts.signum or signal.SIGTERM).name
-                log.echo(
-                    f"{name}: saved step {step} to {ckpt.directory}; run the same command to resume"
-                )
-                raise Preempted(step, interrupts.signum or signal.SIGTERM)
-        # ---- the end: final eval, then the final checkpoint carrying its eval loss
-        results = run_eval(step)
-        if harness_hook is not None:
-            run_harness(step)
-        if ckpt.latest_step() != step:
-            save(step, results)
-        ckpt.wait()
-    end_text = summary.end_summary(
-        results,
-        harness=harness_scalars,
-        start_step=start,
-        end_step=step,
-        wall_seconds=time.perf_counter() - run_start,
-        paths={
-            "checkpoints": ckpt.directory / str(ckpt.latest_step()),
-            "metrics": workdir / "metrics.jsonl",
-            "tensorboard": workdir / "tensorboard",
-            "config": workdir / "config.json",
-            **({"lm_eval": workdir / "lm_eval"} if harness_hook is not None else {}),
-        },
-    )
-    log.echo(end_text)
-    log.text(step, {"run/end": end_text})
-    return {r["split"]: r for r in results}
-
-
-class _Throughput:
-    """tokens/s -> tokens/s, tokens/s per device and (where the peak is known) MFU."""
-
-    def __init__(self, cfg, model_cfg, devices):
-        self.devices = len(devices)
-        self.flops_per_token = flops.flops_per_token(model_cfg, cfg.data.block_size)
-        self.peak = float(cfg.train.peak_flops) or flops.peak_flops(
-            devices[0].device_kind, model_cfg.dtype
+    def _stop(self, step: int) -> None:
+        if self.ckpt.latest_step() != step:
+            self.evals = None
+            self._save(step)
+        self.ckpt.wait()
+        signum = self.interrupts.signum or signal.SIGTERM
+        self.log.echo(
+            f"{signal.Signals(signum).name}: saved step {step} to {self.ckpt.directory}; "
+            f"run the same command to resume"
         )
+        raise Preempted(step, signum)
 
-    def metrics(self, tokens_per_second: float) -> dict:
-        out = {
-            "tokens_per_second": tokens_per_second,
-            "tokens_per_second_per_device": tokens_per_second / self.devices,
+    # ---------------------------------------------------------------- finish
+
+    def finish(self) -> dict:
+        """The final eval and harness eval, the last checkpoint (with its eval loss), the
+        end-of-run summary; returns ``{split: eval record}``."""
+        step = self.step
+        self._eval(step)
+        if self.harness_hook is not None:
+            self._harness(step)
+        if self.ckpt.latest_step() != step:
+            self._save(step)
+        self.ckpt.wait()
+        paths = {
+            "checkpoints": self.ckpt.directory / str(self.ckpt.latest_step()),
+            "metrics": self.workdir / "metrics.jsonl",
+            "tensorboard": self.workdir / "tensorboard",
+            "config": self.workdir / "config.json",
+            **({"lm_eval": self.workdir / "lm_eval"} if self.harness_hook else {}),
         }
-        if self.peak:
-            out["mfu"] = tokens_per_second * self.flops_per_token / (self.peak * self.devices)
-        return out
-
-
-class _NonFinite:
-    """train.nonfinite on the host, at the steps metrics are fetched anyway.
-
-    ``stop``: the first non-finite loss or gradient norm ends the run (TrainingError naming
-    the step) before anything after it is saved. ``skip``: train_step already dropped those
-    updates; this counts them and stops after ``max_nonfinite`` in a row.
-    """
-
-    def __init__(self, mode: str, max_in_a_row: int):
-        self.mode, self.max_in_a_row, self.in_a_row = mode, max_in_a_row, 0
-
-    def check(self, fetched: list[tuple[int, dict]], latest_saved: int | None) -> dict:
-        """``fetched``: (step, host metrics) since the last check -> the window's averages."""
-        bad = [s for s, m in fetched if not np.isfinite([m["loss"], m["grad_norm"]]).all()]
-        for s, m in fetched:
-            self.in_a_row = self.in_a_row + 1 if s in bad else 0
-            if self.mode == "stop" and s in bad:
-                what = "loss" if not np.isfinite(m["loss"]) else "gradient norm"
-                value = m["loss"] if what == "loss" else m["grad_norm"]
-                raise TrainingError(
-                    f"{what} is {float(value)} at step {s}: training stopped, nothing saved "
-                    f"after it (latest checkpoint: {latest_saved}). Lower "
-                    f"optim.learning_rate, keep optim.grad_clip > 0, use model.dtype=float32, "
-                    f"or set train.nonfinite=skip"
-                )
-            if self.in_a_row >= self.max_in_a_row:
-                raise TrainingError(
-                    f"{self.in_a_row} non-finite steps in a row (the last at step {s}, "
-                    f"train.max_nonfinite={self.max_in_a_row}): training stopped; the latest "
-                    f"checkpoint ({latest_saved}) holds only finite updates"
-                )
-        good = [m for s, m in fetched if s not in bad]
-        return {
-            "loss": float(np.mean([m["loss"] for m in good])) if good else None,
-            "grad_norm": float(good[-1]["grad_norm"]) if good else None,
-            "nonfinite": len(bad),
-        }
-
-
-class Preempted(Exception):
-    """The run stopped on SIGTERM / Ctrl-C after saving ``step``; exit ``128 + signum``."""
-
-    def __init__(self, step: int, signum: int = signal.SIGTERM):
-        super().__init__(f"preempted at step {step}")
-        self.step, self.signum = step, int(signum)
-        self.exit_code = 128 + self.signum
-
-
-def _preempted(interrupts: _Interrupts, step: int) -> bool:
-    if jax.process_count() > 1:
-        # Every host must agree on the step at which all of them save.
-        from jax.experimental import multihost_utils
-
-        return multihost_utils.reached_preemption_sync_point(step) or interrupts.requested
-    return interrupts.requested
-
-
-def _write_config(cfg, workdir: Path) -> None:
-    """Records the resolved config; a changed config on resume is reported, not hidden."""
-    if jax.process_index() != 0:
-        return
-    path = workdir / "config.json"
-    new = config_lib.to_dict(cfg)
-    if path.exists():
-        try:
-            old = json.loads(path.read_text())
-        except json.JSONDecodeError:
-            old = {}
-        changed = _diff(old, new)
-        if changed:
-            print(f"note: config differs from {path}: {', '.join(changed)}", file=sys.stderr)
-    tmp = path.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(new, indent=2, sort_keys=True) + "\n")
-    tmp.replace(path)
-
-
-def _diff(old: dict, new: dict, prefix: str = "") -> list[str]:
-    out = []
-    for k in sorted(set(old) | set(new)):
-        a, b = old.get(k), new.get(k)
-        if isinstance(a, dict) and isinstance(b, dict):
-            out += _diff(a, b, f"{prefix}{k}.")
-        elif a != b:
-            out.append(f"{prefix}{k}: {a!r} -> {b!r}")
-    return out
+        text = summary.end_summary(
+            self.evals,
+            harness=self.harness_scalars,
+            start_step=self.start,
+            end_step=step,
+            wall_seconds=time.perf_counter() - self.run_start,
+            paths=paths,
+        )
+        self.log.echo(text)
+        self.log.text(step, {"run/end": text})
+        return {r["split"]: r for r in self.evals}

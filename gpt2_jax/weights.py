@@ -322,8 +322,14 @@ def restore(
 def load_params(cfg, workdir: str | Path | None, step=None) -> tuple[Any, dict, Source]:
     """(model config, params, source) for eval / export / generate."""
     source = resolve(cfg, workdir, step)
+    return source.model_cfg, params_of(source), source
+
+
+def params_of(source: Source) -> dict:
+    """The params of a resolved checkpoint or ``hf`` source, laid out as its model config
+    says (one device; replicated over every device with several processes)."""
     if source.kind == "hf":
-        return source.model_cfg, load_hf_params(source), source
+        return load_hf_params(source)
 
     def abstract_fn(mcfg):
         init = functools.partial(model_lib.init_params, mcfg)
@@ -341,7 +347,7 @@ def load_params(cfg, workdir: str | Path | None, step=None) -> tuple[Any, dict, 
 
     with ckpt_lib.Checkpointer(source.path, read_only=True) as ckpt:
         state = restore(source, ckpt, abstract_fn, shardings_fn, "--step", partial=True)
-    return source.model_cfg, state["params"], source
+    return state["params"]
 
 
 # ------------------------------------------------------------------ moving runs aside

@@ -233,3 +233,42 @@ def wandb_history(path) -> list[dict]:
             rows.append({i.key or "/".join(i.nested_key): json.loads(i.value_json)
                          for i in rec.history.item})  # fmt: skip
     return rows
+
+
+# ---------------------------------------------------------------------- fault injection
+
+
+def poison_step(monkeypatch, step: int, seed: int = 0) -> None:
+    """NaN gradients (the loss itself stays finite) for the update to ``step`` (1-based),
+    injected from the test side by wrapping ``train.loss_fn``.
+
+    ``train_step`` passes ``loss_fn`` the dropout key ``fold_in(fold_in(state_rng, s), 0)``
+    for the update from step ``s`` (first microbatch), with ``state_rng`` the second half of
+    ``split(PRNGKey(train.seed))`` (``init_state``): the wrapper recognises step's key and
+    adds a term whose value is 0 and whose gradient is NaN.
+    """
+    import jax
+    import jax.numpy as jnp
+
+    from gpt2_jax import train as train_lib
+
+    original = train_lib.loss_fn
+    state_rng = jax.random.split(jax.random.PRNGKey(seed))[1]
+    target = jax.random.fold_in(jax.random.fold_in(state_rng, step - 1), 0)
+
+    def poisoned(params, batch, dropout_rng, **kwargs):
+        loss = original(params, batch, dropout_rng, **kwargs)
+        hit = jnp.all(_raw_key(dropout_rng) == _raw_key(target))
+        # sqrt at 0 has an infinite slope: 0 * inf = NaN gradient at that step only; the
+        # term's value is 0 (minus its own stop_gradient), so the loss stays finite.
+        term = jnp.sqrt(jnp.where(hit, 0.0, 1.0) + 0.0 * params["wte"]["embedding"]).sum()
+        return loss + (term - jax.lax.stop_gradient(term))
+
+    monkeypatch.setattr(train_lib, "loss_fn", poisoned)
+
+
+def _raw_key(key):
+    import jax
+
+    typed = jax.dtypes.issubdtype(key.dtype, jax.dtypes.prng_key)
+    return jax.random.key_data(key) if typed else key

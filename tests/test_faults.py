@@ -17,6 +17,7 @@ from gpt2_jax import checkpoint as ckpt_lib
 from gpt2_jax import cli
 from gpt2_jax import train as train_lib
 
+from . import helpers
 from .conftest import ROOT
 from .helpers import TINY, snapshot, tiny_config, train_losses
 
@@ -90,7 +91,7 @@ def test_eval_stride_longer_than_block_is_refused_before_anything_is_written(tmp
 
 
 def test_nonfinite_stop_names_the_step_and_saves_nothing_after_it(tmp_path, monkeypatch, capsys):
-    monkeypatch.setenv("GPT2_JAX_TEST_NAN_STEP", "5")
+    helpers.poison_step(monkeypatch, 5)
     argv = ["train", f"--config={TINY}", f"--workdir={tmp_path}", "--config.train.log_every=6"]
     assert cli.main(argv) == 2
     assert "gradient norm is nan at step 5" in error_line(capsys)
@@ -98,7 +99,7 @@ def test_nonfinite_stop_names_the_step_and_saves_nothing_after_it(tmp_path, monk
 
 
 def test_nonfinite_skip_leaves_the_state_bit_identical_and_counts_it(tmp_path, monkeypatch):
-    monkeypatch.setenv("GPT2_JAX_TEST_NAN_STEP", "4")
+    helpers.poison_step(monkeypatch, 4)
     cfg = tiny_config(
         **{"train.nonfinite": "skip", "train.checkpoint_every": 1, "train.keep_checkpoints": 0}
     )
@@ -113,7 +114,7 @@ def test_nonfinite_skip_leaves_the_state_bit_identical_and_counts_it(tmp_path, m
 
 
 def test_nonfinite_skip_stops_after_max_in_a_row(tmp_path, monkeypatch):
-    monkeypatch.setenv("GPT2_JAX_TEST_NAN_STEP", "2")
+    helpers.poison_step(monkeypatch, 2)
     cfg = tiny_config(**{"train.nonfinite": "skip", "train.max_nonfinite": 1})
     with pytest.raises(train_lib.TrainingError, match="1 non-finite steps in a row .* step 2"):
         train_lib.train(cfg, tmp_path)

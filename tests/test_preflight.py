@@ -11,6 +11,7 @@ from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from gpt2_jax import config as config_lib
+from gpt2_jax import plan as plan_lib
 from gpt2_jax import preflight
 from gpt2_jax import train as train_lib
 
@@ -107,7 +108,11 @@ def test_a_run_that_does_not_fit_writes_nothing(tmp_path, monkeypatch):
     # the key that skips the check
     cfg = tiny_config(**{"train.preflight": False})
     model_cfg = config_lib.validate(cfg, jax.device_count())
-    assert preflight.compile_train_step(cfg, model_cfg, total_steps=6) is not None
+    plan = plan_lib.Plan(model_cfg, None, (1, 1), micro_batch=4, eval_batch=4, total_steps=6)
+    step = train_lib.build_step(cfg, plan)
+    assert step.compiled is not None
+    skipped = preflight.check_step(step.compiled, step.abstract_state, step.abstract_batch, cfg)
+    assert skipped is None
 
 
 def _mem_available() -> int:

@@ -1,0 +1,92 @@
+"""The run plan: every value a command derives from (config, workdir), decided once.
+
+How a config becomes a run: the config file and its overrides give a locked ConfigDict
+(config.py); ``plan.training`` / ``plan.weights_only`` turn it, with the workdir, into a
+frozen ``Plan``: the model config that runs, where its weights come from (weights.py's one
+resolver), the mesh shape, the micro and eval batch sizes, the total steps, and the notes
+to report (warnings, runtime changes on resume). The commands read the plan; none works
+these values out again.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+from gpt2_jax import config as config_lib
+from gpt2_jax import model as model_lib
+from gpt2_jax import sharding, weights
+from gpt2_jax.errors import ConfigError
+
+
+@dataclasses.dataclass(frozen=True)
+class Plan:
+    model: model_lib.GPT2Config  # what runs: the weights' shape with the user's runtime fields
+    source: weights.Source  # checkpoint | hf | scratch
+    mesh_shape: tuple[int, int]  # (data, fsdp)
+    micro_batch: int  # sequences per microbatch (global): train.batch_size / accumulation
+    eval_batch: int  # sequences per eval batch (global)
+    total_steps: int = 0  # optimizer steps of the whole run (train; 0 until the data is known)
+    notes: tuple[str, ...] = ()  # warnings and resume changes, printed once by the command
+
+
+def eval_batch(cfg, num_devices: int) -> int:
+    """The eval batch: ``eval.batch_size``, or the train microbatch; checked here alone,
+    with the sliding-window stride (both commands that evaluate get them from here)."""
+    e, d = cfg.eval, cfg.data
+    if e.batch_size < 0:
+        raise ConfigError("eval.batch_size: must be >= 0 (0: train.batch_size)")
+    size = e.batch_size or cfg.train.batch_size // max(cfg.optim.accumulation_steps, 1)
+    if size % num_devices:
+        raise ConfigError(f"eval.batch_size: {size} is not divisible by the {num_devices} devices")
+    if e.stride < 0:
+        raise ConfigError("eval.stride: must be >= 0 (0: non-overlapping blocks)")
+    if e.stride > d.block_size:
+        raise ConfigError(
+            f"eval.stride: eval.stride={e.stride} must be <= data.block_size={d.block_size} "
+            f"(the window length; a longer stride would skip tokens)"
+        )
+    return size
+
+
+def training(cfg, workdir, num_devices: int) -> Plan:
+    """The plan of ``gpt2-jax train``: weights resolved (checkpoint -> init_from ->
+    scratch), everything validated; ``total_steps`` follows with ``with_data``."""
+    source = weights.resolve(cfg, workdir, cfg.train.resume_step, training=True)
+    checked = config_lib.validate(cfg, num_devices)
+    notes = [f"warning: {w}" for w in config_lib.warnings(cfg)]
+    if source.kind == "checkpoint":
+        notes += [
+            f"resume: {c} (this run's value, recorded in config.json)"
+            for c in weights.runtime_changes(source.saved_cfg, checked)
+        ]
+    return Plan(
+        model=source.model_cfg,
+        source=source,
+        mesh_shape=sharding.mesh_shape(cfg.mesh, num_devices),
+        micro_batch=cfg.train.batch_size // cfg.optim.accumulation_steps,
+        eval_batch=eval_batch(cfg, num_devices),
+        notes=tuple(notes),
+    )
+
+
+def with_data(plan: Plan, cfg, steps_per_epoch: int) -> Plan:
+    """``plan`` with its total steps: ``train.steps``, else epochs of the train split."""
+    return dataclasses.replace(
+        plan, total_steps=cfg.train.steps or cfg.train.epochs * steps_per_epoch
+    )
+
+
+def weights_only(cfg, workdir, step, num_devices: int, *, validate: bool = False) -> Plan:
+    """The plan of eval / generate / export / lm-eval: real weights (a workdir's
+    checkpoint or ``hf:``), no training; ``validate`` checks the whole config (eval)."""
+    source = weights.resolve(cfg, workdir, step)
+    if validate:
+        config_lib.validate(cfg, num_devices)
+    micro = cfg.train.batch_size // max(cfg.optim.accumulation_steps, 1)
+    return Plan(
+        model=source.model_cfg,
+        source=source,
+        mesh_shape=sharding.mesh_shape(cfg.mesh, num_devices),
+        micro_batch=micro,
+        eval_batch=eval_batch(cfg, num_devices),
+    )
