@@ -122,10 +122,12 @@ class Selection:
         if self.kind == "range":
             i = np.arange(start, start + n)
             return (i >= self.lo) & (i < self.hi)
-        below = (
-            keys() < np.uint64(self.threshold) if self.threshold <= _M64 else np.ones(n, bool)
-        )
+        below = keys() < np.uint64(self.threshold) if self.threshold <= _M64 else np.ones(n, bool)
         return below if self.kind == "below" else ~below
+
+    def exhausted(self, row: int) -> bool:
+        """True when no row from ``row`` on can be taken (a range that has ended)."""
+        return self.kind == "range" and row >= self.hi
 
 
 @dataclasses.dataclass
@@ -356,15 +358,18 @@ def chunks(
             check(table)
             check = None
         col = table.column(column)
-        arrays = col.chunks if isinstance(col, pa.ChunkedArray) else [col]
-        for arr in arrays:
-            parts.append(arr)
-            size += arr.nbytes
-            row += len(arr)
-            if size >= CHUNK_BYTES:
-                # concat copies: a slice would pickle its whole parent buffer
-                yield first, pa.concat_arrays(parts)
-                parts, size, first = [], 0, row
+        for whole in col.chunks if isinstance(col, pa.ChunkedArray) else [col]:
+            # A batch of long rows is cut to about CHUNK_BYTES pieces (zero-copy slices).
+            step = max(1, len(whole) * CHUNK_BYTES // max(whole.nbytes, 1))
+            for lo in range(0, len(whole), step):
+                arr = whole.slice(lo, step)
+                parts.append(arr)
+                size += arr.nbytes
+                row += len(arr)
+                if size >= CHUNK_BYTES:
+                    # concat copies: a slice would pickle its whole parent buffer
+                    yield first, pa.concat_arrays(parts)
+                    parts, size, first = [], 0, row
     if parts:
         yield first, pa.concat_arrays(parts)
 
@@ -530,8 +535,9 @@ class Build:
                 while len(pending) >= encoders.max_inflight:
                     write_one()
                 caps = zip(self.targets, routed, strict=True)
-                if all(t.max_rows and r >= t.max_rows for t, r in caps):
-                    break
+                end = first + n
+                if all(t.selection.exhausted(end) or 0 < t.max_rows <= r for t, r in caps):
+                    break  # every split has all it takes: the rest is not read
             while pending:
                 write_one()
         finally:

@@ -464,6 +464,7 @@ def _run(
         blocks={"train": len(train_blocks), **{k: len(v) for k, v in splits.items()}},
         weights=summary.weights_source(resumed, cfg.init_from, cfg.train.seed),
         workdir=workdir,
+        data=data_lib.cache_report({"train": train_blocks, **splits}),
     )
     log.echo(start_text)
     log.text(start, {"run/start": start_text}, config_lib.to_dict(cfg))
