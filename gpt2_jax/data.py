@@ -507,7 +507,12 @@ def _tokenize_to(source, targets: list, data_cfg, journal: Path, lock) -> corpus
     for t, rows, tokens in zip(targets, build.rows, build.tokens, strict=True):
         if tokens == 0:
             build.discard()
-            hint = "" if t.selection.kind == "all" else " (held out of train: hold out more)"
+            hint = (
+                ""
+                if t.selection.kind == "all"
+                else " (held out of train: raise data.validation_fraction, or set "
+                "data.validation_rows)"
+            )
             raise DataError(
                 f"split {t.split!r} has 0 tokens ({rows} rows) from {source.what}{hint}"
             )

@@ -93,8 +93,9 @@ def tables(source: Source, start: int, batch_rows: int):
     rows, row = source.rows, start
     try:
         if isinstance(rows, datasets.IterableDataset):
-            rows = rows.skip(start) if start else rows
-            batches = rows.with_format("arrow").iter(batch_size=batch_rows)
+            with without_torch():
+                rows = (rows.skip(start) if start else rows).with_format("arrow")
+            batches = rows.iter(batch_size=batch_rows)
         elif (files := arrow_files(rows)) is not None:
             batches = _read_arrow_files(files, start)
         else:
@@ -143,6 +144,21 @@ def _read_arrow_files(files: list[str], start: int):
                 skip = 0
 
 
+@contextlib.contextmanager
+def without_torch():
+    """datasets makes every new IterableDataset a torch IterableDataset when torch is
+    installed, importing it (~3 s, ~200 MB here). Ours never reach a torch DataLoader: for
+    their creation, datasets is told torch is absent (read at each creation)."""
+    import datasets
+
+    saved = getattr(datasets.config, "TORCH_AVAILABLE", None)
+    datasets.config.TORCH_AVAILABLE = False
+    try:
+        yield
+    finally:
+        datasets.config.TORCH_AVAILABLE = saved
+
+
 # ---------------------------------------------------------------- hub datasets
 
 
@@ -183,7 +199,7 @@ def load_hub(
     if streaming:
         kwargs["streaming"] = True
     try:
-        with offline_env_honored():
+        with offline_env_honored(), without_torch():
             return datasets.load_dataset(name, config or None, **kwargs)
     except ConnectionError as e:
         raise DataError(
@@ -269,7 +285,8 @@ def load_files(
     else:
         kwargs["cache_dir"] = cache_dir
     try:
-        return datasets.load_dataset(builder, data_files={split: files}, **kwargs)
+        with without_torch():
+            return datasets.load_dataset(builder, data_files={split: files}, **kwargs)
     except Exception as e:
         if caused_by(e, UnicodeDecodeError):
             raise DataError(describe_bad_bytes(key, files)) from e
