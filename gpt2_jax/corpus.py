@@ -25,11 +25,13 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import errno
 import fcntl
 import json
 import os
 import signal
 import socket
+import subprocess
 import sys
 import time
 from collections import deque
@@ -40,6 +42,7 @@ from pathlib import Path
 import numpy as np
 
 from gpt2_jax import tokenizer
+from gpt2_jax.sources import DataError
 
 CHUNK_BYTES = 4 << 20  # text per tokenizer task: large enough to amortize the hand-off
 READ_ROWS = 256  # rows per Arrow batch read from the source
@@ -202,7 +205,6 @@ class _Worker:
 
     def __init__(self, append_eos: bool):
         import queue
-        import subprocess
         import threading
 
         env = dict(os.environ)
@@ -241,22 +243,29 @@ class _Worker:
         import pickle
 
         out = self.proc.stdout
-        while True:
-            head = out.read(8)
-            if len(head) < 8:
-                self.results.put(("died", None))
-                return
-            self.results.put(pickle.loads(out.read(int.from_bytes(head, "little"))))
+        try:
+            while len(head := out.read(8)) == 8:
+                size = int.from_bytes(head, "little")
+                body = out.read(size)
+                if len(body) < size:
+                    break
+                self.results.put(pickle.loads(body))
+        except Exception:  # a torn reply: the process died while writing it
+            pass
+        self.results.put(("died", None))  # after the last reply: nothing follows
 
     def submit(self, task) -> _Remote:
         self.tasks.put(task)
         return _Remote(self)
 
-    def close(self) -> None:
+    def close(self, abort: bool = False) -> None:
+        """Ends the process: after its queued tasks, or at once (``abort``)."""
         self.tasks.put(None)
+        if abort:
+            self.proc.kill()
         try:
             self.proc.wait(timeout=30)
-        except Exception:
+        except subprocess.TimeoutExpired:
             self.proc.kill()
             self.proc.wait()
 
@@ -274,9 +283,10 @@ class _Remote:
         if status == "error":
             raise RuntimeError(f"tokenizer process {self.worker.proc.pid} failed:\n{value}")
         code = self.worker.proc.wait()
-        raise RuntimeError(
-            f"tokenizer process {self.worker.proc.pid} died (exit code {code}; out of memory, "
-            "or killed?); the same command resumes the build from its last complete chunk"
+        raise DataError(
+            f"a tokenizer process ({self.worker.proc.pid}) died with exit code {code} (out of "
+            "memory, or killed?); the same command resumes the build from its last complete "
+            "chunk (fewer processes: data.num_proc)"
         )
 
 
@@ -306,9 +316,9 @@ class Encoders:
     def max_inflight(self) -> int:
         return INFLIGHT_PER_PROC * self.num_proc if self.workers else 1
 
-    def close(self) -> None:
+    def close(self, abort: bool = False) -> None:
         for w in self.workers:
-            w.close()
+            w.close(abort)
         self.workers = []
 
 
@@ -599,7 +609,13 @@ def build_lock(path: Path, what: str, say: Callable[[str], None]):
         waited = 0.0
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
+        except OSError as e:
+            if e.errno not in (errno.EAGAIN, errno.EACCES, errno.EWOULDBLOCK):
+                raise DataError(
+                    f"cannot lock {path} ({e}): this filesystem has no file locks, so processes "
+                    "sharing it could not agree on who tokenizes; give each host its own "
+                    "data.cache_dir (a local disk)"
+                ) from e
             t0 = last = time.monotonic()
             say(f"waiting for {_holder(fd)} to tokenize {what} (lock {path})")
             while True:

@@ -495,14 +495,16 @@ def _tokenize_to(source, targets: list, data_cfg, journal: Path, lock) -> corpus
 
     encoders = corpus.Encoders(_num_proc(data_cfg), bool(_get(data_cfg, "append_eos")))
     progress = _Progress(build, " + ".join(t.split for t in targets), lock)
+    done = False
     try:
         build.run(chunks, encoders, progress)
+        done = True
     except DataError:
         if not build.chunks_done:  # e.g. a wrong text_column: nothing worth resuming
             build.discard()
         raise
     finally:
-        encoders.close()
+        encoders.close(abort=not done)
         progress.close()
     for t, rows, tokens in zip(targets, build.rows, build.tokens, strict=True):
         if tokens == 0:

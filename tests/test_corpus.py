@@ -193,16 +193,24 @@ def _start_build(cfg: dict, marker: str, *, chunk_bytes=4096, delay=0.0, go="", 
     )
 
 
+def _read(path: str) -> bytes:
+    try:
+        return Path(path).read_bytes()
+    except OSError:  # gone meanwhile
+        return b""
+
+
+def _pids() -> list[int]:
+    """Live (not zombie) processes."""
+    return [
+        int(d.name)
+        for d in Path("/proc").iterdir()
+        if d.name.isdigit() and b") Z " not in _read(f"{d}/stat")
+    ]
+
+
 def _pids_with_env(marker: str) -> list[int]:
-    pids = []
-    for d in Path("/proc").iterdir():
-        try:
-            if d.name.isdigit() and marker.encode() in (d / "environ").read_bytes():
-                if (d / "stat").read_text().rsplit(")", 1)[1].split()[0] != "Z":
-                    pids.append(int(d.name))
-        except OSError:
-            continue
-    return pids
+    return [p for p in _pids() if marker.encode() in _read(f"/proc/{p}/environ")]
 
 
 def _published(tokens_dir: Path) -> list:
@@ -253,6 +261,30 @@ def test_kill_9_while_tokenizing_then_rerun_resumes_to_the_same_cache(tmp_path, 
     assert blocks["train"].cache.resumed_from > 0
     assert cache_files(cfg.cache_dir) == want, f"seed {seed}, killed at chunk {kill_at}"
     assert not list(tokens_dir.glob("*.partial*"))
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="/proc")
+def test_a_killed_tokenizer_process_is_one_error_and_the_rerun_resumes(
+    tmp_path, corpora, small_chunks, monkeypatch
+):
+    common = dict(train_files=str(corpora["text"]), validation_fraction=0.1, num_proc=2)
+    ref = make_cfg(tmp_path, "ref", **common)
+    data.load_splits(ref)
+
+    def kill_a_worker(n):
+        if n == 4:
+            mine = f"gpt2_jax.corpus\0--worker\0{os.getpid()}".encode()
+            workers = [p for p in _pids() if mine in _read(f"/proc/{p}/cmdline")]
+            assert len(workers) == 2
+            os.kill(workers[0], signal.SIGKILL)
+
+    cfg = make_cfg(tmp_path, **common)
+    monkeypatch.setattr(corpus, "_after_commit", kill_a_worker)
+    with pytest.raises(data.DataError, match=r"a tokenizer process \(\d+\) died .* resumes"):
+        data.load_splits(cfg)
+    monkeypatch.setattr(corpus, "_after_commit", lambda n: None)
+    assert data.load_splits(cfg)["train"].cache.resumed_from > 0
+    assert cache_files(cfg.cache_dir) == cache_files(ref.cache_dir)
 
 
 def test_a_partial_build_that_disagrees_with_its_journal_is_rebuilt(
