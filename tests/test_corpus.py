@@ -176,19 +176,20 @@ loader = data.BatchLoader(len(train), 4, seed=0)
 print(json.dumps({
     "built": train.cache.built,
     "tokens": {s: hashlib.sha256(bytes(b.tokens)).hexdigest() for s, b in blocks.items()},
-    "batches": [train[loader.global_indices(s)].tolist() for s in range(3)],
+    "batches": [hashlib.sha256(train[loader.global_indices(s)]).hexdigest() for s in range(3)],
 }))
 """
 
 
-def _start_build(cfg: dict, marker: str, *, chunk_bytes=4096, delay=0.0, go="", stderr=None):
+def _start_build(cfg: dict, marker: str, *, chunk_bytes=4096, delay=0.0, go="", out=None):
+    """The build in a subprocess; ``out``: a file for its stdout and stderr (else pipes)."""
     env = dict(os.environ, PYTHONPATH=str(ROOT), GPT2_JAX_TEST_MARKER=marker)
     return subprocess.Popen(
         [sys.executable, "-c", _BUILD, json.dumps(cfg), str(chunk_bytes), str(delay), go],
         cwd=ROOT,
         env=env,
-        stdout=subprocess.PIPE,
-        stderr=stderr if stderr is not None else subprocess.PIPE,
+        stdout=out or subprocess.PIPE,
+        stderr=out or subprocess.PIPE,
         text=True,
     )
 
@@ -234,18 +235,21 @@ def test_kill_9_while_tokenizing_then_rerun_resumes_to_the_same_cache(tmp_path, 
     data.load_splits(ref)
     want = cache_files(ref.cache_dir)
 
-    cfg = make_cfg(tmp_path, "killed", num_proc=2, **common)
+    # Streamed, in 2 tokenizer processes; the reference: from Arrow, in this process.
+    cfg = make_cfg(tmp_path, "killed", num_proc=2, streaming=True, **common)
     seed = random.randrange(1 << 30)
-    kill_at = random.Random(seed).randrange(3, 30)  # of ~41 chunks of 4 KiB
+    kill_at = random.Random(seed).randrange(3, 25)  # of 28 chunks of ~4 KiB
     marker = f"kill-{seed}-{os.getpid()}"
-    proc = _start_build(cfg.to_dict(), marker, delay=0.05)
-    deadline = time.monotonic() + 120
-    while _journal_chunks(cfg.cache_dir) < kill_at:
-        assert proc.poll() is None, proc.communicate()[1][-3000:]
-        assert time.monotonic() < deadline, f"no chunk {kill_at} in 120 s (seed {seed})"
-        time.sleep(0.01)
-    os.kill(proc.pid, signal.SIGKILL)
-    proc.communicate(timeout=30)
+    log = tmp_path / "killed.log"
+    with open(log, "w") as out:
+        proc = _start_build(cfg.to_dict(), marker, delay=0.05, out=out)
+        deadline = time.monotonic() + 120
+        while _journal_chunks(cfg.cache_dir) < kill_at:
+            assert proc.poll() is None, log.read_text()[-3000:]
+            assert time.monotonic() < deadline, f"no chunk {kill_at} in 120 s (seed {seed})"
+            time.sleep(0.01)
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=30)
     tokens_dir = Path(cfg.cache_dir) / "tokens"
     assert not _published(tokens_dir), "a partial build was published"
     assert list(tokens_dir.glob("*.partial")) and _journal_chunks(cfg.cache_dir) >= kill_at
@@ -312,6 +316,31 @@ def test_a_partial_build_that_disagrees_with_its_journal_is_rebuilt(
     assert cache_files(cfg.cache_dir) == cache_files(ref.cache_dir)
 
 
+def test_bytes_written_after_the_last_commit_are_dropped_on_resume(
+    tmp_path, corpora, small_chunks, monkeypatch, capfd
+):
+    common = dict(train_files=str(corpora["jsonl"]), validation_fraction=0.1)
+    cfg, ref = make_cfg(tmp_path, **common), make_cfg(tmp_path, "ref", **common)
+    data.load_splits(ref)
+
+    def crash(n):
+        if n == 7:
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(corpus, "_after_commit", crash)
+    with pytest.raises(KeyboardInterrupt):
+        data.load_splits(cfg)
+    monkeypatch.undo()
+    tokens_dir = Path(cfg.cache_dir) / "tokens"
+    for partial in tokens_dir.glob("*.partial"):  # as if killed while writing chunk 8
+        with open(partial, "ab") as f:
+            f.write(b"\x07" * 24)
+    capfd.readouterr()
+    data.load_splits(cfg)
+    assert "resuming an interrupted build at source row" in capfd.readouterr().err
+    assert cache_files(cfg.cache_dir) == cache_files(ref.cache_dir)
+
+
 # ---------------------------------------------------------------- one builder
 
 
@@ -326,17 +355,17 @@ def test_two_processes_one_cache_one_builds_the_other_waits(tmp_path, corpora):
         assert a.poll() is None, a.communicate()[1][-3000:]
         assert time.monotonic() < deadline
         time.sleep(0.05)
-    b_err = tmp_path / "b.err"
-    with open(b_err, "w") as err_file:
-        b = _start_build(cfg.to_dict(), marker, stderr=err_file)
-        while "waiting for" not in b_err.read_text():
-            assert b.poll() is None, b_err.read_text()[-3000:]
-            assert time.monotonic() < deadline, b_err.read_text()
+    b_log = tmp_path / "b.log"
+    with open(b_log, "w") as b_out:
+        b = _start_build(cfg.to_dict(), marker, out=b_out)
+        while "waiting for" not in b_log.read_text():
+            assert b.poll() is None, b_log.read_text()[-3000:]
+            assert time.monotonic() < deadline, b_log.read_text()
             time.sleep(0.05)
         go.touch()
         out_a, err_a = a.communicate(timeout=120)
-        out_b, _ = b.communicate(timeout=120)
-    err_b = b_err.read_text()
+        b.wait(timeout=120)
+    err_b = out_b = b_log.read_text()
     assert a.returncode == 0 and b.returncode == 0, (err_a[-2000:], err_b[-2000:])
     assert f"waiting for process {a.pid} " in err_b
     assert "tokenized by another process" in err_b and "data: tokenized" not in err_b
