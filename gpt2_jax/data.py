@@ -48,7 +48,7 @@ DEFAULTS = dict(
     data_files="",  # hub files: 'glob[,glob]' (train), or 'train=glob,validation=glob'
     data_dir="",  # hub sub-directory to load (load_dataset's data_dir)
     streaming=False,  # stream rows into the token cache: no Arrow copy on disk, same cache
-    train_files="",  # comma-separated paths or globs of local text (.txt/.raw...), .json(l), .csv
+    train_files="",  # comma-separated paths or globs: text (.txt/.raw...), .json(l), .csv, .parquet
     validation_files="",  # same; when empty, validation is held out of train
     text_column="text",  # column holding the text
     block_size=1024,  # tokens per example
@@ -152,7 +152,8 @@ def _split_spec(data_cfg, split: str) -> dict:
     """Everything that decides the rows of ``split``, cheap to compute (no dataset load).
 
     Its JSON is hashed into the cache key. ``holdout`` is run_clm's split string over train
-    (``train[:5%]`` / ``train[5%:]``) or None.
+    (``train[:5%]`` / ``train[5%:]``), a seeded draw (``_holdout``) or None. Keys that are
+    not set are left out, so that caches built before they existed stay valid.
     """
     name = _get(data_cfg, "dataset")
     holdout = _holdout(data_cfg, split)

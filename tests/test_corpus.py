@@ -556,6 +556,25 @@ def test_bad_new_keys_name_the_key(tmp_path, overrides, needle):
         data.check_data_config(make_cfg(tmp_path, train_files=str(path), **overrides))
 
 
+@pytest.mark.parametrize(
+    "name, content, column, needle",
+    [
+        ("d.jsonl", b'{"content": "hi", "n": 1}\n' * 50, "text", r"'text' is not a column.*'n'\]"),
+        ("d.jsonl", b'{"content": "hi", "n": 1}\n' * 50, "n", "'n' holds int64, not text"),
+        ("l.txt", b"fine\nna\xefve\n" * 40, "text", r"l.txt is not valid UTF-8 \(line 2, byte"),
+    ],
+)
+def test_streamed_bad_input_is_the_same_one_error(tmp_path, name, content, column, needle):
+    path = tmp_path / name
+    path.write_bytes(content)
+    cfg = make_cfg(tmp_path, train_files=str(path), streaming=True, text_column=column)
+    cfg.validation_fraction = 0.5
+    with pytest.raises(data.DataError, match=needle):
+        data.load_splits(cfg)
+    leftovers = [p.name for p in (Path(cfg.cache_dir) / "tokens").iterdir()]
+    assert all(n.endswith(".lock") for n in leftovers), leftovers  # nothing half-built
+
+
 def test_too_many_validation_rows_and_mixed_data_files(tmp_path):
     path = tmp_path / "t.txt"
     path.write_text("".join(f"line {i}\n" for i in range(20)))
