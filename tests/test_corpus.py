@@ -6,6 +6,7 @@ import hashlib
 import json
 import os
 import random
+import re
 import signal
 import subprocess
 import sys
@@ -585,7 +586,7 @@ def test_too_many_validation_rows_and_mixed_data_files(tmp_path):
         sources.hub_data_files("train=a/*,b/*")
 
 
-def test_progress_bar_and_the_run_summary_line(tmp_path, corpora, small_chunks, capfd):
+def test_progress_bar_and_the_run_summary_line(tmp_path, corpora, small_chunks, capfd, monkeypatch):
     cfg = make_cfg(tmp_path, train_files=str(corpora["parquet"]), streaming=True)
     cfg.validation_fraction = 0.1
     blocks = data.load_splits(cfg)
@@ -594,6 +595,12 @@ def test_progress_bar_and_the_run_summary_line(tmp_path, corpora, small_chunks, 
     report = data.cache_report(blocks)
     assert report.startswith("tokenized train + validation in ") and "tokens/s" in report
     assert "1 process" in report and str(Path(cfg.cache_dir) / "tokens") in report
+    # A known row count (Arrow) adds the time left: tqdm's "elapsed<remaining".
+    monkeypatch.setattr(data, "_PROGRESS_MIN_ROWS", 0)
+    arrow = make_cfg(tmp_path, "arrow", train_files=str(corpora["parquet"]))
+    data.load_splits(arrow)
+    bar = capfd.readouterr().err.split("\r")[-1]
+    assert re.search(r"345/345 \[\d\d:\d\d<\d\d:\d\d, .*tokens/s\]", bar), bar
     again = data.cache_report(data.load_splits(cfg))
     assert again.startswith("train + validation from the token cache (")
     text = summary.start_summary(
