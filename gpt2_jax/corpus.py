@@ -198,25 +198,34 @@ class _Done:
         return self.value
 
 
+# The tokenizer process's program: the same gpt2_jax as this process's (its directory put
+# on sys.path if it is not there; the working directory taken off, so that another
+# checkout there is not imported instead). A fresh interpreter, not multiprocessing: that
+# would import the caller's __main__ again (a script without a main guard would rerun).
+_WORKER_CODE = (
+    "import sys; here = sys.argv[2]; "
+    "sys.path[:] = [p for p in sys.path if p not in ('', '.')]; "
+    "here in sys.path or sys.path.insert(0, here); "
+    "from gpt2_jax.corpus import _worker_main; "
+    "_worker_main(int(sys.argv[3]), sys.argv[4] == '1')"
+)
+
+
 class _Worker:
-    """One tokenizer process: ``python -m gpt2_jax.corpus --worker``, length-prefixed
-    pickles over its stdin/stdout. A feeder thread writes tasks and a reader thread reads
-    results, so neither side ever blocks on a full pipe while the other waits for it."""
+    """One tokenizer process (``_WORKER_CODE``), length-prefixed pickles over its stdin and
+    stdout. A feeder thread writes tasks and a reader thread reads results, so neither side
+    ever blocks on a full pipe while the other waits for it."""
 
     def __init__(self, append_eos: bool):
         import queue
         import threading
 
-        env = dict(os.environ)
-        # The same gpt2_jax as this process's, however it was found (PYTHONPATH, sys.path).
         here = str(Path(__file__).resolve().parents[1])
-        env["PYTHONPATH"] = os.pathsep.join(p for p in (here, env.get("PYTHONPATH")) if p)
-        argv = [sys.executable, "-m", "gpt2_jax.corpus", "--worker", str(os.getpid())]
+        argv = [sys.executable, "-c", _WORKER_CODE, "gpt2_jax-tokenizer", here]
         self.proc = subprocess.Popen(
-            argv + ["--append_eos"] * append_eos,
+            argv + [str(os.getpid()), str(int(append_eos))],
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
-            env=env,
         )
         self.tasks: queue.Queue = queue.Queue()
         self.results: queue.Queue = queue.Queue()
@@ -646,8 +655,3 @@ def _holder(fd: int) -> str:
     if "rows" in info:
         text += f" ({info['rows']:,} rows, {info.get('tokens', 0):,} tokens so far)"
     return text
-
-
-if __name__ == "__main__":  # pragma: no cover - the tokenizer processes
-    if sys.argv[1:2] == ["--worker"]:
-        _worker_main(int(sys.argv[2]), "--append_eos" in sys.argv[3:])

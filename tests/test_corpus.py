@@ -278,7 +278,7 @@ def test_a_killed_tokenizer_process_is_one_error_and_the_rerun_resumes(
 
     def kill_a_worker(n):
         if n == 4:
-            mine = f"gpt2_jax.corpus\0--worker\0{os.getpid()}".encode()
+            mine = f"\0gpt2_jax-tokenizer\0{ROOT}\0{os.getpid()}\0".encode()
             workers = [p for p in _pids() if mine in _read(f"/proc/{p}/cmdline")]
             assert len(workers) == 2
             os.kill(workers[0], signal.SIGKILL)
