@@ -9,9 +9,10 @@ and knows nothing of config keys.
   hold-out), or a seeded key below / above a threshold (the fractional hold-out). So a
   streamed corpus is read once for train and validation together.
 - **Processes.** The reading process cuts the rows into chunks of ~``CHUNK_BYTES`` of text
-  and hands them to ``num_proc`` spawned tokenizer processes (``encode_to_numpy``, the
-  same ids as ``encode_ordinary``), at most ``INFLIGHT_PER_PROC`` each in flight, and
-  writes the results in order: memory is a few chunks, whatever the corpus size.
+  and hands them to ``num_proc`` tokenizer processes (fresh interpreters; ``encode_to_numpy``,
+  the same ids as ``encode_ordinary``), at most ``INFLIGHT_PER_PROC`` each in flight, and
+  writes the results in order: memory is a few chunks, whatever the corpus size. (tiktoken's
+  own threads, ``encode_ordinary_batch``, were slower here than one plain loop.)
 - **Resumable.** Results are appended to ``*.partial`` files; after each chunk a journal
   records how many source rows, rows and tokens are complete. A rerun after ``kill -9``
   truncates the partial files to the journal and goes on from there; the cache files
