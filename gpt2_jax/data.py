@@ -1,28 +1,29 @@
 """Text -> GPT-2 tokens -> fixed blocks -> per-process batches; numpy only, no devices.
 
 Pipeline (run_clm.py parity): load a split (Hugging Face hub dataset, local files, or the
-builtin offline ``pydoc_topics``), hold out ``validation_split_percentage`` of train when
-there is no validation split, tokenize each row with tiktoken's ``encode_ordinary``, cache
-the flat uint16 token stream + int64 row offsets on disk, and cut it into non-overlapping
-``block_size`` blocks exactly as run_clm's ``group_texts`` (remainder dropped per
-``datasets.map`` batch of ``group_rows`` rows). Batch order is a pure function of
-(seed, step), so resuming needs no loader state.
+builtin offline ``pydoc_topics``; as Arrow, or streamed with ``data.streaming``), hold out
+part of train when there is no validation split (run_clm's whole-percent
+``validation_split_percentage`` from the first rows, or ``validation_fraction`` /
+``validation_rows`` drawn by a seeded shuffle), tokenize each row with tiktoken's
+``encode_ordinary``, cache the flat uint16 token stream + int64 row offsets on disk (built
+by ``corpus.py``: one pass for train and validation, in parallel processes, resumable), and
+cut it into non-overlapping ``block_size`` blocks exactly as run_clm's ``group_texts``
+(remainder dropped per ``datasets.map`` batch of ``group_rows`` rows). Batch order is a
+pure function of (seed, step), so resuming needs no loader state.
 """
 
 from __future__ import annotations
 
-import codecs
-import contextlib
+import dataclasses
 import functools
 import glob
 import hashlib
-import itertools
 import json
 import logging
 import os
 import re
 import sys
-import uuid
+import time
 import warnings
 from io import StringIO
 from pathlib import Path
@@ -30,36 +31,40 @@ from pathlib import Path
 import ml_collections
 import numpy as np
 
-from gpt2_jax import tokenizer
-from gpt2_jax.errors import UserError
+from gpt2_jax import corpus, sources, tokenizer
+from gpt2_jax.sources import DataError  # noqa: F401 (the user-facing class: data.DataError)
 
 log = logging.getLogger(__name__)
 
 CACHE_FORMAT_VERSION = 1
 ENCODING_ERRORS = ("strict", "replace", "ignore", "backslashreplace")
 BUILTIN_PYDOC = "pydoc_topics"
-_ENCODE_BATCH_ROWS = 8192  # rows per encode_ordinary_batch call: parallel, bounded memory
 _PROGRESS_MIN_ROWS = 10_000
 
 DEFAULTS = dict(
     dataset="",  # hub dataset name, 'pydoc_topics' (builtin, offline), or '' for local files
-    dataset_config="",  # hub config name, e.g. 'wikitext-2-raw-v1'
-    train_files="",  # comma-separated paths or globs of local text (.txt/.raw...), .json(l), .csv
+    dataset_config="",  # hub config name, e.g. 'wikitext-2-raw-v1', 'sample-10BT'
+    revision="",  # hub revision (branch, tag, commit), e.g. 'refs/convert/parquet'
+    data_files="",  # hub files: 'glob[,glob]' (train), or 'train=glob,validation=glob'
+    data_dir="",  # hub sub-directory to load (load_dataset's data_dir)
+    streaming=False,  # stream rows into the token cache: no Arrow copy on disk, same cache
+    train_files="",  # comma-separated paths or globs: text (.txt/.raw...), .json(l), .csv, .parquet
     validation_files="",  # same; when empty, validation is held out of train
     text_column="text",  # column holding the text
     block_size=1024,  # tokens per example
     validation_split_percentage=5,  # hold-out when there is no validation split (run_clm)
+    validation_fraction=0.0,  # > 0: hold out this fraction of train instead, rows drawn by a
+    # seeded shuffle (nanoGPT: 0.0005); replaces validation_split_percentage
+    validation_rows=0,  # > 0: hold out exactly this many train rows (the same draw)
+    validation_seed=0,  # seed of that draw
     append_eos=False,  # append <|endoftext|> after each row (False = run_clm parity)
     group_rows=1000,  # rows per group_texts chunk (datasets.map batch); 0 = one global chunk
     cache_dir="",  # '' -> $GPT2_JAX_CACHE or ~/.cache/gpt2_jax
-    num_threads=0,  # tokenizer threads; 0 -> os.cpu_count()
+    num_proc=0,  # tokenizer processes; 0 -> every CPU available; 1 -> in this process
+    num_threads=0,  # the old name of num_proc (used when num_proc is 0)
     encoding_errors="strict",  # undecodable bytes in local text files: strict | replace | ...
     max_rows=0,  # 0 = all; else only the first N rows of each split (quick runs)
 )
-
-
-class DataError(UserError, ValueError):
-    """A data problem the user can fix (config key, file, too little data)."""
 
 
 def default_data_config() -> ml_collections.ConfigDict:
@@ -116,10 +121,26 @@ def check_data_config(data_cfg) -> None:
         )
     if _get(data_cfg, "encoding_errors") not in ENCODING_ERRORS:
         raise DataError(f"data.encoding_errors must be one of {ENCODING_ERRORS}")
-    for key in ("group_rows", "max_rows", "num_threads"):
+    for key in ("group_rows", "max_rows", "num_threads", "num_proc", "validation_rows"):
         if int(_get(data_cfg, key)) < 0:
             raise DataError(f"data.{key} must be >= 0, got {_get(data_cfg, key)}")
-    if not _get(data_cfg, "dataset"):
+    fraction = float(_get(data_cfg, "validation_fraction"))
+    if not 0 <= fraction < 1:
+        raise DataError(f"data.validation_fraction must be in [0, 1), got {fraction}")
+    if fraction and int(_get(data_cfg, "validation_rows")):
+        raise DataError(
+            "data.validation_fraction and data.validation_rows are both set; set one of them"
+        )
+    name = _get(data_cfg, "dataset")
+    for key in ("revision", "data_files", "data_dir"):
+        if _get(data_cfg, key) and (not name or name == BUILTIN_PYDOC):
+            raise DataError(
+                f"data.{key}={_get(data_cfg, key)!r} selects what data.dataset loads (a hub "
+                "dataset or a dataset directory), and data.dataset is "
+                f"{name!r}; local files go in data.train_files / data.validation_files"
+            )
+    sources.hub_data_files(_get(data_cfg, "data_files"))
+    if not name:
         for key in ("train_files", "validation_files"):
             _resolve_files(key, _get(data_cfg, key))
 
@@ -131,13 +152,11 @@ def _split_spec(data_cfg, split: str) -> dict:
     """Everything that decides the rows of ``split``, cheap to compute (no dataset load).
 
     Its JSON is hashed into the cache key. ``holdout`` is run_clm's split string over train
-    (``train[:5%]`` / ``train[5%:]``) or None.
+    (``train[:5%]`` / ``train[5%:]``), a seeded draw (``_holdout``) or None. Keys that are
+    not set are left out, so that caches built before they existed stay valid.
     """
     name = _get(data_cfg, "dataset")
-    pct = int(_get(data_cfg, "validation_split_percentage"))
-    holdout = {"validation": f"train[:{pct}%]", "train": f"train[{pct}%:]"}.get(split)
-    if not pct:
-        holdout = None
+    holdout = _holdout(data_cfg, split)
     spec = dict(split=split, text_column=_get(data_cfg, "text_column"))
     if name == BUILTIN_PYDOC:
         spec.update(kind="pydoc", holdout=holdout, topics_sha=_pydoc_sha())
@@ -145,6 +164,9 @@ def _split_spec(data_cfg, split: str) -> dict:
         # The hub's split names are unknown until it is loaded; the hold-out only applies
         # when the dataset has no validation split (decided in _load_rows).
         spec.update(kind="hub", name=name, config=_get(data_cfg, "dataset_config"), holdout=holdout)
+        for key in ("revision", "data_files", "data_dir"):  # only when set: old keys stay valid
+            if _get(data_cfg, key):
+                spec[key] = _get(data_cfg, key)
     else:
         val_files = _resolve_files("validation_files", _get(data_cfg, "validation_files"))
         if split == "validation" and val_files:
@@ -158,8 +180,8 @@ def _split_spec(data_cfg, split: str) -> dict:
             raise DataError(f"no data source: data.{key} is not set")
         if split == "validation" and not val_files and holdout is None:
             raise DataError(
-                "no validation data: set data.validation_files or "
-                "data.validation_split_percentage > 0"
+                "no validation data: set data.validation_files, "
+                "data.validation_split_percentage > 0 or data.validation_fraction > 0"
             )
         suffixes = {_builder_for(f) for f in files}
         if len(suffixes) > 1:
@@ -181,10 +203,28 @@ def _split_spec(data_cfg, split: str) -> dict:
     return spec
 
 
+def _holdout(data_cfg, split: str):
+    """How ``split`` is cut out of train when the source has no validation split: run_clm's
+    split string (``train[:5%]`` / ``train[5%:]``), a seeded draw (a dict), or None."""
+    if split not in ("train", "validation"):
+        return None
+    fraction = float(_get(data_cfg, "validation_fraction"))
+    rows = int(_get(data_cfg, "validation_rows"))
+    if fraction or rows:
+        size = {"fraction": fraction} if fraction else {"rows": rows}
+        return dict(side=split, seed=int(_get(data_cfg, "validation_seed")), **size)
+    pct = int(_get(data_cfg, "validation_split_percentage"))
+    if not pct:
+        return None
+    return {"validation": f"train[:{pct}%]", "train": f"train[{pct}%:]"}[split]
+
+
 def _builder_for(path: Path) -> str:
     # run_clm: .txt -> "text", .json/.jsonl -> "json", .csv -> "csv"; any other suffix
     # (wiki.test.raw, input) is read as text too.
-    return {".json": "json", ".jsonl": "json", ".csv": "csv"}.get(path.suffix.lower(), "text")
+    return {".json": "json", ".jsonl": "json", ".csv": "csv", ".parquet": "parquet"}.get(
+        path.suffix.lower(), "text"
+    )
 
 
 @functools.lru_cache(maxsize=1)
@@ -280,133 +320,87 @@ def _pydoc_sha() -> str:
 # ---------------------------------------------------------------- loading rows
 
 
-def _load_rows(data_cfg, spec: dict):
-    """The split's rows as a ``datasets.Dataset`` (hold-out and max_rows applied)."""
+def _load_rows(data_cfg, spec: dict) -> sources.Source:
+    """The rows of one pass that builds ``spec``'s split (and its hold-out sibling)."""
     import datasets
 
-    if spec["kind"] == "pydoc":
+    streaming = bool(_get(data_cfg, "streaming"))
+    if spec["kind"] == "pydoc":  # in memory, nothing to stream
         ds = datasets.DatasetDict({"train": datasets.Dataset.from_dict({"text": _pydoc_rows()})})
     elif spec["kind"] == "hub":
-        ds = _load_hub(spec["name"], spec["config"])
+        ds = sources.load_hub(
+            spec["name"],
+            spec["config"],
+            **{k: spec.get(k, "") for k in ("revision", "data_files", "data_dir")},
+            streaming=streaming,
+        )
     else:
-        ds = _load_files(data_cfg, spec)
-    split, holdout = spec["split"], spec["holdout"]
+        ds = sources.load_files(
+            spec["builder"],
+            "train" if spec["holdout"] else spec["split"],
+            [f for f, _, _ in spec["files"]],
+            spec["key"],
+            encoding_errors=spec["encoding_errors"],
+            streaming=streaming,
+            cache_dir=str(_cache_root(data_cfg) / "datasets"),
+        )
+    split, holdout, column = spec["split"], spec["holdout"], spec["text_column"]
+    what = _source(spec)
+    bad = (spec["key"], [f for f, _, _ in spec["files"]]) if spec["kind"] == "files" else None
     # run_clm: hold out of train only when the source has no validation split of its own.
     if holdout and "train" in ds and "validation" not in ds:
-        # Same row arithmetic as load_dataset(split="train[:5%]"): datasets' own parser.
-        (ri,) = datasets.ReadInstruction.from_spec(holdout).to_absolute({"train": len(ds["train"])})
-        rows = ds["train"].select(range(ri.from_, ri.to))
+        rows = ds["train"]
+        source = sources.Source(rows, column, {}, sources.num_rows(rows), what, bad)
+        source.selections = {
+            side: _holdout_selection(data_cfg, side, source) for side in ("train", "validation")
+        }
     elif split in ds:
         rows = ds[split]
+        selections = {split: corpus.Selection()}
+        source = sources.Source(rows, column, selections, sources.num_rows(rows), what, bad)
     else:
         raise DataError(
             f"split {split!r} not found (available: {sorted(ds)}); for a validation split set "
-            "data.validation_split_percentage > 0 or data.validation_files"
+            "data.validation_split_percentage > 0, data.validation_fraction > 0 or "
+            "data.validation_files"
         )
-    column = spec["text_column"]
-    if column not in rows.column_names:
-        raise DataError(
-            f"data.text_column={column!r} is not a column of the data; available columns: "
-            f"{rows.column_names}"
-        )
-    dtype = getattr(rows.features[column], "dtype", None)
-    if dtype not in ("string", "large_string"):
-        raise DataError(f"data.text_column={column!r} holds {rows.features[column]}, not text")
-    if spec["max_rows"]:
-        rows = rows.select(range(min(spec["max_rows"], len(rows))))
-    return rows.select_columns([column])
+    if isinstance(rows, datasets.Dataset):  # streamed rows are checked as they come
+        sources.check_text_column(column, rows.column_names, rows.features.get(column))
+    return source
 
 
-def _load_hub(name: str, config: str):
+def _holdout_selection(data_cfg, side: str, source: sources.Source) -> corpus.Selection:
+    """Which train rows ``side`` ("train" or "validation") takes under the configured hold-out."""
     import datasets
 
-    try:
-        with _offline_env_honored():
-            return datasets.load_dataset(name, config or None)
-    except ConnectionError as e:
-        raise DataError(
-            f"data.dataset={name!r}: cannot reach the Hugging Face Hub ({e}). Offline, train on "
-            "local text files instead: --config.data.dataset='' "
-            "--config.data.train_files=PATH[,PATH...] [--config.data.validation_files=...], "
-            "or use the builtin --config.data.dataset=pydoc_topics"
-        ) from e
-    except datasets.exceptions.DatasetNotFoundError as e:
-        raise DataError(f"data.dataset={name!r}: not found on the Hugging Face Hub ({e})") from e
-    except ValueError as e:  # e.g. an unknown config name
-        raise DataError(f"data.dataset={name!r}, data.dataset_config={config!r}: {e}") from e
+    holdout = _holdout(data_cfg, side)
+    if isinstance(holdout, dict) and "fraction" in holdout:  # needs no row count
+        kind = "below" if side == "validation" else "atleast"
+        threshold = corpus.fraction_threshold(holdout["fraction"])
+        return corpus.Selection(kind, seed=holdout["seed"], threshold=threshold)
+    num_rows = _count_rows(source)
+    if isinstance(holdout, dict):
+        k = holdout["rows"]
+        if k >= num_rows:
+            raise DataError(
+                f"data.validation_rows={k} leaves no train rows: {source.what} has {num_rows} rows"
+            )
+        threshold = corpus.rows_threshold(holdout["seed"], num_rows, k)
+        kind = "below" if side == "validation" else "atleast"
+        return corpus.Selection(kind, seed=holdout["seed"], threshold=threshold)
+    # The same row arithmetic as load_dataset(split="train[:5%]"): datasets' own parser.
+    (ri,) = datasets.ReadInstruction.from_spec(holdout).to_absolute({"train": num_rows})
+    return corpus.Selection("range", lo=ri.from_, hi=ri.to)
 
 
-@contextlib.contextmanager
-def _offline_env_honored():
-    """Applies ``HF_HUB_OFFLINE``/``HF_DATASETS_OFFLINE`` set after import, for one load.
-
-    huggingface_hub and datasets read these variables once, at import; set later (a test's
-    monkeypatch.setenv, a notebook) they would be ignored and an offline load would retry
-    for ~25 s. We only ever turn offline mode on, and restore the flags afterwards.
-    """
-    import datasets
-    from huggingface_hub import constants
-
-    env = os.environ.get("HF_DATASETS_OFFLINE") or os.environ.get("HF_HUB_OFFLINE") or ""
-    saved = (constants.HF_HUB_OFFLINE, datasets.config.HF_HUB_OFFLINE)
-    if env.upper() in ("1", "ON", "YES", "TRUE"):
-        constants.HF_HUB_OFFLINE = datasets.config.HF_HUB_OFFLINE = True
-    try:
-        yield
-    finally:
-        constants.HF_HUB_OFFLINE, datasets.config.HF_HUB_OFFLINE = saved
-
-
-def _load_files(data_cfg, spec: dict):
-    import datasets
-
-    split = "train" if spec["holdout"] else spec["split"]
-    files = [f for f, _, _ in spec["files"]]
-    kwargs = {}
-    if spec["builder"] == "text":
-        # keep_linebreaks=True is run_clm's default; encoding_errors reaches open().
-        kwargs = dict(keep_linebreaks=True, encoding_errors=spec["encoding_errors"])
-    try:
-        return datasets.load_dataset(
-            spec["builder"],
-            data_files={split: files},
-            cache_dir=str(_cache_root(data_cfg) / "datasets"),
-            **kwargs,
+def _count_rows(source: sources.Source) -> int:
+    if source.num_rows is None:
+        _say(
+            f"counting the rows of {source.what} (a whole-percent or validation_rows hold-out "
+            "needs the total; data.validation_fraction does not): one read of the stream"
         )
-    except Exception as e:
-        cause = e
-        while cause is not None and not isinstance(cause, UnicodeDecodeError):
-            cause = cause.__cause__ or cause.__context__
-        if cause is not None:
-            raise DataError(_describe_bad_bytes(spec["key"], files)) from e
-        raise DataError(f"data.{spec['key']}: could not read {files}: {e!r}") from e
-
-
-def _describe_bad_bytes(key: str, files: list[str]) -> str:
-    """Names the first file/line/byte offset that is not UTF-8 (streamed, any file size)."""
-    for path in files:
-        offset, line, pending = 0, 1, b""
-        with open(path, "rb") as f:
-            while True:
-                chunk = f.read(1 << 20)
-                data = pending + chunk
-                try:
-                    _, used = codecs.utf_8_decode(data, "strict", not chunk)
-                except UnicodeDecodeError as e:
-                    line += data[: e.start].count(b"\n")
-                    return (
-                        f"data.{key}: {path} is not valid UTF-8 (line {line}, byte offset "
-                        f"{offset + e.start}: {data[e.start : e.end]!r}). Fix the file or pass "
-                        "--config.data.encoding_errors=replace"
-                    )
-                line += data[:used].count(b"\n")
-                offset, pending = offset + used, data[used:]
-                if not chunk:
-                    break
-    return (
-        f"data.{key}: {files} hold bytes that are not UTF-8; "
-        "pass --config.data.encoding_errors=replace"
-    )
+        source.num_rows = sum(len(t) for t in sources.tables(source, 0, batch_rows=65536))
+    return source.num_rows
 
 
 # ---------------------------------------------------------------- tokenize + cache
@@ -417,38 +411,119 @@ def _cache_root(data_cfg) -> Path:
     return Path(os.path.expanduser(root)).resolve()
 
 
-def _tokenize_to(rows, column: str, append_eos: bool, num_threads: int, path: Path, split: str):
-    """Tokenizes ``rows[column]`` into the raw uint16 file ``path``; returns offsets [rows+1]."""
-    from tqdm import tqdm
+def _say(message: str) -> None:
+    """What the data pipeline is doing, on stderr (every process's: under launch, its log)."""
+    print(f"data: {message}", file=sys.stderr, flush=True)
 
-    enc = tokenizer.get_tokenizer()
-    threads = num_threads or os.cpu_count() or 1
-    lengths = []
-    bar = tqdm(
-        total=len(rows),
-        desc=f"tokenizing {split}",
-        unit="rows",
-        file=sys.stderr,
-        disable=len(rows) < _PROGRESS_MIN_ROWS,
-    )
-    with open(path, "wb") as f, bar:
-        for batch in rows.iter(batch_size=_ENCODE_BATCH_ROWS):
-            texts = [t or "" for t in batch[column]]
-            # encode_ordinary: a literal "<|endoftext|>" in the data is text, never a special.
-            ids = enc.encode_ordinary_batch(texts, num_threads=threads)
-            if append_eos:
-                ids = [row + [tokenizer.EOT_ID] for row in ids]
-            n = np.fromiter(map(len, ids), dtype=np.int64, count=len(ids))
-            flat = np.fromiter(
-                itertools.chain.from_iterable(ids), dtype=np.uint16, count=int(n.sum())
+
+@dataclasses.dataclass(frozen=True)
+class CacheInfo:
+    """Where a split's tokens came from (the run summary's ``data`` line)."""
+
+    path: str  # the cache files' stem
+    built: bool = False  # tokenized by this process
+    seconds: float = 0.0  # what tokenizing took here
+    waited: float = 0.0  # seconds this process waited for another one's build
+    processes: int = 0  # tokenizer processes
+    tokens: int = 0  # tokens tokenized here (all splits of the build)
+    resumed_from: int = 0  # the source row an interrupted build resumed at
+    splits: tuple = ()  # the splits of that build
+
+
+def _stem(data_cfg, spec: dict) -> Path:
+    key = hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:24]
+    return _cache_root(data_cfg) / "tokens" / f"{spec['split']}-{key}"
+
+
+def _paths(stem: Path) -> tuple[Path, Path, Path]:
+    return tuple(Path(f"{stem}{s}") for s in (".json", ".tokens", ".offsets"))
+
+
+def _digest(names) -> str:
+    return hashlib.sha256("\n".join(names).encode()).hexdigest()[:24]
+
+
+def _num_proc(data_cfg) -> int:
+    n = int(_get(data_cfg, "num_proc")) or int(_get(data_cfg, "num_threads"))
+    return n or corpus.default_processes()
+
+
+class _Progress:
+    """tqdm over source rows (with the time left when their number is known), tokens and
+    tokens/s in its postfix; the lock file gets the same progress for waiting processes."""
+
+    def __init__(self, build: corpus.Build, what: str, lock: corpus.Lock):
+        from tqdm import tqdm
+
+        total = build.num_rows
+        self.bar = tqdm(
+            total=total,
+            initial=build.rows_read,
+            desc=f"tokenizing {what}",
+            unit=" rows",
+            unit_scale=True,
+            file=sys.stderr,
+            mininterval=1.0,
+            disable=total is not None and total < _PROGRESS_MIN_ROWS,
+        )
+        self.lock, self.t0, self.tokens0 = lock, time.perf_counter(), sum(build.tokens)
+
+    def __call__(self, new_rows: int, tokens: int) -> None:
+        rate = (tokens - self.tokens0) / max(time.perf_counter() - self.t0, 1e-9)
+        self.bar.set_postfix_str(f"{tokens / 1e6:,.1f}M tokens, {rate / 1e6:.2f}M tokens/s", False)
+        self.bar.update(new_rows)
+        self.lock.report(dict(rows=self.bar.n, tokens=tokens))
+
+    def close(self) -> None:
+        self.bar.close()
+
+
+def _tokenize_to(source, targets: list, data_cfg, journal: Path, lock) -> corpus.Build:
+    """Tokenizes ``source`` into the ``targets``' cache files in one pass with
+    ``data.num_proc`` processes, resuming ``journal``'s build; returns the finished build."""
+    build = corpus.Build(journal, targets, source.num_rows)
+    build.open(_say)
+    column = source.column
+
+    def check(table):  # streamed rows: the column and its type, seen in the first batch
+        names = table.column_names
+        kind = table.schema.field(column).type if column in names else None
+        sources.check_text_column(column, names, kind)
+
+    def chunks(start: int):
+        tables = sources.tables(source, start, corpus.READ_ROWS)
+        return corpus.chunks(tables, column, start, check)
+
+    encoders = corpus.Encoders(_num_proc(data_cfg), bool(_get(data_cfg, "append_eos")))
+    progress = _Progress(build, " + ".join(t.split for t in targets), lock)
+    done = False
+    try:
+        build.run(chunks, encoders, progress)
+        done = True
+    except DataError:
+        if not build.chunks_done:  # e.g. a wrong text_column: nothing worth resuming
+            build.discard()
+        raise
+    finally:
+        encoders.close(abort=not done)
+        progress.close()
+    for t, rows, tokens in zip(targets, build.rows, build.tokens, strict=True):
+        if tokens == 0:
+            build.discard()
+            hint = (
+                ""
+                if t.selection.kind == "all"
+                else " (held out of train: raise data.validation_fraction, or set "
+                "data.validation_rows)"
             )
-            f.write(flat.tobytes())
-            lengths.append(n)
-            bar.update(len(texts))
-    return np.concatenate([[0], np.cumsum(np.concatenate(lengths or [[]]), dtype=np.int64)])
+            raise DataError(
+                f"split {t.split!r} has 0 tokens ({rows} rows) from {source.what}{hint}"
+            )
+    build.finalize()
+    return build
 
 
-def _read_cache(meta_path: Path, tok_path: Path, off_path: Path):
+def _read_cache(meta_path: Path, tok_path: Path, off_path: Path, warn: bool = True):
     """(tokens, offsets) memmaps if the cache is complete and consistent, else None."""
     if not meta_path.exists():
         return None
@@ -471,9 +546,10 @@ def _read_cache(meta_path: Path, tok_path: Path, off_path: Path):
         )
         return tokens, offsets
     except (ValueError, KeyError, OSError) as e:
-        warnings.warn(
-            f"token cache {meta_path} is truncated or corrupt ({e}); rebuilding", stacklevel=3
-        )
+        if warn:
+            warnings.warn(
+                f"token cache {meta_path} is truncated or corrupt ({e}); rebuilding", stacklevel=3
+            )
         return None
 
 
@@ -488,61 +564,104 @@ def load_token_stream(data_cfg, split: str) -> tuple[np.ndarray, np.ndarray]:
 
 
 def _token_stream(data_cfg, spec: dict) -> tuple[np.ndarray, np.ndarray]:
-    split = spec["split"]
-    key = hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:24]
-    root = _cache_root(data_cfg) / "tokens"
-    stem = root / f"{split}-{key}"
-    meta_path, tok_path, off_path = (Path(f"{stem}{s}") for s in (".json", ".tokens", ".offsets"))
-    cached = _read_cache(meta_path, tok_path, off_path)
+    tokens, offsets, _ = _cached_or_built(data_cfg, spec)
+    return tokens, offsets
+
+
+def _cached_or_built(data_cfg, spec: dict) -> tuple[np.ndarray, np.ndarray, CacheInfo]:
+    """The split's (tokens, offsets) from the cache, else built: under a lock, so that of
+    the processes sharing a cache directory one tokenizes and the others wait and read."""
+    split, stem = spec["split"], _stem(data_cfg, spec)
+    cached = _read_cache(*_paths(stem))
     if cached is not None:
         log.info("data: %s split from cache %s", split, stem)
-        return cached
-
+        return (*cached, CacheInfo(str(stem)))
+    root = stem.parent
     root.mkdir(parents=True, exist_ok=True)
-    rows = _load_rows(data_cfg, spec)
-    # Atomic: write to unique tmp names, rename; the meta (written last) marks completeness,
-    # so a crash or a concurrent writer (hosts sharing a filesystem) never leaves a torn cache.
-    tmp = f".tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
-    tok_tmp, off_tmp, meta_tmp = (Path(f"{p}{tmp}") for p in (tok_path, off_path, meta_path))
-    try:
-        offsets = _tokenize_to(
-            rows,
-            spec["text_column"],
-            spec["append_eos"],
-            int(_get(data_cfg, "num_threads")),
-            tok_tmp,
-            split,
-        )
-        if offsets[-1] == 0:
-            raise DataError(f"split {split!r} has 0 tokens ({len(rows)} rows) from {_source(spec)}")
-        offsets.tofile(off_tmp)
-        meta_tmp.write_text(
-            json.dumps(
-                dict(
-                    version=CACHE_FORMAT_VERSION,
-                    num_tokens=int(offsets[-1]),
-                    num_rows=len(offsets) - 1,
-                    spec=spec,
-                ),
-                indent=1,
-            )
-        )
-        os.replace(tok_tmp, tok_path)
-        os.replace(off_tmp, off_path)
-        os.replace(meta_tmp, meta_path)
-    finally:
-        for p in (tok_tmp, off_tmp, meta_tmp):
-            p.unlink(missing_ok=True)
-    log.info(
-        "data: %s split: %d rows -> %d tokens, cached at %s",
-        split,
-        len(offsets) - 1,
-        offsets[-1],
-        stem,
+    # A hold-out's two sides come from one pass over train: one lock for both.
+    group = (
+        {s: _split_spec(data_cfg, s) for s in ("train", "validation")}
+        if spec["holdout"]
+        else {split: spec}
     )
-    result = _read_cache(meta_path, tok_path, off_path)
+    stems = {s: _stem(data_cfg, sp) for s, sp in group.items()}
+    lock_path = root / f"build-{_digest(sorted(p.name for p in stems.values()))}.lock"
+    with corpus.build_lock(lock_path, " + ".join(group), _say) as lock:
+        cached = _read_cache(*_paths(stem), warn=False)
+        if cached is not None:  # built by the process we waited for
+            _say(f"{split} split tokenized by another process; reading {stem}")
+            return (*cached, CacheInfo(str(stem), waited=lock.waited, splits=tuple(group)))
+        source = _load_rows(data_cfg, spec)
+        targets = [
+            corpus.Target(
+                s,
+                stems[s],
+                selection,
+                int(_get(data_cfg, "max_rows")),
+                meta=dict(version=CACHE_FORMAT_VERSION, spec=group[s]),
+            )
+            for s, selection in source.selections.items()
+            if s == split or _read_cache(*_paths(stems[s]), warn=False) is None
+        ]
+        journal = root / f"build-{_digest(sorted(t.stem.name for t in targets))}.journal.json"
+        build = _tokenize_to(source, targets, data_cfg, journal, lock)
+    new_tokens = sum(build.tokens) - build.tokens_at_open
+    info = CacheInfo(
+        str(stem),
+        built=True,
+        seconds=build.seconds,
+        waited=lock.waited,
+        processes=build.processes,
+        tokens=new_tokens,
+        resumed_from=build.resumed_from,
+        splits=tuple(t.split for t in targets),
+    )
+    _say(
+        f"tokenized {' + '.join(info.splits)}: {build.rows_read:,} rows of {source.what} -> "
+        + ", ".join(f"{t.split} {n:,}" for t, n in zip(targets, build.tokens, strict=True))
+        + f" tokens in {build.seconds:.1f} s ({_rate(info)}); cache {root}"
+    )
+    result = _read_cache(*_paths(stem))
     assert result is not None
-    return result
+    return (*result, info)
+
+
+def _rate(info: CacheInfo) -> str:
+    procs = f"{info.processes} process" + "es" * (info.processes != 1)
+    return f"{procs}, {info.tokens / max(info.seconds, 1e-9) / 1e6:.2f}M tokens/s"
+
+
+def cache_report(blocks: dict) -> str:
+    """One line for the run summary: what was tokenized and how long it took, or that the
+    token cache was reused. ``blocks``: ``{split: Blocks}`` as ``load_splits`` returns."""
+    infos = {name: b.cache for name, b in blocks.items() if getattr(b, "cache", None)}
+    parts, covered = [], set()
+    for info in infos.values():
+        if info.built and not covered.intersection(info.splits):
+            covered.update(info.splits)
+            text = f"tokenized {' + '.join(info.splits)} in {_duration(info.seconds)} "
+            text += f"({_rate(info)}, {info.tokens:,} tokens"
+            text += f", resumed at source row {info.resumed_from:,})" if info.resumed_from else ")"
+            parts.append(text)
+    for name, info in infos.items():
+        if name not in covered and info.waited:
+            covered.update(info.splits or (name,))
+            parts.append(f"{name} tokenized by another process (waited {info.waited:.0f} s)")
+    reused = [name for name in infos if name not in covered]
+    if reused:
+        parts.append(f"{' + '.join(reused)} from the token cache")
+    if not infos:
+        return ""
+    root = Path(next(iter(infos.values())).path).parent
+    return "; ".join(parts) + f" ({root})"
+
+
+def _duration(seconds: float) -> str:
+    if seconds < 60:
+        return f"{seconds:.1f} s"
+    minutes, seconds = divmod(round(seconds), 60)
+    hours, minutes = divmod(minutes, 60)
+    return f"{hours} h {minutes} min" if hours else f"{minutes} min {seconds} s"
 
 
 def _source(spec: dict) -> str:
@@ -583,6 +702,7 @@ class Blocks:
         self.block_size = int(block_size)
         self.group_rows = int(group_rows)
         self.starts = block_starts(offsets, self.block_size, self.group_rows)
+        self.cache: CacheInfo | None = None  # where the tokens came from (load_splits sets it)
 
     def __len__(self) -> int:
         return len(self.starts)
@@ -620,8 +740,9 @@ def load_splits(data_cfg, splits=("train", "validation")) -> dict[str, Blocks]:
     specs = {split: _split_spec(data_cfg, split) for split in splits}  # config errors first
     out = {}
     for split, spec in specs.items():
-        tokens, offsets = _token_stream(data_cfg, spec)
+        tokens, offsets, info = _cached_or_built(data_cfg, spec)
         blocks = Blocks(tokens, offsets, _get(data_cfg, "block_size"), _get(data_cfg, "group_rows"))
+        blocks.cache = info
         if len(blocks) == 0:
             raise _too_little(split, blocks)
         out[split] = blocks

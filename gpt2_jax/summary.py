@@ -54,9 +54,11 @@ def start_summary(
     blocks: dict[str, int],
     weights: str,
     workdir: str | Path,
+    data: str = "",
 ) -> str:
     """The start-of-run screen. ``config``: the resolved config as a dict (``to_dict``);
-    ``blocks``: examples per split, e.g. ``{"train": 2088, "validation": 95}``."""
+    ``blocks``: examples per split, e.g. ``{"train": 2088, "validation": 95}``; ``data``:
+    how the tokens were had (``data.cache_report``: tokenized in how long, or reused)."""
     m, t, d, o = config["model"], config["train"], config["data"], config["optim"]
     shape = (
         f"{_plural(m['n_layer'], 'layer')} x {_plural(m['n_head'], 'head')} x n_embd {m['n_embd']}"
@@ -93,6 +95,7 @@ def start_summary(
         _row("batch", batch),
         _row("steps", steps),
         _row("blocks", f"{per_split} (of {block} tokens)"),
+        *([_row("data", data)] if data else []),
         _row(
             "optimizer", f"lr {o['learning_rate']:g}, {o['schedule']}, warmup {o['warmup_steps']}"
         ),

@@ -389,6 +389,7 @@ class _Run:
             blocks={"train": len(d.train), **{k: len(v) for k, v in d.evals.items()}},
             weights=summary.weights_source(resumed, cfg.init_from, cfg.train.seed),
             workdir=self.workdir,
+            data=data_lib.cache_report({"train": d.train, **d.evals}),
         )
 
     # ---------------------------------------------------------------- the loop

@@ -12,6 +12,7 @@ CONFIGS = [
     ("gpt2_wikitext2.py", None),
     ("gpt2_wikitext2.py", "local"),
     ("gpt2_124m.py", None),
+    ("gpt2_124m.py", "owt"),
     ("gpt2_124m.py", "local"),
 ]
 

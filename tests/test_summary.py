@@ -35,6 +35,9 @@ def test_start_summary_lists_what_the_run_will_do(tiny_run):
         r"batch +4 sequences x 32 tokens = 128 tokens a step",
         r"steps +0 -> 6, \d+ steps an epoch = 0\.\d\d epochs",
         r"blocks +train \d[\d,]*, validation \d[\d,]* \(of 32 tokens\)",
+        # how the tokens came: tokenized in how long, or the cache reused (session cache)
+        r"data +(tokenized train \+ validation in [\d.]+ s \(1 process, |"
+        r"train \+ validation from the token cache \()",
         r"cadence +log every step, eval at the end, checkpoint every 3 steps, keep 3",
         rf"workdir +{re.escape(str(workdir))}",
     ]
