@@ -34,13 +34,14 @@ demo: $(VENV)/.installed
 	$(PY) -m gpt2_jax plot $(DEMO_DIR)
 
 # -rs lists any skip; tests/conftest.py turns a skip into a failure, so a green run checked all.
+# `gpu` tests need a GPU: experiments/gpu/run.sh runs them there (and its --dry-run here).
 test: $(VENV)/.installed-test
-	$(PY) -m pytest -q -rs -m "not slow"
+	$(PY) -m pytest -q -rs -m "not slow and not gpu"
 
 # Adds the `slow` tests: checks over the full shared corpora (../shared/data, or
 # GPT2_JAX_SHARED_DATA), which fail rather than skip where that directory is missing.
 test-all: $(VENV)/.installed-test
-	$(PY) -m pytest -q -rs
+	$(PY) -m pytest -q -rs -m "not gpu"
 
 lint: $(VENV)/.installed-test
 	$(VENV)/bin/ruff check gpt2_jax tests configs
