@@ -8,7 +8,7 @@ DEMO_DIR ?= runs/demo
 LOCK := requirements/constraints.txt
 PIP_INSTALL := $(PY) -m pip install --disable-pip-version-check -q -c $(LOCK)
 
-.PHONY: demo test test-all lint setup clean lock
+.PHONY: demo test test-all lint setup clean lock gpu-bundle
 
 $(VENV)/.installed: pyproject.toml $(LOCK)
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -42,6 +42,11 @@ test: $(VENV)/.installed-test
 # GPT2_JAX_SHARED_DATA), which fail rather than skip where that directory is missing.
 test-all: $(VENV)/.installed-test
 	$(PY) -m pytest -q -rs -m "not gpu"
+
+# The wheels the lent GPU's image lacks (experiments/gpu/bundle.txt), for Python 3.12 /
+# manylinux, into experiments/gpu/wheels (git-ignored; a device run carries it).
+gpu-bundle:
+	PYTHON=$(PYTHON) bash experiments/gpu/bundle.sh
 
 lint: $(VENV)/.installed-test
 	$(VENV)/bin/ruff check gpt2_jax tests configs
