@@ -98,6 +98,9 @@ def _cfg(**fields) -> model_lib.GPT2Config:
 
 # ---------------------------------------------------------------- cuDNN attention
 
+# jax lowers its cuDNN attention to custom calls __cudnn$fmhaSoftmax (forward) and
+# __cudnn$fmhaSoftmaxBackward (jax 0.10 to 0.12, jax/_src/cudnn/fused_attention_stablehlo.py).
+CUDNN_FMHA = "__cudnn$fmhaSoftmax"
 ATT_FWD_TOL = 1e-2  # bf16 attention output vs the fp32 reference
 ATT_GRAD_TOL = 2e-2  # its gradient with respect to qkv
 
@@ -121,7 +124,8 @@ def test_cudnn_attention_matches_xla_forward_and_gradients(accel, record_propert
 
     if jax.eval_shape(fused_nh, qkv) is None:
         pytest.fail("cuDNN declined GPT-2's own attention shape")
-    fwd = jax.jit(fused_nh).lower(qkv).compile()  # compiled once: run, inspected, run again
+    lowered = jax.jit(fused_nh).lower(qkv)
+    fwd = lowered.compile()  # compiled once, run twice
     y_fused = fwd(qkv)
     y_xla = jax.jit(xla)(qkv)
     g_fused, g_xla = grad_of(fused_nh)(qkv), grad_of(xla)(qkv)
@@ -144,8 +148,8 @@ def test_cudnn_attention_matches_xla_forward_and_gradients(accel, record_propert
     np.testing.assert_array_equal(
         np.asarray(fwd(changed)[:, :cut], np.float32), np.asarray(y_fused[:, :cut], np.float32)
     )
-    if not accel.dry:  # the compiled step really calls cuDNN's fused attention
-        assert "cudnn" in fwd.as_text().lower(), "no cuDNN custom call in the compiled attention"
+    if not accel.dry:  # the program really calls cuDNN's fused attention
+        assert CUDNN_FMHA in lowered.as_text(), "no cuDNN attention call in the program"
 
 
 MODEL_LOSS_TOL = 2e-2  # |loss(cuDNN path) - loss(XLA path)|, both bf16, nats
@@ -170,18 +174,20 @@ def test_the_model_uses_cudnn_in_bf16_and_matches_its_xla_path(accel, monkeypatc
         f = jax.value_and_grad(
             lambda p, x: train_lib.loss_fn(p, x, key, model_cfg=cfg, deterministic=True)
         )
-        return jax.jit(f).lower(params, ids).compile()
+        return jax.jit(f).lower(params, ids)
 
     if accel.dry:  # the cuDNN branch of Attention, with its kernel stood in
         monkeypatch.setattr(model_lib, "_use_cudnn", lambda c: True)
         monkeypatch.setattr(model_lib, "_cudnn_attention", _fused(accel))
     assert model_lib._use_cudnn(cfg)
-    compiled = value_and_grads()
-    loss_c, grads_c = compiled(params, ids)
-    if not accel.dry:
-        assert "cudnn" in compiled.as_text().lower(), "the model did not use cuDNN"
+    lowered = value_and_grads()
+    loss_c, grads_c = lowered.compile()(params, ids)
+    if not accel.dry:  # forward and backward through cuDNN
+        assert f"{CUDNN_FMHA}Backward" in lowered.as_text(), "the model did not use cuDNN"
     monkeypatch.setattr(model_lib, "_use_cudnn", lambda c: False)
-    loss_x, grads_x = value_and_grads()(params, ids)
+    lowered = value_and_grads()
+    assert CUDNN_FMHA not in lowered.as_text()
+    loss_x, grads_x = lowered.compile()(params, ids)
     diff, grad_rel = abs(float(loss_c) - float(loss_x)), _rel(grads_c, grads_x)
     record_property("loss_abs_diff", diff)
     record_property("grads_rel_diff", grad_rel)
