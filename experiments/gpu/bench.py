@@ -401,7 +401,15 @@ def torch_info() -> dict:
 def worker(framework: str, tasks: list[str], shape_name: str, results: Path) -> int:
     shape = SHAPES[shape_name]
     table, info = (JAX_TASKS, jax_info) if framework == "jax" else (TORCH_TASKS, torch_info)
-    base = {"framework": framework, **info()}
+    try:
+        base = {"framework": framework, **info()}
+    except Exception as e:  # e.g. the framework is not installed: every task says why
+        why = f"{framework} did not start: {type(e).__name__}: {e}"[:3000]
+        with results.open("a") as f:
+            for task in tasks:
+                f.write(json.dumps({"framework": framework, "task": task, "error": why}) + "\n")
+        print(f"bench: {why}", file=sys.stderr, flush=True)
+        return 1
     for task in tasks:
         print(f"bench: {framework} {task} ...", file=sys.stderr, flush=True)
         t0 = time.perf_counter()

@@ -105,7 +105,7 @@ EOF
 
     local pick=()
     [[ -n ${GPU_RUN_TESTS:-} ]] && pick=(-k "$GPU_RUN_TESTS") # pytest -k: some tests only
-    phase tests 270 env GPT2_JAX_GPU=$MODE "$PY" -m pytest -m gpu tests/test_gpu.py -q -rfEs \
+    phase tests 270 env GPT2_JAX_GPU=$MODE "$PY" -m pytest -m gpu tests/test_gpu.py -q -rfEs --tb=short \
         -p no:cacheprovider -o junit_family=legacy --junitxml="$WORK/junit.xml" ${pick[@]+"${pick[@]}"}
     local tests_rc=$LAST_RC
 
