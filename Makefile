@@ -8,7 +8,7 @@ DEMO_DIR ?= runs/demo
 LOCK := requirements/constraints.txt
 PIP_INSTALL := $(PY) -m pip install --disable-pip-version-check -q -c $(LOCK)
 
-.PHONY: demo test test-all lint setup clean lock
+.PHONY: demo test test-all lint setup clean lock gpu-bundle
 
 $(VENV)/.installed: pyproject.toml $(LOCK)
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -34,13 +34,19 @@ demo: $(VENV)/.installed
 	$(PY) -m gpt2_jax plot $(DEMO_DIR)
 
 # -rs lists any skip; tests/conftest.py turns a skip into a failure, so a green run checked all.
+# `gpu` tests need a GPU: experiments/gpu/run.sh runs them there (and its --dry-run here).
 test: $(VENV)/.installed-test
-	$(PY) -m pytest -q -rs -m "not slow"
+	$(PY) -m pytest -q -rs -m "not slow and not gpu"
 
 # Adds the `slow` tests: checks over the full shared corpora (../shared/data, or
 # GPT2_JAX_SHARED_DATA), which fail rather than skip where that directory is missing.
 test-all: $(VENV)/.installed-test
-	$(PY) -m pytest -q -rs
+	$(PY) -m pytest -q -rs -m "not gpu"
+
+# The wheels the lent GPU's image lacks (experiments/gpu/bundle.txt), for Python 3.12 /
+# manylinux, into experiments/gpu/wheels (git-ignored; a device run carries it).
+gpu-bundle:
+	PYTHON=$(PYTHON) bash experiments/gpu/bundle.sh
 
 lint: $(VENV)/.installed-test
 	$(VENV)/bin/ruff check gpt2_jax tests configs

@@ -15,8 +15,17 @@ from gpt2_jax.model import GPT2Config
 # JAX's default precision there, TF32 on tensor cores; TPUs run float32 matmuls as bf16
 # passes at default precision, so one figure serves both. Keys match ``device.device_kind``
 # by substring, most specific first.
+#
+# Hopper, dense (without 2:4 sparsity; the datasheets' headline figures are sparse, twice
+# these), bf16 and TF32 tensor-core rates from NVIDIA's H100 datasheet (H100 SXM5: 989.4 /
+# 494.7 TFLOP/s; H100 PCIe: 756 / 378; H100 NVL: 835 / 418) and H200 datasheet (H200 SXM:
+# the H100 SXM's rates, 989 / 494.7; H200 NVL: 835 / 418). device_kind reads e.g.
+# "NVIDIA H100 80GB HBM3" (SXM), "NVIDIA H100 PCIe", "NVIDIA H100 NVL", "NVIDIA H200".
 PEAK_FLOPS = (
+    ("H200 NVL", {"bfloat16": 835e12, "float32": 418e12}),
     ("H200", {"bfloat16": 989e12, "float32": 495e12}),
+    ("H100 PCIe", {"bfloat16": 756e12, "float32": 378e12}),
+    ("H100 NVL", {"bfloat16": 835e12, "float32": 418e12}),
     ("H100", {"bfloat16": 989e12, "float32": 495e12}),
     ("A100", {"bfloat16": 312e12, "float32": 156e12}),
     ("L4", {"bfloat16": 121e12, "float32": 60e12}),

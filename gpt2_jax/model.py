@@ -130,17 +130,44 @@ def _use_cudnn(cfg: GPT2Config) -> bool:
     return jax.default_backend() == "gpu" and cfg.dtype in ("bfloat16", "float16")
 
 
-def _cudnn_attention(qkv: jax.Array, nh: int) -> jax.Array | None:
-    """Causal attention through ``jax.nn.dot_product_attention(implementation="cudnn")``;
-    None when cuDNN refuses the shapes or dtype (the caller falls back to XLA's). Not
-    exercised on this project's CPU-only machines."""
+def _cudnn_attention(qkv: jax.Array, nh: int, implementation: str = "cudnn") -> jax.Array | None:
+    """Causal attention of ``qkv`` [B, T, 3C] -> [B, T, C] through
+    ``jax.nn.dot_product_attention(implementation="cudnn")``; None when cuDNN declines
+    (no cuDNN, a dtype other than fp16/bf16, a head size not a multiple of 8 or above 128
+    (256 on Hopper)): the caller then uses ``_xla_attention``. jax raises those refusals while
+    tracing (NotImplementedError / ValueError / RuntimeError, the same in jax 0.10 to 0.12),
+    so they are caught here, forward and gradient alike. ``implementation="xla"`` runs
+    the same reshapes through jax's XLA attention: how the tests check this path on a CPU
+    (tests/test_model.py, tests/test_gpu.py)."""
     B, T, C3 = qkv.shape
     q, k, v = (t.reshape(B, T, nh, C3 // (3 * nh)) for t in jnp.split(qkv, 3, axis=-1))
     try:
-        y = jax.nn.dot_product_attention(q, k, v, is_causal=True, implementation="cudnn")
+        y = jax.nn.dot_product_attention(q, k, v, is_causal=True, implementation=implementation)
     except (NotImplementedError, ValueError, RuntimeError):
         return None
     return y.reshape(B, T, C3 // 3)
+
+
+def _xla_attention(qkv: jax.Array, nh: int, dropout=None) -> jax.Array:
+    """Causal attention of ``qkv`` [B, T, 3C] -> [B, T, C] as plain einsums (fp32 scores
+    and softmax whatever the compute dtype); ``dropout``: applied to the probabilities."""
+    B, T, C3 = qkv.shape
+    C = C3 // 3
+    hs = C // nh
+    # Head-major once, right after the projection: both attention matmuls then
+    # have their batch axes (B, nh) leading and contract in place (on the 2-core
+    # CPU: -17% a gpt2 4 x 512 train step against [B, T, nh, hs] operands and
+    # jax.nn.dot_product_attention; experiments/speed).
+    q, k, v = qkv.reshape(B, T, 3, nh, hs).transpose(2, 0, 3, 1, 4)  # (B, nh, T, hs)
+    att = jnp.einsum("bnth,bnsh->bnts", q, k, preferred_element_type=jnp.float32)
+    att = att / math.sqrt(hs)
+    causal = jnp.tril(jnp.ones((T, T), dtype=bool))
+    att = jnp.where(causal, att, jnp.finfo(jnp.float32).min)
+    att = jax.nn.softmax(att, axis=-1).astype(v.dtype)  # (B, nh, T, T)
+    if dropout is not None:
+        att = dropout(att)
+    y = jnp.einsum("bnts,bnsh->bnth", att, v)  # (B, nh, T, hs)
+    return y.transpose(0, 2, 1, 3).reshape(B, T, C)
 
 
 class Attention(nn.Module):
@@ -149,28 +176,16 @@ class Attention(nn.Module):
     @nn.compact
     def __call__(self, x: jax.Array, deterministic: bool) -> jax.Array:
         cfg = self.cfg
-        B, T, C = x.shape
-        nh, hs = cfg.n_head, C // cfg.n_head
+        C = x.shape[-1]
         # Residual projections scaled by 1/sqrt(2 * n_layer), as in GPT-2 and HF's init.
         proj_std = cfg.initializer_range / math.sqrt(2 * cfg.n_layer)
 
         qkv = _dense(cfg, 3 * C, "c_attn", cfg.initializer_range)(x)  # (B, T, 3C)
         no_dropout = deterministic or cfg.attn_pdrop == 0.0
-        y = _cudnn_attention(qkv, nh) if no_dropout and _use_cudnn(cfg) else None
+        y = _cudnn_attention(qkv, cfg.n_head) if no_dropout and _use_cudnn(cfg) else None
         if y is None:
-            # Head-major once, right after the projection: both attention matmuls then
-            # have their batch axes (B, nh) leading and contract in place (on the 2-core
-            # CPU: -17% a gpt2 4 x 512 train step against [B, T, nh, hs] operands and
-            # jax.nn.dot_product_attention; experiments/speed).
-            q, k, v = qkv.reshape(B, T, 3, nh, hs).transpose(2, 0, 3, 1, 4)  # (B, nh, T, hs)
-            att = jnp.einsum("bnth,bnsh->bnts", q, k, preferred_element_type=jnp.float32)
-            att = att / math.sqrt(hs)
-            causal = jnp.tril(jnp.ones((T, T), dtype=bool))
-            att = jnp.where(causal, att, jnp.finfo(jnp.float32).min)
-            att = jax.nn.softmax(att, axis=-1).astype(v.dtype)  # (B, nh, T, T)
-            att = nn.Dropout(cfg.attn_pdrop)(att, deterministic=deterministic)
-            y = jnp.einsum("bnts,bnsh->bnth", att, v)  # (B, nh, T, hs)
-            y = y.transpose(0, 2, 1, 3).reshape(B, T, C)
+            drop = nn.Dropout(cfg.attn_pdrop)
+            y = _xla_attention(qkv, cfg.n_head, lambda a: drop(a, deterministic=deterministic))
         y = _dense(cfg, C, "c_proj", proj_std)(y)
         return nn.Dropout(cfg.resid_pdrop)(y, deterministic=deterministic)
 

@@ -193,3 +193,12 @@ def test_cudnn_attention_falls_back_where_cudnn_is_absent():
     # the model never asks for it off GPU.
     assert m._cudnn_attention(jnp.ones((1, 4, 12)), 2) is None
     assert not m._use_cudnn(m.GPT2Config(dtype="bfloat16")) or jax.default_backend() == "gpu"
+
+
+def test_the_cudnn_branch_lays_out_heads_as_the_xla_attention_does():
+    # The fused call takes [B, T, nh, hs] operands split from qkv its own way: through jax's
+    # XLA implementation (the CPU has no cuDNN) it must equal the model's own attention.
+    # tests/test_gpu.py holds the real cuDNN kernel to it on a GPU.
+    qkv = jax.random.normal(jax.random.PRNGKey(0), (2, 7, 3 * 3 * 4))
+    fused = m._cudnn_attention(qkv, 3, implementation="xla")
+    np.testing.assert_allclose(fused, m._xla_attention(qkv, 3), rtol=1e-5, atol=1e-6)

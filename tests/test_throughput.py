@@ -94,5 +94,8 @@ def test_flops_per_token_counts_every_parameter_but_the_position_table():
     n = model_lib.count_params(model_lib.init_params(cfg, jax.random.PRNGKey(0))) - 96 * 48
     assert flops.flops_per_token(cfg, 10) == 6 * n + 12 * 3 * 10 * 48
     assert flops.peak_flops("NVIDIA H100 80GB HBM3", "bfloat16") == 989e12
+    assert flops.peak_flops("NVIDIA H100 PCIe", "bfloat16") == 756e12
+    assert flops.peak_flops("NVIDIA H200", "bfloat16") == 989e12
+    assert flops.peak_flops("NVIDIA H200 NVL", "bfloat16") == 835e12
     assert flops.peak_flops("TPU v5 lite", "bfloat16") == 197e12
     assert flops.peak_flops("cpu", "float32") is None
