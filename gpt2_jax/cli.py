@@ -1,15 +1,7 @@
-"""``gpt2-jax train | eval | generate | export | plot``: parses flags, calls the library.
+"""The ``gpt2-jax`` command: parses flags, calls one library function, prints.
 
-gpt2-jax train    --config=configs/NAME.py[:ARG] --workdir=DIR [--config.KEY=VALUE ...]
-gpt2-jax eval     --workdir=DIR [--config.KEY=VALUE ...]
-gpt2-jax eval     --config=configs/NAME.py --config.init_from=hf:PATH_OR_HUB_ID
-gpt2-jax generate --workdir=DIR | --init_from=hf:PATH_OR_HUB_ID --prompt=TEXT [...]
-gpt2-jax export   --workdir=DIR --out=HF_DIR
-gpt2-jax lm-eval  --workdir=DIR [--step=N|best] | --init_from=hf:PATH_OR_HUB_ID --tasks=T1,T2
-                  [--num_fewshot --limit --batch_size --include_path --output_path
-                   --log_samples --seed --gen_kwargs --model_args]
-gpt2-jax launch   --processes=N --devices_per_process=M [--port=P] -- train|eval|lm-eval ...
-gpt2-jax plot     WORKDIR [WORKDIR ...] [--out=FILE.png]   # default: WORKDIR/curves.png
+``USAGE`` and ``ABOUT`` are the help a user reads (``gpt2-jax --help``, ``gpt2-jax CMD
+--help``); this docstring is for readers of the code.
 """
 
 from __future__ import annotations
@@ -23,15 +15,52 @@ from gpt2_jax.errors import UserError
 
 COMMANDS = ("train", "eval", "generate", "export", "lm-eval", "plot", "launch")
 
+ABOUT = {
+    "": "Train, evaluate, sample and benchmark GPT-2 in JAX: the counterpart of Hugging "
+    "Face's run_clm.py, from one CPU to many GPU or TPU hosts.",
+    "train": "Train a GPT-2 from a config file, or resume the run already in --workdir; "
+    "checkpoints, metrics and the resolved config go to --workdir.",
+    "eval": "Loss and perplexity of a run's checkpoint (or of hf: weights) on the config's "
+    "eval splits, one JSON line per split.",
+    "generate": "Sample text from a run's checkpoint or from Hugging Face weights with the "
+    "KV-cache decoder; one prompt streams as it is made.",
+    "export": "Write a run's checkpoint as a Hugging Face GPT-2 directory (config.json, "
+    "model.safetensors, tokenizer files).",
+    "lm-eval": "Score a run's checkpoint or Hugging Face weights on EleutherAI "
+    "lm-evaluation-harness tasks (lambada_openai, hellaswag, wikitext, ...).",
+    "plot": "Draw one or more runs' training curves into one PNG.",
+    "launch": "Run one gpt2-jax command as N local processes on jax.distributed.",
+}
+
+USAGE = """\
+usage:
+  gpt2-jax train    --config=configs/NAME.py[:ARG] --workdir=DIR [--config.KEY=VALUE ...]
+  gpt2-jax eval     --workdir=DIR [--step=N|best] [--config.KEY=VALUE ...]
+  gpt2-jax eval     --config=configs/NAME.py --config.init_from=hf:PATH_OR_HUB_ID
+  gpt2-jax generate --workdir=DIR | --init_from=hf:PATH_OR_HUB_ID --prompt=TEXT [...]
+  gpt2-jax export   --workdir=DIR --out=HF_DIR [--overwrite]
+  gpt2-jax lm-eval  --workdir=DIR [--step=N|best] | --init_from=hf:PATH_OR_HUB_ID --tasks=T1,T2
+                    [--num_fewshot --limit --batch_size --include_path --output_path
+                     --log_samples --seed --gen_kwargs --model_args]
+  gpt2-jax launch   --processes=N --devices_per_process=M [--port=P] -- train|eval|lm-eval ...
+  gpt2-jax plot     WORKDIR [WORKDIR ...] [--out=FILE.png]
+  gpt2-jax COMMAND --help   for a command's flags
+"""
+
+
+def _help() -> str:
+    return f"{ABOUT['']}\n\n{USAGE}"
+
 
 class UsageError(UserError, ValueError):
     """A missing or contradictory command-line flag (reported as one line, exit code 2)."""
 
 
 def _parser(command: str) -> argparse.ArgumentParser:
+    lines = [line for line in USAGE.splitlines() if line.startswith(f"  gpt2-jax {command} ")]
     p = argparse.ArgumentParser(
         prog=f"gpt2-jax {command}",
-        description=__doc__,
+        description=ABOUT[command] + "\n\n" + "\n".join(x.strip() for x in lines),
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     if command == "plot":
@@ -449,10 +478,10 @@ def entry() -> int:
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv and argv[0] in ("-h", "--help", "help"):
-        print(__doc__)
+        print(_help())
         return 0
     if not argv or argv[0] not in COMMANDS:
-        print(__doc__, file=sys.stderr)
+        print(_help(), file=sys.stderr)
         what = f"unknown command {argv[0]!r}" if argv else "no command given"
         print(f"gpt2-jax: error: {what} (commands: {', '.join(COMMANDS)})", file=sys.stderr)
         return 2

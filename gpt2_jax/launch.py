@@ -50,7 +50,12 @@ def parse_args(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
     """``[--processes=N --devices_per_process=M --port=P] -- CMD ...`` -> (flags, CMD argv)."""
     p = _Parser(
         prog="gpt2-jax launch",
-        description=__doc__,
+        description=(
+            "Run one gpt2-jax command as N local processes on jax.distributed; each logs to "
+            "WORKDIR/logs/process_<i>.log, and when one fails the others are stopped.\n\n"
+            "gpt2-jax launch --processes=N --devices_per_process=M [--port=P] -- "
+            "train|eval|lm-eval ..."
+        ),
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument("--processes", type=int, default=2, help="local processes to start")
