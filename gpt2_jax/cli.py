@@ -150,19 +150,7 @@ def _load_config(args, overrides):
     """The config from --config, else the one saved in --workdir; overrides applied."""
     from gpt2_jax import config as config_lib
 
-    if args.config:
-        cfg = config_lib.load_config_file(args.config)
-    elif args.workdir and (Path(args.workdir) / "config.json").is_file():
-        cfg = config_lib.from_json((Path(args.workdir) / "config.json").read_text())
-    elif args.workdir:
-        raise config_lib.ConfigError(
-            f"--workdir={args.workdir} has no config.json (is it a gpt2-jax run directory?); "
-            f"pass --config=configs/NAME.py too"
-        )
-    else:
-        raise config_lib.ConfigError("give --config=configs/NAME.py or --workdir=DIR")
-    config_lib.apply_overrides(cfg, overrides)
-    return cfg
+    return config_lib.for_command(args.config, args.workdir, overrides)
 
 
 def _model_and_params(cfg, args, announce: bool = True):
@@ -230,25 +218,17 @@ def cmd_generate(args, overrides) -> int:
     except ValueError as e:
         raise UsageError(f"--{e}") from None
     prompts = _read_prompts(args)
-    if args.init_from and not args.config and not args.workdir:
-        cfg = config_lib.base_config()
-        cfg.lock()
-        config_lib.apply_overrides(cfg, overrides)
-    else:
-        cfg = _load_config(args, overrides)
-    if args.init_from:
-        with cfg.unlocked():
-            cfg.init_from = args.init_from
+    cfg = gen_lib.command_config(args.config, args.workdir, args.init_from, overrides)
     model_cfg, params, source = _model_and_params(cfg, args, announce=False)
     enc = tokenizer.get_tokenizer()
     prompt_ids = [enc.encode_ordinary(text) for text in prompts]
-    for flag, ids in zip(_prompt_flags(args, len(prompts)), prompt_ids, strict=True):
-        if len(ids) + args.max_new_tokens > model_cfg.n_positions:
-            raise UsageError(
-                f"{flag}: {len(ids)} prompt tokens + --max_new_tokens={args.max_new_tokens} "
-                f"> n_positions={model_cfg.n_positions}; shorten the prompt or lower "
-                f"--max_new_tokens"
-            )
+    try:  # the API's own check, each prompt named by its flag
+        gen_lib.check_request(
+            model_cfg, prompt_ids, args.max_new_tokens, args.temperature, args.top_k,
+            args.top_p, args.repetition_penalty, names=_prompt_flags(args, len(prompts)),
+        )  # fmt: skip
+    except ValueError as e:
+        raise UsageError(str(e)) from None
     print(f"loaded {source.describe()}", file=sys.stderr)  # after the checks: errors stay one line
     rows = [ids for ids in prompt_ids for _ in range(args.num_samples)]
     stop = tokenizer.EOT_ID if args.stop_at_eos else None

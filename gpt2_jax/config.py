@@ -150,6 +150,25 @@ def load_config_file(spec: str) -> ml_collections.ConfigDict:
     return cfg
 
 
+def for_command(config_path: str | None, workdir: str | None, overrides: dict):
+    """A command's config: ``--config`` if given, else the one saved in ``--workdir``;
+    ``--config.KEY=VALUE`` overrides applied."""
+    saved = Path(workdir) / "config.json" if workdir else None
+    if config_path:
+        cfg = load_config_file(config_path)
+    elif saved is not None and saved.is_file():
+        cfg = from_json(saved.read_text())
+    elif workdir:
+        raise ConfigError(
+            f"--workdir={workdir} has no config.json (is it a gpt2-jax run directory?); "
+            f"pass --config=configs/NAME.py too"
+        )
+    else:
+        raise ConfigError("give --config=configs/NAME.py or --workdir=DIR")
+    apply_overrides(cfg, overrides)
+    return cfg
+
+
 def from_json(text_or_dict) -> ml_collections.ConfigDict:
     """A saved config.json; keys added to ``base_config`` since it was written get defaults."""
     d = json.loads(text_or_dict) if isinstance(text_or_dict, str) else text_or_dict

@@ -285,23 +285,26 @@ def check_request(
     top_k: int,
     top_p: float,
     repetition_penalty: float = 1.0,
+    names: list[str] | None = None,
 ) -> None:
-    """Raises ValueError naming the argument for a request that cannot be decoded."""
+    """Raises ValueError naming the argument for a request that cannot be decoded;
+    ``names``: how to call each prompt (the CLI passes its flags), default ``prompt i``."""
     if not prompts:
         raise ValueError("no prompts given")
     check_sampling(max_new_tokens, temperature, top_k, top_p, repetition_penalty)
     for i, ids in enumerate(prompts):
+        name = names[i] if names else f"prompt {i}"
         if len(ids) == 0:
-            raise ValueError(f"prompt {i} is empty: give at least one token")
+            raise ValueError(f"{name} is empty: give at least one token")
         if len(ids) + max_new_tokens > cfg.n_positions:
             raise ValueError(
-                f"prompt {i} has {len(ids)} tokens: with max_new_tokens={max_new_tokens} "
+                f"{name} has {len(ids)} tokens: with max_new_tokens={max_new_tokens} "
                 f"that is {len(ids) + max_new_tokens} > n_positions={cfg.n_positions}; "
                 f"shorten the prompt or lower max_new_tokens"
             )
         bad = [t for t in ids if not 0 <= t < cfg.vocab_size]
         if bad:
-            raise ValueError(f"prompt {i} has token ids outside [0, {cfg.vocab_size}): {bad[:5]}")
+            raise ValueError(f"{name} has token ids outside [0, {cfg.vocab_size}): {bad[:5]}")
 
 
 def decode_params(cfg: model_lib.GPT2Config, params) -> dict:
@@ -464,3 +467,21 @@ def generate(
 def _fetch(state: State) -> tuple[np.ndarray, int, np.ndarray]:
     """(tokens [B, S], t, done [B]) on the host: one transfer, no eager jax op."""
     return np.asarray(state.tokens), int(state.t), np.asarray(state.done)
+
+
+def command_config(config_path: str | None, workdir: str | None, init_from: str, overrides):
+    """``gpt2-jax generate``'s config: ``--config`` or ``--workdir``'s saved one, or with
+    only ``--init_from=hf:...`` the defaults; ``init_from`` set (``weights.resolve`` then
+    reads the shape from those weights)."""
+    from gpt2_jax import config as config_lib
+
+    if init_from and not config_path and not workdir:
+        cfg = config_lib.base_config()
+        cfg.lock()
+        config_lib.apply_overrides(cfg, overrides)
+    else:
+        cfg = config_lib.for_command(config_path, workdir, overrides)
+    if init_from:
+        with cfg.unlocked():
+            cfg.init_from = init_from
+    return cfg
