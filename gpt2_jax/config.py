@@ -309,9 +309,10 @@ def model_config(cfg: ml_collections.ConfigDict) -> model_lib.GPT2Config:
     m = cfg.model
     fields = {}
     if m.size:
-        if m.size not in model_lib.SIZES:
-            raise ConfigError(f"model.size={m.size!r} is not one of {sorted(model_lib.SIZES)}")
-        fields.update(model_lib.SIZES[m.size])
+        try:
+            fields.update(model_lib.size_fields(m.size))
+        except ValueError as e:
+            raise ConfigError(str(e)) from None
     for name in ("n_layer", "n_head", "n_embd"):
         if m[name]:
             fields[name] = m[name]

@@ -28,6 +28,13 @@ SIZES = {
     "gpt2-xl": dict(n_layer=48, n_head=25, n_embd=1600),
 }
 
+def size_fields(size: str) -> dict[str, int]:
+    """(n_layer, n_head, n_embd) of a named size; the one lookup (config.py asks it too)."""
+    if size not in SIZES:
+        raise ValueError(f"model.size={size!r} is not one of {sorted(SIZES)}")
+    return dict(SIZES[size])
+
+
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 
 
@@ -54,9 +61,7 @@ class GPT2Config:
 
     @classmethod
     def from_size(cls, size: str, **overrides: Any) -> GPT2Config:
-        if size not in SIZES:
-            raise ValueError(f"model.size={size!r} is not one of {sorted(SIZES)}")
-        return cls(**{**SIZES[size], **overrides})
+        return cls(**{**size_fields(size), **overrides})
 
     @property
     def inner_dim(self) -> int:
