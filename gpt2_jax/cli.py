@@ -11,6 +11,7 @@ import json
 import sys
 from pathlib import Path
 
+from gpt2_jax import workdir as wd
 from gpt2_jax.errors import UserError
 
 COMMANDS = ("train", "eval", "generate", "export", "lm-eval", "plot", "launch")
@@ -170,7 +171,7 @@ def cmd_train(args, overrides) -> int:
 
     if not args.workdir:
         raise UsageError("--workdir=DIR is required")
-    if not args.config and not (Path(args.workdir) / "config.json").is_file():
+    if not args.config and not (Path(args.workdir) / wd.CONFIG).is_file():
         raise UsageError("--config=configs/NAME.py is required for a new workdir")
     cfg = _load_config(args, overrides)
     try:

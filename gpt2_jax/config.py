@@ -16,6 +16,7 @@ from pathlib import Path
 import ml_collections
 
 from gpt2_jax import model as model_lib
+from gpt2_jax import workdir as wd
 from gpt2_jax.errors import ConfigError  # defined there for the modules below; used here
 
 # ---------------------------------------------------------------------------- defaults
@@ -153,7 +154,7 @@ def load_config_file(spec: str) -> ml_collections.ConfigDict:
 def for_command(config_path: str | None, workdir: str | None, overrides: dict):
     """A command's config: ``--config`` if given, else the one saved in ``--workdir``;
     ``--config.KEY=VALUE`` overrides applied."""
-    saved = Path(workdir) / "config.json" if workdir else None
+    saved = Path(workdir) / wd.CONFIG if workdir else None
     if config_path:
         cfg = load_config_file(config_path)
     elif saved is not None and saved.is_file():

@@ -66,6 +66,7 @@ from gpt2_jax import evaluate, sharding
 from gpt2_jax import generate as gen_lib
 from gpt2_jax import model as model_lib
 from gpt2_jax import tokenizer as tok_lib
+from gpt2_jax import workdir as wd
 from gpt2_jax.errors import UserError
 
 MIN_BUCKET = 16  # shortest trunk bucket: short requests share one executable
@@ -570,7 +571,7 @@ def _weights_config(workdir, init_from: str, dtype: str | None):
     from gpt2_jax import config as config_lib
 
     if workdir:
-        saved = Path(workdir) / "config.json"
+        saved = Path(workdir) / wd.CONFIG
         if not saved.is_file():
             raise config_lib.ConfigError(
                 f"--workdir={workdir} has no config.json (is it a gpt2-jax run directory?)"
@@ -792,7 +793,7 @@ def results_path(output_path: str, source, workdir) -> Path | None:
         out = Path(output_path)
         return out if out.suffix == ".json" else out / name
     if workdir:
-        return Path(workdir) / "lm_eval" / name
+        return Path(workdir) / wd.LM_EVAL / name
     return None
 
 
@@ -904,5 +905,6 @@ class TrainingHook:
             self.lm, self.tasks, self.manager, num_fewshot=self.num_fewshot, limit=self.limit
         )
         if jax.process_index() == 0:
-            write_results(results, self.workdir / "lm_eval" / f"step_{step}.json", merge=True)
+            path = self.workdir / wd.LM_EVAL / f"step_{step}.json"
+            write_results(results, path, merge=True)
         return scalars(results)

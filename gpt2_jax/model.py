@@ -28,6 +28,7 @@ SIZES = {
     "gpt2-xl": dict(n_layer=48, n_head=25, n_embd=1600),
 }
 
+
 def size_fields(size: str) -> dict[str, int]:
     """(n_layer, n_head, n_embd) of a named size; the one lookup (config.py asks it too)."""
     if size not in SIZES:

@@ -16,6 +16,7 @@ import numpy as np
 
 from gpt2_jax import config as config_lib
 from gpt2_jax import flops
+from gpt2_jax import workdir as wd
 from gpt2_jax.errors import UserError, signal_exit_code
 
 
@@ -29,7 +30,7 @@ class MetricLogger:
     def __init__(self, workdir: Path, resume_step: int | None, progress, make_trackers):
         self.enabled = jax.process_index() == 0
         self.progress = progress
-        self.path = workdir / "metrics.jsonl"
+        self.path = workdir / wd.METRICS
         self.trackers = []
         if not self.enabled:
             return
@@ -211,7 +212,7 @@ def write_config(cfg, workdir: Path) -> None:
     """Records the resolved config; a changed config on resume is reported, not hidden."""
     if jax.process_index() != 0:
         return
-    path = workdir / "config.json"
+    path = workdir / wd.CONFIG
     new = config_lib.to_dict(cfg)
     if path.exists():
         try:

@@ -16,9 +16,10 @@ from pathlib import Path
 
 import numpy as np
 
+from gpt2_jax import workdir as wd
 from gpt2_jax.errors import UserError
 
-METRICS_FILE = "metrics.jsonl"
+METRICS_FILE = wd.METRICS
 DEFAULT_NAME = "curves.png"
 
 

@@ -16,10 +16,11 @@ from __future__ import annotations
 import uuid
 from pathlib import Path
 
+from gpt2_jax import workdir as wd
 from gpt2_jax.errors import UserError
 
 TRACKERS = ("tensorboard", "wandb", "none")
-WANDB_RUN_ID = "wandb_run_id"  # the workdir file that makes a resume continue the W&B run
+WANDB_RUN_ID = wd.WANDB_RUN_ID  # the workdir file that makes a resume continue the W&B run
 
 
 class TrackerError(UserError, ValueError):
@@ -51,7 +52,7 @@ class TensorBoard:
     def __init__(self, workdir: Path):
         from tensorboardX import SummaryWriter
 
-        self.logdir = Path(workdir) / "tensorboard"
+        self.logdir = Path(workdir) / wd.TENSORBOARD
         self.writer = SummaryWriter(str(self.logdir))
 
     def log(self, step: int, scalars: dict[str, float]) -> None:

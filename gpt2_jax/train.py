@@ -37,6 +37,7 @@ from gpt2_jax import data as data_lib
 from gpt2_jax import model as model_lib
 from gpt2_jax import optim, preflight, sharding, summary, trackers, weights
 from gpt2_jax import plan as plan_lib
+from gpt2_jax import workdir as wd
 from gpt2_jax.evaluate import evaluate_splits  # noqa: F401  (train_lib.evaluate_splits)
 from gpt2_jax.monitor import (
     Interrupts,
@@ -271,7 +272,7 @@ def _prepare_workdir(cfg, workdir: Path, source: weights.Source) -> list[str]:
         if cfg.train.fresh:
             done += [f"train.fresh: moved {p.name} aside" for p in weights.start_fresh(workdir)]
         if source.kind == "checkpoint":
-            moved = weights.supersede_after(workdir / "checkpoints", source.step)
+            moved = weights.supersede_after(workdir / wd.CHECKPOINTS, source.step)
             done += [f"train.resume_step={source.step}: moved {p} aside" for p in moved]
     if jax.process_count() > 1:
         from jax.experimental import multihost_utils
@@ -325,7 +326,7 @@ class _Run:
         self.run_start = time.perf_counter()
         moved = _prepare_workdir(cfg, workdir, source)
         self.ckpt = ckpt_lib.Checkpointer(
-            workdir / "checkpoints",
+            workdir / wd.CHECKPOINTS,
             max_to_keep=cfg.train.keep_checkpoints,
             keep_best=cfg.train.keep_best,
         )
@@ -517,10 +518,10 @@ class _Run:
         self.ckpt.wait()
         paths = {
             "checkpoints": self.ckpt.directory / str(self.ckpt.latest_step()),
-            "metrics": self.workdir / "metrics.jsonl",
-            "tensorboard": self.workdir / "tensorboard",
-            "config": self.workdir / "config.json",
-            **({"lm_eval": self.workdir / "lm_eval"} if self.harness_hook else {}),
+            "metrics": self.workdir / wd.METRICS,
+            "tensorboard": self.workdir / wd.TENSORBOARD,
+            "config": self.workdir / wd.CONFIG,
+            **({"lm_eval": self.workdir / wd.LM_EVAL} if self.harness_hook else {}),
         }
         text = summary.end_summary(
             self.evals,

@@ -30,6 +30,7 @@ import numpy as np
 from gpt2_jax import checkpoint as ckpt_lib
 from gpt2_jax import config as config_lib
 from gpt2_jax import model as model_lib
+from gpt2_jax import workdir as wd
 
 # ``dropout`` is one config key for the three *_pdrop fields.
 _CONFIG_KEY = {"resid_pdrop": "dropout", "embd_pdrop": "dropout", "attn_pdrop": "dropout"}
@@ -210,7 +211,7 @@ def resolve(cfg, workdir: str | Path | None, step=None, *, training: bool = Fals
     silently evaluate / export / sample the starting point instead of the trained model.
     """
     flag = "--config.train.resume_step" if training else "--step"
-    ckpt_dir = Path(workdir).absolute() / "checkpoints" if workdir else None
+    ckpt_dir = Path(workdir).absolute() / wd.CHECKPOINTS if workdir else None
     fresh = training and cfg.train.fresh
     steps = _saved_steps(ckpt_dir) if ckpt_dir is not None and not fresh else []
     if steps:
@@ -358,7 +359,7 @@ def start_fresh(workdir: Path) -> list[Path]:
     (``*.old-<time>``): a fresh start is a new W&B run too."""
     stamp = _stamp()
     moved = []
-    for name in ("checkpoints", "metrics.jsonl", "tensorboard", "wandb_run_id"):
+    for name in wd.MOVED_ON_FRESH:
         path = workdir / name
         if path.exists():
             moved.append(_move(path, workdir / f"{name}.old-{stamp}"))
