@@ -155,15 +155,20 @@ def _load_config(args, overrides):
 
 
 def _model_and_params(cfg, args, announce: bool = True):
-    """(model config, params, source) from the one resolver (weights.py); says where from
-    on stderr unless ``announce=False`` (the caller then says it after its own checks)."""
+    """(model config, params, source) of the command's plan (``plan.weights_only``: the one
+    resolver, weights.py); says where from on stderr unless ``announce=False`` (the caller
+    then says it after its own checks)."""
+    import jax
+
+    from gpt2_jax import plan as plan_lib
     from gpt2_jax import weights
 
     workdir = None if getattr(args, "init_from", "") else args.workdir
-    model_cfg, params, source = weights.load_params(cfg, workdir, args.step)  # shape -> cfg
+    plan = plan_lib.weights_only(cfg, workdir, args.step, jax.device_count())
+    params = weights.params_of(plan.source)
     if announce:
-        print(f"loaded {source.describe()}", file=sys.stderr)
-    return model_cfg, params, source
+        print(f"loaded {plan.source.describe()}", file=sys.stderr)
+    return plan.model, params, plan.source
 
 
 def cmd_train(args, overrides) -> int:

@@ -551,10 +551,12 @@ def load_weights(
 ) -> tuple[model_lib.GPT2Config, dict, Any]:
     """(model config, params, weights.Source) of a workdir's checkpoint or of ``hf:``
     weights, through the one resolver every command uses (weights.py)."""
+    from gpt2_jax import plan as plan_lib
     from gpt2_jax import weights
 
     cfg = _weights_config(workdir, init_from, dtype)
-    return weights.load_params(cfg, workdir or None, step)
+    plan = plan_lib.weights_only(cfg, workdir or None, step, jax.device_count())
+    return plan.model, weights.params_of(plan.source), plan.source
 
 
 def check_weights(workdir=None, step=None, init_from: str = "", dtype: str | None = None):

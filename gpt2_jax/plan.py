@@ -78,15 +78,17 @@ def with_data(plan: Plan, cfg, steps_per_epoch: int) -> Plan:
 
 def weights_only(cfg, workdir, step, num_devices: int, *, validate: bool = False) -> Plan:
     """The plan of eval / generate / export / lm-eval: real weights (a workdir's
-    checkpoint or ``hf:``), no training; ``validate`` checks the whole config (eval)."""
+    checkpoint or ``hf:``), no training. ``validate`` (eval) checks the whole config and
+    the eval batch; without it the mesh and batches are not the command's concern (0)."""
     source = weights.resolve(cfg, workdir, step)
-    if validate:
-        config_lib.validate(cfg, num_devices)
-    micro = cfg.train.batch_size // max(cfg.optim.accumulation_steps, 1)
+    if not validate:
+        return Plan(model=source.model_cfg, source=source, mesh_shape=(num_devices, 1),
+                    micro_batch=0, eval_batch=0)  # fmt: skip
+    config_lib.validate(cfg, num_devices)
     return Plan(
         model=source.model_cfg,
         source=source,
         mesh_shape=sharding.mesh_shape(cfg.mesh, num_devices),
-        micro_batch=micro,
+        micro_batch=cfg.train.batch_size // cfg.optim.accumulation_steps,
         eval_batch=eval_batch(cfg, num_devices),
     )
