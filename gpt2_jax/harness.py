@@ -883,8 +883,9 @@ class TrainingHook:
         self.workdir = Path(workdir)
         self.manager = task_manager(e.harness_include_path, flag="eval.harness_include_path")
         self.tasks = check_tasks(e.harness_tasks, self.manager, flag="eval.harness_tasks")
-        micro = cfg.train.batch_size // cfg.optim.accumulation_steps
-        self.batch_size = e.batch_size or micro
+        from gpt2_jax import plan as plan_lib
+
+        self.batch_size = plan_lib.eval_batch(cfg, jax.device_count())
         self.limit = e.harness_limit or None
         self.num_fewshot = None if e.harness_num_fewshot < 0 else e.harness_num_fewshot
         self.seed = cfg.train.seed

@@ -13,7 +13,6 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
-from typing import Any
 
 import flax.linen as nn
 import jax
@@ -30,7 +29,8 @@ SIZES = {
 
 
 def size_fields(size: str) -> dict[str, int]:
-    """(n_layer, n_head, n_embd) of a named size; the one lookup (config.py asks it too)."""
+    """(n_layer, n_head, n_embd) of a named size, e.g. ``GPT2Config(**size_fields("gpt2"))``;
+    the one lookup (``model.size`` in a config asks it too)."""
     if size not in SIZES:
         raise ValueError(f"model.size={size!r} is not one of {sorted(SIZES)}")
     return dict(SIZES[size])
@@ -59,10 +59,6 @@ class GPT2Config:
     param_dtype: str = "float32"  # parameter (and optimizer state) dtype
     scan_layers: bool = False  # True: one block compiled and scanned over layers, params under "h"
     remat: bool = False  # recompute block activations in the backward pass (saves memory)
-
-    @classmethod
-    def from_size(cls, size: str, **overrides: Any) -> GPT2Config:
-        return cls(**{**size_fields(size), **overrides})
 
     @property
     def inner_dim(self) -> int:

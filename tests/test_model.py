@@ -135,7 +135,7 @@ def test_named_sizes_param_counts():
         "gpt2-xl": 1_557_611_200,
     }
     for size, n in expected.items():
-        cfg = m.GPT2Config.from_size(size)
+        cfg = m.GPT2Config(**m.size_fields(size))
         shapes = jax.eval_shape(functools.partial(m.init_params, cfg), jax.random.PRNGKey(0))
         assert m.count_params(shapes) == n, size
 
@@ -144,7 +144,7 @@ def test_config_validation_names_field():
     with pytest.raises(ValueError, match="n_embd=50 is not divisible by model.n_head=3"):
         m.GPT2Config(n_embd=50, n_head=3).validate()
     with pytest.raises(ValueError, match="model.size"):
-        m.GPT2Config.from_size("gpt5")
+        m.size_fields("gpt5")
 
 
 def test_padded_training_head_equals_plain_logits_loss(params):

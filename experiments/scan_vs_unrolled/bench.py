@@ -57,7 +57,7 @@ def main():
         "machine": f"{platform.machine()}, {jax.device_count()} CPU device(s)",
     }
     for scan in (True, False):
-        cfg = model_lib.GPT2Config.from_size(a.size, scan_layers=scan)
+        cfg = model_lib.GPT2Config(**model_lib.size_fields(a.size), scan_layers=scan)
         compile_s, step = bench(cfg, a.batch, a.seq, a.steps)
         key = "scan" if scan else "unrolled"
         out[key] = {"compile_s": round(compile_s, 2), "step_s": round(step, 3)}
