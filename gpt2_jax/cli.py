@@ -384,6 +384,10 @@ def cmd_lm_eval(args, overrides) -> int:
     cfg = config_lib.base_config()
     cfg.lock()
     config_lib.apply_overrides(cfg, overrides)
+    import multiprocessing
+
+    # lm-eval's bootstrap pool, from a fresh server process: never a fork of XLA's threads.
+    multiprocessing.set_start_method("forkserver", force=True)
     sharding.maybe_initialize_distributed(cfg.distributed)  # under launch, or a cluster
     results, path, written = harness.evaluate_command(
         tasks=args.tasks,

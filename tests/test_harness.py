@@ -189,8 +189,16 @@ def test_compiles_are_bounded_by_the_buckets_used(ours):
     lm, _ = ours
     s = lm.stats
     assert s.compiles == len(s.trunk_buckets) + len(s.head_buckets), s
-    assert s.trunk_buckets <= {16, 32, 64, 80}, s  # powers of two, capped at n_positions
-    assert s.batches > s.compiles  # executables were reused
+    lengths = {T for _, T in s.trunk_buckets}
+    assert lengths <= {16, 24, 32, 48, 64, 80}, s  # 2^k and 3 * 2^(k-1), capped at 80
+    assert {B for B, _ in s.trunk_buckets} <= {1, 2, 4, 8}, s  # batch 8, or a tail's pow2
+
+
+def test_length_buckets():
+    got = {n: harness.length_bucket(n) for n in (1, 16, 17, 24, 25, 33, 48, 49, 65, 97, 1000)}
+    assert got == {1: 16, 16: 16, 17: 24, 24: 24, 25: 32, 33: 48, 48: 48, 49: 64, 65: 96,
+                   97: 128, 1000: 1024}  # fmt: skip
+    assert all(harness.length_bucket(n) < 1.5 * n for n in range(16, 1025))  # pow2 alone: 2x
 
 
 def test_same_buckets_compile_nothing_new(setup):
@@ -206,10 +214,10 @@ def test_same_buckets_compile_nothing_new(setup):
         return out
 
     first = lm.score(rows([5, 9, 17, 30, 33, 60, 79]))
-    assert lm.stats.trunk_buckets == {16, 32, 64, 80}
+    assert {T for _, T in lm.stats.trunk_buckets} == {16, 24, 32, 48, 64, 80}
     compiles = lm.stats.compiles
     assert compiles == len(lm.stats.trunk_buckets) + len(lm.stats.head_buckets)
-    lm.score(rows([3, 12, 20, 31, 40, 63, 70, 80]))  # new lengths, the same buckets
+    lm.score(rows([3, 12, 20, 31, 40, 63, 71]))  # new lengths, the same buckets and rows
     assert lm.stats.compiles == compiles
     assert all(lp < 0 for lp, _ in first)
 
