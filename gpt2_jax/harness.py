@@ -204,7 +204,8 @@ class GPT2JaxLM(TemplateLM):
             raise HarnessError(f"batch_size={batch_size}: must be >= 1")
         if max_gen_toks < 1:  # (and < n_positions: checked per request, as lm-eval's hf)
             raise HarnessError(f"max_gen_toks={max_gen_toks}: must be >= 1")
-        self.cfg = cfg
+        # The params are kept unrolled (h_<i>, see set_params): the trunk runs that layout.
+        self.cfg = dataclasses.replace(cfg, scan_layers=False)
         self.description = description
         self.source = None  # the weights.Source, when built from a workdir or hf weights
         self.enc = tok_lib.get_tokenizer()

@@ -222,6 +222,15 @@ def test_same_buckets_compile_nothing_new(setup):
     assert all(lp < 0 for lp, _ in first)
 
 
+def test_scanned_layers_score_as_unrolled(setup, ours):
+    """A model trained with model.scan_layers=True (params stacked under h): the same."""
+    cfg, params = hf.load_pretrained(setup["model"], scan_layers=True)
+    assert cfg.scan_layers and "h" in params
+    lm = harness.GPT2JaxLM(cfg, params, batch_size=8, progress=False)
+    res = harness.run(lm, ["tiny_mc"], setup["manager"], log_samples=True)
+    assert_same_samples(res["samples"]["tiny_mc"], ours[1]["samples"]["tiny_mc"], rtol=1e-6)
+
+
 def test_head_holds_only_a_chunk_of_logits():
     """The head's temporaries grow with HEAD_ROWS, not with batch x positions x vocab."""
     B, T, C, E, V = 4, 64, 64, 16, 50257
