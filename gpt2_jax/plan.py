@@ -59,13 +59,18 @@ def training(cfg, workdir, num_devices: int) -> Plan:
             f"resume: {c} (this run's value, recorded in config.json)"
             for c in weights.runtime_changes(source.saved_cfg, checked)
         ]
+    return _validated_plan(cfg, source, num_devices, tuple(notes))
+
+
+def _validated_plan(cfg, source, num_devices: int, notes: tuple[str, ...] = ()) -> Plan:
+    """The plan of a validated config: mesh and batch sizes from it."""
     return Plan(
         model=source.model_cfg,
         source=source,
         mesh_shape=sharding.mesh_shape(cfg.mesh, num_devices),
         micro_batch=cfg.train.batch_size // cfg.optim.accumulation_steps,
         eval_batch=eval_batch(cfg, num_devices),
-        notes=tuple(notes),
+        notes=notes,
     )
 
 
@@ -85,10 +90,4 @@ def weights_only(cfg, workdir, step, num_devices: int, *, validate: bool = False
         return Plan(model=source.model_cfg, source=source, mesh_shape=(num_devices, 1),
                     micro_batch=0, eval_batch=0)  # fmt: skip
     config_lib.validate(cfg, num_devices)
-    return Plan(
-        model=source.model_cfg,
-        source=source,
-        mesh_shape=sharding.mesh_shape(cfg.mesh, num_devices),
-        micro_batch=cfg.train.batch_size // cfg.optim.accumulation_steps,
-        eval_batch=eval_batch(cfg, num_devices),
-    )
+    return _validated_plan(cfg, source, num_devices)

@@ -215,11 +215,11 @@ def train(cfg: ml_collections.ConfigDict, workdir: str | Path) -> dict:
             print(note, file=sys.stderr)
     splits = data_lib.load_splits(cfg.data, ("train", *cfg.eval.splits))
     # ("train" may be an eval split too)
-    data = _Data(splits["train"], {name: splits[name] for name in cfg.eval.splits})
-    data = dataclasses.replace(data, loader=data_lib.BatchLoader(
-        len(data.train), cfg.train.batch_size, cfg.train.seed, jax.process_index(),
+    loader = data_lib.BatchLoader(
+        len(splits["train"]), cfg.train.batch_size, cfg.train.seed, jax.process_index(),
         jax.process_count(),
-    ))  # fmt: skip
+    )  # fmt: skip
+    data = _Data(splits["train"], {name: splits[name] for name in cfg.eval.splits}, loader)
     plan = plan_lib.with_data(plan, cfg, data.loader.steps_per_epoch)
     # A bad HF checkpoint fails here, before the workdir is touched.
     source = plan.source
@@ -242,7 +242,7 @@ def train(cfg: ml_collections.ConfigDict, workdir: str | Path) -> dict:
 class _Data:
     train: Any  # data.Blocks of the train split
     evals: dict  # split name -> data.Blocks
-    loader: Any = None  # data.BatchLoader
+    loader: Any  # data.BatchLoader
 
 
 def _harness_hook(cfg, model_cfg, workdir: Path):
