@@ -150,9 +150,10 @@ def _cudnn_attention(qkv: jax.Array, nh: int, implementation: str = "cudnn") -> 
     return y.reshape(B, T, C3 // 3)
 
 
-def _xla_attention(qkv: jax.Array, nh: int, dropout=None) -> jax.Array:
+def _xla_attention(qkv: jax.Array, nh: int, dropout=None, mask=None) -> jax.Array:
     """Causal attention of ``qkv`` [B, T, 3C] -> [B, T, C] as plain einsums (fp32 scores
-    and softmax whatever the compute dtype); ``dropout``: applied to the probabilities."""
+    and softmax whatever the compute dtype); ``dropout``: applied to the probabilities;
+    ``mask``: [B, 1, T, T] bool, where a query may also attend (``segment_mask``)."""
     B, T, C3 = qkv.shape
     C = C3 // 3
     hs = C // nh
@@ -164,6 +165,8 @@ def _xla_attention(qkv: jax.Array, nh: int, dropout=None) -> jax.Array:
     att = jnp.einsum("bnth,bnsh->bnts", q, k, preferred_element_type=jnp.float32)
     att = att / math.sqrt(hs)
     causal = jnp.tril(jnp.ones((T, T), dtype=bool))
+    if mask is not None:
+        causal = causal & mask
     att = jnp.where(causal, att, jnp.finfo(jnp.float32).min)
     att = jax.nn.softmax(att, axis=-1).astype(v.dtype)  # (B, nh, T, T)
     if dropout is not None:
@@ -172,11 +175,42 @@ def _xla_attention(qkv: jax.Array, nh: int, dropout=None) -> jax.Array:
     return y.transpose(0, 2, 1, 3).reshape(B, T, C)
 
 
+QUERY_BLOCK = 128  # queries per block of the inference attention (_blocked_attention)
+
+
+def _blocked_attention(qkv: jax.Array, nh: int, mask=None, block: int = QUERY_BLOCK) -> jax.Array:
+    """``_xla_attention`` without dropout, as inference runs it: the queries a block at a
+    time, each against only the keys up to its block's end (the causal upper triangle is
+    never formed), the softmax normalized after the value matmul ([t, hs], not [t, s]).
+    On the 2-core CPU: 2.2x faster at 16 x 1024, 1.4x at 16 x 128, equal to 1e-6
+    (experiments/harness)."""
+    B, T, C3 = qkv.shape
+    C = C3 // 3
+    hs = C // nh
+    q, k, v = qkv.reshape(B, T, 3, nh, hs).transpose(2, 0, 3, 1, 4)  # (B, nh, T, hs)
+    q = q / jnp.asarray(math.sqrt(hs), q.dtype)
+    out = []
+    for s in range(0, T, block):
+        e = min(s + block, T)
+        att = jnp.einsum("bnth,bnsh->bnts", q[:, :, s:e], k[:, :, :e],
+                         preferred_element_type=jnp.float32)  # fmt: skip
+        keep = jnp.arange(s, e)[:, None] >= jnp.arange(e)[None, :]
+        if mask is not None:
+            keep = keep & mask[:, :, s:e, :e]
+        att = jnp.where(keep, att, jnp.finfo(jnp.float32).min)
+        p = jnp.exp(att - jnp.max(att, axis=-1, keepdims=True))
+        y = jnp.einsum("bnts,bnsh->bnth", p.astype(v.dtype), v[:, :, :e],
+                       preferred_element_type=jnp.float32)  # fmt: skip
+        out.append((y / jnp.sum(p, axis=-1, keepdims=True)).astype(v.dtype))
+    y = jnp.concatenate(out, axis=2) if len(out) > 1 else out[0]
+    return y.transpose(0, 2, 1, 3).reshape(B, T, C)
+
+
 class Attention(nn.Module):
     cfg: GPT2Config
 
     @nn.compact
-    def __call__(self, x: jax.Array, deterministic: bool) -> jax.Array:
+    def __call__(self, x: jax.Array, deterministic: bool, mask=None) -> jax.Array:
         cfg = self.cfg
         C = x.shape[-1]
         # Residual projections scaled by 1/sqrt(2 * n_layer), as in GPT-2 and HF's init.
@@ -184,10 +218,14 @@ class Attention(nn.Module):
 
         qkv = _dense(cfg, 3 * C, "c_attn", cfg.initializer_range)(x)  # (B, T, 3C)
         no_dropout = deterministic or cfg.attn_pdrop == 0.0
-        y = _cudnn_attention(qkv, cfg.n_head) if no_dropout and _use_cudnn(cfg) else None
+        fused = no_dropout and mask is None and _use_cudnn(cfg)
+        y = _cudnn_attention(qkv, cfg.n_head) if fused else None
+        if y is None and deterministic:
+            y = _blocked_attention(qkv, cfg.n_head, mask)
         if y is None:
             drop = nn.Dropout(cfg.attn_pdrop)
-            y = _xla_attention(qkv, cfg.n_head, lambda a: drop(a, deterministic=deterministic))
+            dropout = lambda a: drop(a, deterministic=deterministic)  # noqa: E731
+            y = _xla_attention(qkv, cfg.n_head, dropout, mask)
         y = _dense(cfg, C, "c_proj", proj_std)(y)
         return nn.Dropout(cfg.resid_pdrop)(y, deterministic=deterministic)
 
@@ -210,10 +248,16 @@ class Block(nn.Module):
     scanned: bool = False  # nn.scan wants a (carry, out) pair back
 
     @nn.compact
-    def __call__(self, x: jax.Array, deterministic: bool):
-        x = x + Attention(self.cfg, name="attn")(_layer_norm(self.cfg, "ln_1")(x), deterministic)
+    def __call__(self, x: jax.Array, deterministic: bool, mask=None):
+        h = _layer_norm(self.cfg, "ln_1")(x)
+        x = x + Attention(self.cfg, name="attn")(h, deterministic, mask)
         x = x + MLP(self.cfg, name="mlp")(_layer_norm(self.cfg, "ln_2")(x), deterministic)
         return (x, None) if self.scanned else x
+
+
+def segment_mask(segment_ids: jax.Array) -> jax.Array:
+    """[B, T] segment ids -> [B, 1, T, T] bool: query t may see key s of the same segment."""
+    return (segment_ids[:, :, None] == segment_ids[:, None, :])[:, None]
 
 
 class GPT2(nn.Module):
@@ -221,13 +265,22 @@ class GPT2(nn.Module):
 
     ``__call__(input_ids [B, T] int) -> logits [B, T, vocab_size] float32``.
     Dropout runs only with ``deterministic=False`` and a ``"dropout"`` rng.
+    Packed rows (several sequences in one row, as the harness scores them):
+    ``positions`` [B, T] int, each token's position in its own sequence (default
+    ``arange(T)``), and ``segment_ids`` [B, T] int, which sequence each token belongs to: a
+    token attends only to earlier tokens of its own segment.
     """
 
     cfg: GPT2Config
 
     @nn.compact
     def __call__(
-        self, input_ids: jax.Array, deterministic: bool = True, return_hidden: bool = False
+        self,
+        input_ids: jax.Array,
+        deterministic: bool = True,
+        return_hidden: bool = False,
+        positions: jax.Array | None = None,
+        segment_ids: jax.Array | None = None,
     ) -> jax.Array:
         cfg = self.cfg
         dtype, param_dtype = DTYPES[cfg.dtype], DTYPES[cfg.param_dtype]
@@ -252,7 +305,8 @@ class GPT2(nn.Module):
             embedding_init=init,
             name="wpe",
         )
-        x = wte(input_ids) + wpe(jnp.arange(T)[None, :])  # (B, T, C)
+        x = wte(input_ids) + wpe(jnp.arange(T)[None, :] if positions is None else positions)
+        mask = None if segment_ids is None else segment_mask(segment_ids)
         x = nn.Dropout(cfg.embd_pdrop)(x, deterministic=deterministic)
 
         block = nn.remat(Block, static_argnums=(2,)) if cfg.remat else Block
@@ -261,12 +315,12 @@ class GPT2(nn.Module):
                 block,
                 variable_axes={"params": 0},
                 split_rngs={"params": True, "dropout": True},
-                in_axes=(nn.broadcast,),
+                in_axes=(nn.broadcast, nn.broadcast),
                 length=cfg.n_layer,
-            )(cfg, scanned=True, name="h")(x, deterministic)
+            )(cfg, scanned=True, name="h")(x, deterministic, mask)
         else:
             for i in range(cfg.n_layer):
-                x = block(cfg, name=f"h_{i}")(x, deterministic)
+                x = block(cfg, name=f"h_{i}")(x, deterministic, mask)
 
         x = _layer_norm(cfg, "ln_f")(x)  # (B, T, C)
         if return_hidden:

@@ -182,6 +182,44 @@ def test_rolling_documents_are_longer_than_the_context(ours, setup):
     assert max(len(enc.encode_ordinary(t)) for t in lambada) > SHAPE["n_positions"] + 1
 
 
+# ---------------------------------------------------------------------- task index
+
+
+def test_task_index_cache_rebuilds_when_a_yaml_changes(tmp_path, monkeypatch):
+    import os
+
+    from lm_eval.tasks._index import TaskIndex
+
+    monkeypatch.setenv("GPT2_JAX_CACHE", str(tmp_path / "cache"))
+    own = tmp_path / "tasks"
+    shutil.copytree(TASK_DIR, own)
+    calls = []
+
+    def build(paths, resolve_includes=True):
+        calls.append(list(paths))
+        return TaskIndex.build(paths, resolve_includes=resolve_includes)
+
+    first = harness._load_or_build(own, build)
+    assert calls == [[own]] and set(TASKS) - {"tiny_greedy"} <= set(first)
+    assert len(list((tmp_path / "cache").glob("lm_eval_tasks_*.pkl"))) == 1
+    assert harness._load_or_build(own, build) == first and len(calls) == 1  # from the cache
+    y = own / "tiny_mc.yaml"
+    os.utime(y, ns=(y.stat().st_atime_ns, y.stat().st_mtime_ns + 10**9))
+    assert harness._load_or_build(own, build) == first and len(calls) == 2  # rebuilt
+
+
+def test_cached_task_manager_is_lm_evals(setup):
+    from lm_eval.tasks import TaskManager, _index
+
+    before = _index.TaskIndex.__dict__["build"]
+    harness.task_manager(str(setup["tasks"]))  # builds the cache (if no test did yet)
+    ours = harness.task_manager(str(setup["tasks"]))  # reads it
+    theirs = TaskManager(include_path=[str(setup["tasks"])])
+    assert ours.task_index == theirs.task_index
+    assert ours.all_tasks == theirs.all_tasks and "lambada_openai" in ours.all_tasks
+    assert _index.TaskIndex.__dict__["build"] is before  # lm-eval's own build, restored
+
+
 # ---------------------------------------------------------------------- compiles
 
 
@@ -201,6 +239,20 @@ def test_length_buckets():
     assert all(harness.length_bucket(n) < 1.5 * n for n in range(16, 1025))  # pow2 alone: 2x
 
 
+def test_pack_fills_rows_best_fit_decreasing():
+    rng = np.random.default_rng(0)
+    lengths = rng.integers(1, 120, 500).tolist() + [100, 100, 300]
+    bins = harness.pack(lengths, 100)
+    assert sorted(i for b in bins for i in b) == list(range(len(lengths)))  # each once
+    fill = [sum(lengths[i] for i in b) for b in bins]
+    assert all(f <= 100 or len(b) == 1 for b, f in zip(bins, fill, strict=True))
+    assert all(len(b) == 1 for b in bins if lengths[b[0]] >= 100)  # long ones: alone
+    short = sum(n for n in lengths if n < 100)
+    assert sum(1 for b in bins if lengths[b[0]] < 100) <= 1.05 * short / 100 + 1  # ~full
+    assert harness.pack(lengths, 100) == bins  # deterministic
+    assert harness.pack([30, 50, 20, 40], 100) == [[1, 3], [0, 2]]
+
+
 def test_same_buckets_compile_nothing_new(setup):
     cfg, params = hf.load_pretrained(setup["model"])
     lm = harness.GPT2JaxLM(cfg, params, batch_size=4, progress=False)
@@ -213,11 +265,18 @@ def test_same_buckets_compile_nothing_new(setup):
             out.append(harness._Row(tuple(ids[:-1]), tuple(ids[-3:])))
         return out
 
+    # Packed into rows of at most 80 tokens (PACK capped at n_positions): 79 | 60+9+5 |
+    # 33+30+17 (T 80, 80, 80); then 5+9 | 30 | 17+5 (T 16, 32, 24).
     first = lm.score(rows([5, 9, 17, 30, 33, 60, 79]))
-    assert {T for _, T in lm.stats.trunk_buckets} == {16, 24, 32, 48, 64, 80}
+    assert {T for _, T in lm.stats.trunk_buckets} == {80}
+    lm.score(rows([5, 9]))
+    lm.score(rows([30]))
+    lm.score(rows([17, 5]))
+    assert {T for _, T in lm.stats.trunk_buckets} == {16, 24, 32, 80}
     compiles = lm.stats.compiles
     assert compiles == len(lm.stats.trunk_buckets) + len(lm.stats.head_buckets)
-    lm.score(rows([3, 12, 20, 31, 40, 63, 71]))  # new lengths, the same buckets and rows
+    lm.score(rows([4, 73, 11, 61, 35, 28, 8]))  # new lengths, the same buckets and rows
+    lm.score(rows([10, 3]))
     assert lm.stats.compiles == compiles
     assert all(lp < 0 for lp, _ in first)
 
@@ -237,9 +296,8 @@ def test_head_holds_only_a_chunk_of_logits():
     args = (
         jax.ShapeDtypeStruct((V, E), np.float32),
         jax.ShapeDtypeStruct((B, T, E), np.float32),
-        jax.ShapeDtypeStruct((B,), np.int32),
         jax.ShapeDtypeStruct((B, C), np.int32),
-        jax.ShapeDtypeStruct((B,), np.int32),
+        jax.ShapeDtypeStruct((B, C), np.int32),
     )
     full = B * C * V * 4
 
@@ -263,18 +321,21 @@ def test_head_scores_as_log_softmax(setup):
     hidden = model.GPT2(cfg).apply({"params": params}, ids, return_hidden=True)
     first = np.array([0, 10, 18], np.int32)
     n = np.array([19, 5, 1], np.int32)
-    targets = np.zeros((3, 32), np.int32)
+    targets, positions = np.zeros((3, 32), np.int32), np.zeros((3, 32), np.int32)
     want, greedy_want = [], []
     for b in range(3):
         pos = np.arange(first[b], first[b] + n[b])
+        positions[b, : n[b]] = pos
         targets[b, : n[b]] = ids[b, pos + 1]
         want.append(logp[b, pos, ids[b, pos + 1]].sum())
         greedy_want.append(bool(np.all(logits[b, pos].argmax(-1) == ids[b, pos + 1])))
     targets[2, 0] = logits[2, 18].argmax()  # a row that is greedy
     want[2], greedy_want[2] = logp[2, 18, targets[2, 0]], True
-    got, greedy = harness._head(params["wte"]["embedding"], hidden, first, targets, n)
-    np.testing.assert_allclose(np.asarray(got), want, rtol=1e-5)
-    assert np.asarray(greedy).tolist() == greedy_want
+    got, greedy = harness._head(params["wte"]["embedding"], hidden, positions, targets)
+    got, greedy = np.asarray(got), np.asarray(greedy)
+    scored = np.arange(32)[None, :] < n[:, None]  # positions beyond n: padding
+    np.testing.assert_allclose(np.where(scored, got, 0).sum(-1), want, rtol=1e-5)
+    assert np.all(greedy | ~scored, axis=-1).tolist() == greedy_want
 
 
 # ---------------------------------------------------------------------- generation

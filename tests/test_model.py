@@ -202,3 +202,34 @@ def test_the_cudnn_branch_lays_out_heads_as_the_xla_attention_does():
     qkv = jax.random.normal(jax.random.PRNGKey(0), (2, 7, 3 * 3 * 4))
     fused = m._cudnn_attention(qkv, 3, implementation="xla")
     np.testing.assert_allclose(fused, m._xla_attention(qkv, 3), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("scan", [True, False])
+def test_packed_rows_score_as_separate_sequences(params, scan):
+    """Three sequences in one row (own positions, a segment mask) give each one's logits."""
+    cfg = m.GPT2Config(**{**CFG.__dict__, "scan_layers": scan, "remat": scan})
+    p = params if scan else m.unstack_layers(params)
+    a, b, c = _ids(1, 7, 2), _ids(1, 11, 3), _ids(1, 4, 4)
+    row = jnp.concatenate([a, b, c, jnp.zeros((1, 2), a.dtype)], axis=1)  # + 2 padding
+    positions = jnp.concatenate([jnp.arange(7), jnp.arange(11), jnp.arange(4), jnp.zeros(2, int)])
+    segments = jnp.asarray([0] * 7 + [1] * 11 + [2] * 4 + [-1] * 2)
+    apply = functools.partial(m.GPT2(cfg).apply, {"params": p})
+    packed = apply(row, positions=positions[None], segment_ids=segments[None])
+    for x, (lo, hi) in ((a, (0, 7)), (b, (7, 18)), (c, (18, 22))):
+        np.testing.assert_allclose(packed[:, lo:hi], apply(x), rtol=1e-5, atol=1e-6)
+    whole = apply(row)  # without the mask, b sees a: different
+    assert np.abs(np.asarray(whole[:, 7:18] - packed[:, 7:18])).max() > 1e-4
+
+
+@pytest.mark.parametrize("T", [5, 128, 300])
+def test_blocked_attention_equals_the_plain_attention(T):
+    """Inference attention (query blocks, keys up to the block's end, the softmax divided
+    after the value matmul) against the training one, with and without a segment mask."""
+    qkv = jax.random.normal(jax.random.PRNGKey(T), (2, T, 3 * 48))
+    segments = (jnp.arange(T)[None, :] >= jnp.asarray([[T // 3], [T // 2]])).astype(int)
+    for mask in (None, m.segment_mask(segments)):
+        want = m._xla_attention(qkv, 3, None, mask)
+        got = m._blocked_attention(qkv, 3, mask, block=128)
+        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
+    small = m._blocked_attention(qkv, 3, None, block=16)
+    np.testing.assert_allclose(small, m._xla_attention(qkv, 3), rtol=1e-5, atol=1e-6)
