@@ -214,13 +214,18 @@ def buckets(n_positions: int, prompt_len: int, max_new_tokens: int) -> tuple[int
 
 # ---------------------------------------------------------------------------- executables
 
-# (name, cfg, sampling, treedef, shapes) -> compiled executable. Our own cache rather than
-# jax.jit's so that compile time is measured apart from decode time.
+# (name, cfg, sampling, treedef, shapes and placements) -> compiled executable. Our own
+# cache rather than jax.jit's so that compile time is measured apart from decode time. The
+# placement is in the key: an executable compiled for params on one device (or one mesh)
+# refuses arrays placed elsewhere.
 _EXECUTABLES: dict[tuple, Any] = {}
 
 
 def _shapes(tree) -> tuple:
-    return tuple((x.shape, str(x.dtype)) for x in jax.tree.leaves(tree))
+    return tuple(
+        (x.shape, str(x.dtype), x.sharding if isinstance(x, jax.Array) else None)
+        for x in jax.tree.leaves(tree)
+    )
 
 
 def _executable(name: str, fn, args: tuple, static: dict, donate: tuple = (), stats=None):

@@ -751,7 +751,6 @@ def _load_or_build(own: Path, build) -> dict:
     return index
 
 
-
 def check_tasks(tasks, manager, flag: str = "--tasks") -> list[str]:
     """The task names of ``tasks`` (comma-separated or a list), each known to ``manager``
     and with its data loadable: a HarnessError names an unknown task (with the closest

@@ -288,6 +288,34 @@ def test_no_recompile_within_a_bucket(odd):
     assert g.buckets(96, 40, 50) == (40, 96)
 
 
+def test_params_placed_elsewhere_get_their_own_executable(odd):
+    """One process, params on device 0, then device 1, then replicated over both: the
+    executable cache keys the placement, so each decodes (the same tokens) instead of
+    failing on a sharding mismatch."""
+    import os
+    import subprocess
+    import sys
+
+    code = f"""
+import jax, numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+from gpt2_jax import generate as g, hf
+cfg, params = hf.load_pretrained({str(odd[1])!r})
+params = g.decode_params(cfg, params)
+mesh = Mesh(np.array(jax.devices()), ("data",))
+for place in [*jax.devices(), NamedSharding(mesh, PartitionSpec())]:
+    out = g.generate_batch(cfg, jax.device_put(params, place), {PROMPTS!r}, 6, temperature=0.0)
+    print(np.asarray(out).tolist())
+"""
+    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=2")
+    r = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=300, env=env
+    )
+    assert r.returncode == 0, r.stderr[-3000:]
+    rows = r.stdout.strip().splitlines()
+    assert len(rows) == 3 and len(set(rows)) == 1, rows
+
+
 def test_api_rejects_bad_requests(odd):
     cfg, params = hf.load_pretrained(odd[1])
     for kwargs, needle in [
