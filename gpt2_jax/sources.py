@@ -181,6 +181,28 @@ def hub_data_files(value: str):
     return out
 
 
+def _load_dataset(path: str, name: str | None = None, *, streaming: bool = False, **kwargs):
+    """``datasets.load_dataset``; streamed, its two steps (the builder, then its stream) with
+    parquet files read without pre-buffering in between.
+
+    datasets reads a parquet file as one Arrow fragment, and Arrow's default
+    ``pre_buffer=True`` keeps every row group it has read cached until the file ends: a
+    stream's memory grew by the file's compressed size (1 GiB of text as 834 row groups:
+    722 MB peak against 205 MB without, and faster; experiments/corpus). Hub parquet
+    files (FineWeb's are ~2 GB) are read the same way.
+    """
+    import datasets
+
+    if not streaming:
+        return datasets.load_dataset(path, name, **kwargs)
+    builder = datasets.load_dataset_builder(path, name, **kwargs)
+    if getattr(builder.config, "fragment_scan_options", False) is None:  # a parquet builder
+        import pyarrow.dataset as pds
+
+        builder.config.fragment_scan_options = pds.ParquetFragmentScanOptions(pre_buffer=False)
+    return builder.as_streaming_dataset()
+
+
 def load_hub(
     name: str,
     config: str = "",
@@ -200,7 +222,7 @@ def load_hub(
         kwargs["streaming"] = True
     try:
         with offline_env_honored(), without_torch():
-            return datasets.load_dataset(name, config or None, **kwargs)
+            return _load_dataset(name, config or None, **kwargs)
     except ConnectionError as e:
         raise DataError(
             f"data.dataset={name!r}: cannot reach the Hugging Face Hub ({e}). Offline, train on "
@@ -274,7 +296,6 @@ def load_files(
     cache_dir: str | None = None,
 ):
     """``load_dataset(builder, data_files={split: files})``; ``key`` names the config key."""
-    import datasets
 
     kwargs = {}
     if builder == "text":
@@ -286,7 +307,7 @@ def load_files(
         kwargs["cache_dir"] = cache_dir
     try:
         with without_torch():
-            return datasets.load_dataset(builder, data_files={split: files}, **kwargs)
+            return _load_dataset(builder, data_files={split: files}, **kwargs)
     except Exception as e:
         if caused_by(e, UnicodeDecodeError):
             raise DataError(describe_bad_bytes(key, files)) from e
