@@ -186,10 +186,10 @@ def _load_dataset(path: str, name: str | None = None, *, streaming: bool = False
     parquet files read without pre-buffering in between.
 
     datasets reads a parquet file as one Arrow fragment, and Arrow's default
-    ``pre_buffer=True`` keeps every row group it has read cached until the file ends: a
-    stream's memory grew by the file's compressed size (1 GiB of text as 834 row groups:
-    722 MB peak against 205 MB without, and faster; experiments/corpus). Hub parquet
-    files (FineWeb's are ~2 GB) are read the same way.
+    ``pre_buffer=True`` keeps every row group it has read cached until the file ends, so a
+    stream's memory grew with the file (1 GiB of text in 834 row groups: RSS to 952 MB,
+    against a flat ~394 MB without; experiments/corpus). Hub parquet files (FineWeb's are
+    ~2 GB) are read the same way.
     """
     import datasets
 
