@@ -25,7 +25,7 @@ Both take a multi-accelerator machine for days (not this CPU); one device runs t
 shrinks the default to something a laptop can start, offline.
 """
 
-from gpt2_jax.config import base_config
+from gpt2_jax.config.base import base_config
 
 
 def get_config(arg=None):

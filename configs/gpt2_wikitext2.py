@@ -32,7 +32,7 @@ original word-level token of the (tokenized, <unk>-bearing) WikiText-2 test set,
 de-tokenizers and overlapping context, so it cannot be compared with these numbers.
 """
 
-from gpt2_jax.config import base_config
+from gpt2_jax.config.base import base_config
 
 
 def get_config(arg=None):

@@ -21,7 +21,7 @@ as Python-doc sentences, grammatical in stretches, not yet correct.
 ``:tiny`` is the variant the tests use (1 layer, n_embd 32, a few steps).
 """
 
-from gpt2_jax.config import base_config
+from gpt2_jax.config.base import base_config
 
 
 def get_config(arg=None):

@@ -23,7 +23,7 @@ The argument is the path to input.txt (default ``data/tinyshakespeare/input.txt`
 relative to the current directory); a missing file is reported as ``data.train_files``.
 """
 
-from gpt2_jax.config import base_config
+from gpt2_jax.config.base import base_config
 
 DEFAULT_PATH = "data/tinyshakespeare/input.txt"
 

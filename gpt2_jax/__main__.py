@@ -1,5 +1,5 @@
 import sys
 
-from gpt2_jax.cli import entry
+from gpt2_jax.cli.main import entry
 
 sys.exit(entry())

@@ -34,7 +34,7 @@ def load_tree(path) -> dict:
 
 
 def model_config(fields: dict):
-    from gpt2_jax import model as model_lib
+    from gpt2_jax.model import gpt2 as model_lib
 
     return model_lib.GPT2Config(**fields)
 
@@ -47,8 +47,8 @@ def config_fields(cfg) -> dict:
 
 
 def optimizer():
-    from gpt2_jax import config as config_lib
-    from gpt2_jax import optim
+    from gpt2_jax.config import base as config_lib
+    from gpt2_jax.optim import optimizer as optim
 
     return optim.make_optimizer(config_lib.base_config().optim, 100)[0]
 
@@ -56,7 +56,7 @@ def optimizer():
 def train_step_fn(cfg):
     import jax
 
-    from gpt2_jax import train as train_lib
+    from gpt2_jax.train import loop as train_lib
 
     step = functools.partial(train_lib.train_step, model_cfg=cfg, tx=optimizer())
     return jax.jit(step)
@@ -72,8 +72,8 @@ def abstract_state(cfg, device):
     """ShapeDtypeStructs of the train state, every leaf placed on ``device``."""
     import jax
 
-    from gpt2_jax import checkpoint as ckpt_lib
-    from gpt2_jax import train as train_lib
+    from gpt2_jax.train import loop as train_lib
+    from gpt2_jax.weights import checkpoint as ckpt_lib
 
     init = functools.partial(train_lib.init_state, model_cfg=cfg, tx=optimizer())
     shapes = jax.eval_shape(init, jax.random.PRNGKey(0))
@@ -93,7 +93,7 @@ def greedy_margins(cfg, params, prompts, new_ids) -> float:
     choice was from a tie, which bounds what rounding on another device may flip."""
     import jax
 
-    from gpt2_jax import model as model_lib
+    from gpt2_jax.model import gpt2 as model_lib
 
     rows = [list(p) + list(n) for p, n in zip(prompts, new_ids, strict=True)]
     ids = np.zeros((len(rows), max(map(len, rows))), np.int32)
@@ -112,7 +112,7 @@ def greedy_margins(cfg, params, prompts, new_ids) -> float:
 
 
 def generate(args: dict) -> dict:
-    from gpt2_jax import generate as gen
+    from gpt2_jax.evaluation import generate as gen
 
     cfg = model_config(args["cfg"])
     params = load_tree(args["params"])
@@ -125,7 +125,7 @@ def checkpoint(args: dict) -> dict:
     saves that state to ``dst`` (its leaves as ``dst_npz``)."""
     import jax
 
-    from gpt2_jax import checkpoint as ckpt_lib
+    from gpt2_jax.weights import checkpoint as ckpt_lib
 
     cfg = model_config(args["cfg"])
     cpu = jax.devices("cpu")[0]

@@ -28,7 +28,7 @@ TINY = str(ROOT / "configs" / "quickstart.py:tiny")
 
 def tiny_config(**overrides):
     """``TINY`` loaded, with ``--config.KEY=VALUE`` style overrides (values as strings)."""
-    from gpt2_jax import config as config_lib
+    from gpt2_jax.config import base as config_lib
 
     cfg = config_lib.load_config_file(TINY)
     config_lib.apply_overrides(cfg, {k: str(v) for k, v in overrides.items()})
@@ -94,7 +94,7 @@ def wiki_lines() -> list[str]:
 
 @functools.cache
 def _wiki_tokens() -> np.ndarray:
-    from gpt2_jax import tokenizer
+    from gpt2_jax.data import tokenizer
 
     ids = tokenizer.get_tokenizer().encode_ordinary(WIKI_HEAD.read_text(encoding="utf-8"))
     return np.asarray(ids, np.int32)
@@ -250,7 +250,7 @@ def poison_step(monkeypatch, step: int, seed: int = 0) -> None:
     import jax
     import jax.numpy as jnp
 
-    from gpt2_jax import train as train_lib
+    from gpt2_jax.train import loop as train_lib
 
     original = train_lib.loss_fn
     state_rng = jax.random.split(jax.random.PRNGKey(seed))[1]

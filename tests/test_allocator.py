@@ -5,7 +5,7 @@ import subprocess
 import sys
 import textwrap
 
-from gpt2_jax import allocator
+from gpt2_jax.core import allocator
 
 # A worker thread (as XLA:CPU's are) allocates, touches and frees 128 MB three times; the
 # minor page faults of the last two rounds are printed. With glibc's defaults each round
@@ -13,7 +13,7 @@ from gpt2_jax import allocator
 PROBE = textwrap.dedent(
     """
     import ctypes, resource, sys, threading
-    from gpt2_jax import allocator
+    from gpt2_jax.core import allocator
     if sys.argv[1:] == ["reexec"]:
         allocator.reexec()
     print(allocator.tune(), file=sys.stderr)

@@ -23,10 +23,15 @@ import torch
 import transformers
 from safetensors.numpy import load_file, save_file
 
-from gpt2_jax import checkpoint as ckpt_lib
-from gpt2_jax import cli, data, hf, model, sharding, tokenizer
-from gpt2_jax import config as config_lib
-from gpt2_jax import train as train_lib
+from gpt2_jax.cli import main as cli
+from gpt2_jax.config import base as config_lib
+from gpt2_jax.data import pipeline as data
+from gpt2_jax.data import tokenizer
+from gpt2_jax.model import gpt2 as model
+from gpt2_jax.parallel import sharding
+from gpt2_jax.train import loop as train_lib
+from gpt2_jax.weights import checkpoint as ckpt_lib
+from gpt2_jax.weights import hf
 
 from . import helpers
 from .helpers import ROOT, run_cli, snapshot, torch_sliding_window

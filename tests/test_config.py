@@ -2,7 +2,7 @@
 
 import pytest
 
-from gpt2_jax import config as config_lib
+from gpt2_jax.config import base as config_lib
 
 from .helpers import ROOT, run_cli
 

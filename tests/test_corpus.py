@@ -21,7 +21,10 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from gpt2_jax import cli, corpus, data, sources, summary, tokenizer
+from gpt2_jax.cli import main as cli
+from gpt2_jax.data import corpus, sources, tokenizer
+from gpt2_jax.data import pipeline as data
+from gpt2_jax.train import summary
 
 from .helpers import ROOT, TINY, run_cli, train_losses, wiki_lines
 
@@ -161,7 +164,8 @@ def test_fractional_holdout_is_seeded_deterministic_and_disjoint(tmp_path):
 
 _BUILD = r"""
 import hashlib, json, os, sys, time
-from gpt2_jax import corpus, data
+from gpt2_jax.data import corpus
+from gpt2_jax.data import pipeline as data
 cfg_json, chunk_bytes, delay, go = sys.argv[1:5]
 corpus.CHUNK_BYTES = int(chunk_bytes)
 def hook(n):
@@ -495,7 +499,7 @@ def test_hub_revision_data_files_and_data_dir_reach_load_dataset(tmp_path, monke
 
 @pytest.mark.parametrize("arg", [None, "owt"])
 def test_the_124m_recipes_load_their_hub_source(tmp_path, monkeypatch, arg):
-    from gpt2_jax import config as config_lib
+    from gpt2_jax.config import base as config_lib
 
     rec = _Recorder().install(monkeypatch)
     cfg = config_lib.load_config_file(str(ROOT / "configs" / "gpt2_124m.py") + f":{arg or ''}")
@@ -679,7 +683,7 @@ def test_a_streamed_parquet_file_does_not_keep_its_row_groups(tmp_path):
     del rows
     assert path.stat().st_size > 160 << 20
     code = f"""
-from gpt2_jax import sources
+from gpt2_jax.data import sources
 def rss():
     return int(open("/proc/self/status").read().split("VmRSS:")[1].split()[0]) << 10
 ds = sources.load_files("parquet", "train", [{str(path)!r}], "train_files", streaming=True)

@@ -10,7 +10,8 @@ import datasets
 import numpy as np
 import pytest
 
-from gpt2_jax import data, tokenizer
+from gpt2_jax.data import pipeline as data
+from gpt2_jax.data import tokenizer
 
 from .helpers import group_texts, wiki_lines
 

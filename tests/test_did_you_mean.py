@@ -2,8 +2,8 @@
 
 import pytest
 
-from gpt2_jax import cli
-from gpt2_jax import config as config_lib
+from gpt2_jax.cli import main as cli
+from gpt2_jax.config import base as config_lib
 
 from .conftest import ROOT
 

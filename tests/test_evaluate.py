@@ -12,7 +12,8 @@ import numpy as np
 import pytest
 import torch
 
-from gpt2_jax import evaluate, hf
+from gpt2_jax.evaluation import perplexity as evaluate
+from gpt2_jax.weights import hf
 
 from .helpers import ROOT, random_hf_model, torch_sliding_window, wiki_ids
 
@@ -81,7 +82,8 @@ _SHARDED_EVAL = """
 import json, sys
 import jax, numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
-from gpt2_jax import evaluate, model
+from gpt2_jax.evaluation import perplexity as evaluate
+from gpt2_jax.model import gpt2 as model
 
 assert jax.device_count() == 2, jax.devices()
 cfg = model.GPT2Config(**json.loads(sys.argv[1]))

@@ -13,9 +13,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from gpt2_jax import checkpoint as ckpt_lib
-from gpt2_jax import cli
-from gpt2_jax import train as train_lib
+from gpt2_jax.cli import main as cli
+from gpt2_jax.train import loop as train_lib
+from gpt2_jax.weights import checkpoint as ckpt_lib
 
 from . import helpers
 from .conftest import ROOT

@@ -9,9 +9,11 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from gpt2_jax import cli, hf, tokenizer
-from gpt2_jax import generate as g
-from gpt2_jax import model as m
+from gpt2_jax.cli import main as cli
+from gpt2_jax.data import tokenizer
+from gpt2_jax.evaluation import generate as g
+from gpt2_jax.model import gpt2 as m
+from gpt2_jax.weights import hf
 
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
@@ -299,7 +301,8 @@ def test_params_placed_elsewhere_get_their_own_executable(odd):
     code = f"""
 import jax, numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
-from gpt2_jax import generate as g, hf
+from gpt2_jax.evaluation import generate as g
+from gpt2_jax.weights import hf
 cfg, params = hf.load_pretrained({str(odd[1])!r})
 params = g.decode_params(cfg, params)
 mesh = Mesh(np.array(jax.devices()), ("data",))

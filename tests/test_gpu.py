@@ -34,12 +34,14 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from gpt2_jax import checkpoint as ckpt_lib
-from gpt2_jax import config as config_lib
-from gpt2_jax import flops, optim, preflight
-from gpt2_jax import generate as gen
-from gpt2_jax import model as model_lib
-from gpt2_jax import train as train_lib
+from gpt2_jax.config import base as config_lib
+from gpt2_jax.evaluation import generate as gen
+from gpt2_jax.model import flops
+from gpt2_jax.model import gpt2 as model_lib
+from gpt2_jax.optim import optimizer as optim
+from gpt2_jax.train import loop as train_lib
+from gpt2_jax.train import preflight
+from gpt2_jax.weights import checkpoint as ckpt_lib
 
 from . import cpu_side
 from .conftest import NO_GPU

@@ -11,7 +11,7 @@ import sys
 
 import pytest
 
-from gpt2_jax import flops
+from gpt2_jax.model import flops
 
 from .helpers import ROOT
 
@@ -56,7 +56,7 @@ def _check_bench(results: dict, tasks: set) -> None:
 
 
 def _dry_model():
-    from gpt2_jax import model as model_lib
+    from gpt2_jax.model import gpt2 as model_lib
 
     return model_lib.GPT2Config(n_layer=2, n_head=2, n_embd=64, n_positions=128)
 

@@ -13,7 +13,9 @@ import jax
 import numpy as np
 import pytest
 
-from gpt2_jax import harness, hf, tokenizer
+from gpt2_jax.data import tokenizer
+from gpt2_jax.evaluation import harness
+from gpt2_jax.weights import hf
 
 from . import helpers
 
@@ -311,7 +313,7 @@ def test_head_holds_only_a_chunk_of_logits():
 
 def test_head_scores_as_log_softmax(setup):
     cfg, params = hf.load_pretrained(setup["model"])
-    from gpt2_jax import model
+    from gpt2_jax.model import gpt2 as model
 
     rng = np.random.default_rng(1)
     ids = rng.integers(0, 50257, (3, 20)).astype(np.int32)
@@ -554,7 +556,7 @@ def test_training_writes_harness_metrics_at_the_set_steps(setup, tmp_path):
     assert "lm-eval" in r.stdout and "tiny_wikitext: word_perplexity" in r.stdout
     events = b"".join(p.read_bytes() for p in (workdir / "tensorboard").glob("events*"))
     assert b"lm_eval/tiny_mc/acc" in events and b"lm_eval/lm_eval" not in events
-    from gpt2_jax import plot
+    from gpt2_jax.cli import plot
 
     png = plot.plot_runs([str(workdir)])
     assert png.stat().st_size > 10_000

@@ -14,7 +14,9 @@ import torch
 import transformers
 from safetensors.numpy import load_file, save_file
 
-from gpt2_jax import hf, model, tokenizer
+from gpt2_jax.data import tokenizer
+from gpt2_jax.model import gpt2 as model
+from gpt2_jax.weights import hf
 
 from . import helpers
 

@@ -10,7 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from gpt2_jax import cli, launch
+from gpt2_jax.cli import main as cli
+from gpt2_jax.parallel import launch
 
 from .conftest import ROOT, run_cli
 from .helpers import TINY

@@ -7,7 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from gpt2_jax import model as m
+from gpt2_jax.model import gpt2 as m
 
 # Odd sizes catch shape bugs: 2 layers, 3 heads, n_embd 48, vocab not a power of two.
 CFG = m.GPT2Config(vocab_size=97, n_positions=24, n_embd=48, n_layer=2, n_head=3, scan_layers=True)

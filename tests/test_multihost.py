@@ -11,8 +11,8 @@ import ml_collections
 import numpy as np
 import pytest
 
-from gpt2_jax import config as config_lib
-from gpt2_jax import sharding
+from gpt2_jax.config import base as config_lib
+from gpt2_jax.parallel import sharding
 
 from .conftest import ROOT, run_cli
 from .helpers import TINY

@@ -7,7 +7,7 @@ import numpy as np
 import optax
 import pytest
 
-from gpt2_jax import optim
+from gpt2_jax.optim import optimizer as optim
 
 
 def _cfg(**kw):

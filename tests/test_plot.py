@@ -6,9 +6,10 @@ import matplotlib.image
 import numpy as np
 import pytest
 
-from gpt2_jax import cli, plot
-from gpt2_jax import config as config_lib
-from gpt2_jax import train as train_lib
+from gpt2_jax.cli import main as cli
+from gpt2_jax.cli import plot
+from gpt2_jax.config import base as config_lib
+from gpt2_jax.train import loop as train_lib
 
 from .helpers import TINY
 

@@ -10,10 +10,10 @@ import pytest
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from gpt2_jax import config as config_lib
-from gpt2_jax import plan as plan_lib
-from gpt2_jax import preflight
-from gpt2_jax import train as train_lib
+from gpt2_jax.config import base as config_lib
+from gpt2_jax.config import plan as plan_lib
+from gpt2_jax.train import loop as train_lib
+from gpt2_jax.train import preflight
 
 from .conftest import ROOT, run_cli
 from .helpers import tiny_config

@@ -7,9 +7,10 @@ import re
 
 import pytest
 
-from gpt2_jax import cli, summary
-from gpt2_jax import config as config_lib
-from gpt2_jax import train as train_lib
+from gpt2_jax.cli import main as cli
+from gpt2_jax.config import base as config_lib
+from gpt2_jax.train import loop as train_lib
+from gpt2_jax.train import summary
 
 from .helpers import TINY
 

@@ -7,8 +7,8 @@ import re
 
 import jax
 
-from gpt2_jax import config as config_lib
-from gpt2_jax import train as train_lib
+from gpt2_jax.config import base as config_lib
+from gpt2_jax.train import loop as train_lib
 
 from .helpers import TINY
 
@@ -79,7 +79,7 @@ def test_mfu_from_a_given_peak(tmp_path):
     train_lib.train(cfg, tmp_path)
     lines = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     r = next(r for r in lines if r.get("step") == 3)
-    from gpt2_jax import flops
+    from gpt2_jax.model import flops
 
     fpt = flops.flops_per_token(config_lib.model_config(cfg), cfg.data.block_size)
     expected = r["tokens_per_second"] * fpt / (1e12 * jax.device_count())
@@ -87,8 +87,8 @@ def test_mfu_from_a_given_peak(tmp_path):
 
 
 def test_flops_per_token_counts_every_parameter_but_the_position_table():
-    from gpt2_jax import flops
-    from gpt2_jax import model as model_lib
+    from gpt2_jax.model import flops
+    from gpt2_jax.model import gpt2 as model_lib
 
     cfg = model_lib.GPT2Config(n_layer=3, n_head=3, n_embd=48, n_inner=80, n_positions=96)
     n = model_lib.count_params(model_lib.init_params(cfg, jax.random.PRNGKey(0))) - 96 * 48

@@ -9,7 +9,7 @@ import sys
 
 import pytest
 
-from gpt2_jax import tokenizer
+from gpt2_jax.data import tokenizer
 
 from .helpers import WIKI_HEAD, require_shared_file
 

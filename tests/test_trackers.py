@@ -8,7 +8,7 @@ import sys
 
 import pytest
 
-from gpt2_jax import trackers
+from gpt2_jax.train import trackers
 
 from . import helpers
 

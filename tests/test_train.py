@@ -12,10 +12,10 @@ import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 
-from gpt2_jax import checkpoint as ckpt_lib
-from gpt2_jax import config as config_lib
-from gpt2_jax import data as data_lib
-from gpt2_jax import train as train_lib
+from gpt2_jax.config import base as config_lib
+from gpt2_jax.data import pipeline as data_lib
+from gpt2_jax.train import loop as train_lib
+from gpt2_jax.weights import checkpoint as ckpt_lib
 
 from .helpers import ROOT, TINY, run_cli, tiny_config, train_losses
 
@@ -242,7 +242,7 @@ def test_keep_checkpoints_prunes_all_but_the_newest(pruned_run):
 def test_each_eval_split_is_scored_on_its_own_blocks(pruned_run):
     """eval.splits=validation,train: one result per split, each the loss of that split's
     first eval.max_batches * eval.batch_size blocks under the final params."""
-    from gpt2_jax import evaluate
+    from gpt2_jax.evaluation import perplexity as evaluate
 
     workdir, results = pruned_run["workdir"], pruned_run["results"]
     cfg = tiny_config(**pruned_run["overrides"])
@@ -280,7 +280,7 @@ def test_a_checkpoint_of_another_shape_is_refused_and_left_intact(pruned_run):
     nothing in it changes."""
     from jax.sharding import NamedSharding, PartitionSpec
 
-    from gpt2_jax import model as model_lib
+    from gpt2_jax.model import gpt2 as model_lib
 
     ckpts = pruned_run["workdir"] / "checkpoints"
     before = {p: p.read_bytes() for p in sorted(ckpts.rglob("*")) if p.is_file()}

@@ -8,13 +8,16 @@ import jax
 import numpy as np
 import pytest
 
-from gpt2_jax import checkpoint as ckpt_lib
-from gpt2_jax import cli, sharding, weights
-from gpt2_jax import config as config_lib
-from gpt2_jax import data as data_lib
-from gpt2_jax import model as model_lib
-from gpt2_jax import train as train_lib
-from gpt2_jax.evaluate import evaluate_splits
+from gpt2_jax.cli import main as cli
+from gpt2_jax.config import base as config_lib
+from gpt2_jax.config import plan as plan_lib
+from gpt2_jax.data import pipeline as data_lib
+from gpt2_jax.evaluation.perplexity import evaluate_splits
+from gpt2_jax.model import gpt2 as model_lib
+from gpt2_jax.parallel import sharding
+from gpt2_jax.train import loop as train_lib
+from gpt2_jax.weights import checkpoint as ckpt_lib
+from gpt2_jax.weights import resolve as weights
 
 from .helpers import TINY, snapshot, tiny_config, train_losses
 
@@ -41,7 +44,7 @@ def resumable_copy(src, dst):
 
 def test_shape_fields_are_listed_once():
     assert config_lib.SHAPE_KEYS == model_lib.SHAPE_FIELDS
-    from gpt2_jax import hf
+    from gpt2_jax.weights import hf
 
     assert hf.OVERRIDABLE == {*model_lib.RUNTIME_FIELDS, "initializer_range"}
     assert set(model_lib.SHAPE_FIELDS) <= set(hf._HF_FIELDS)
@@ -154,7 +157,8 @@ def test_a_checkpoint_resumes_and_evaluates_in_the_other_layer_layout(saved_scan
 
     # eval of the full run's step 6 in the other layout: the run's own final eval.
     cfg = tiny_config(**two_layers, **{"model.scan_layers": not saved_scan})
-    model_cfg, params, source = weights.load_params(cfg, full)
+    source = plan_lib.resolve_weights(cfg, full)
+    model_cfg, params = source.model_cfg, weights.params_of(source)
     assert source.step == 6 and model_cfg.scan_layers is (not saved_scan)
     assert ("h" in params) is (not saved_scan)
     splits = data_lib.load_splits(cfg.data, ("validation",))
@@ -164,7 +168,7 @@ def test_a_checkpoint_resumes_and_evaluates_in_the_other_layer_layout(saved_scan
 
 
 def test_export_step_n_writes_that_checkpoint(six_steps, tmp_path, capsys):
-    from gpt2_jax import hf
+    from gpt2_jax.weights import hf
 
     argv = ["export", f"--workdir={six_steps}", "--step=3", f"--out={tmp_path / 'hf3'}"]
     assert cli.main(argv) == 0

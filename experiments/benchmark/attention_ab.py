@@ -13,7 +13,7 @@ from __future__ import annotations
 import argparse
 import time
 
-from gpt2_jax import allocator
+from gpt2_jax.core import allocator
 
 allocator.tune()  # as the CLI runs (before the first jax computation)
 
@@ -21,7 +21,7 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
-from gpt2_jax import model as m  # noqa: E402
+from gpt2_jax.model import gpt2 as m  # noqa: E402
 
 
 def _plain(qkv, nh, mask=None, block=None):

@@ -78,16 +78,16 @@ def jax_worker(task: dict) -> dict:
     import jax.numpy as jnp
     import numpy as np
 
-    from gpt2_jax import config as config_lib
-    from gpt2_jax import model as model_lib
-    from gpt2_jax import optim
-    from gpt2_jax import train as train_lib
+    from gpt2_jax.config import base as config_lib
+    from gpt2_jax.model import gpt2 as model_lib
+    from gpt2_jax.optim import optimizer as optim
+    from gpt2_jax.train import loop as train_lib
 
     kind = task["kind"]
     if kind == "matmul":
         return _jax_matmul(task)
     if kind == "tokenize":
-        from gpt2_jax import tokenizer
+        from gpt2_jax.data import tokenizer
 
         enc = tokenizer.get_tokenizer()
         rows = _text_rows(task["text"])
@@ -95,7 +95,7 @@ def jax_worker(task: dict) -> dict:
         n = sum(len(x) for x in enc.encode_ordinary_batch(rows, num_threads=os.cpu_count()))
         return {"step_s": time.perf_counter() - t0, "tokens": n}
     if kind == "loader":
-        from gpt2_jax import data as data_lib
+        from gpt2_jax.data import pipeline as data_lib
 
         rng, B, T = np.random.default_rng(0), task["batch"], task["seq"]
         tokens = rng.integers(0, VOCAB, 4_000_000).astype(np.uint16)
@@ -150,7 +150,7 @@ def jax_worker(task: dict) -> dict:
             "step_s": _median_time(lambda: jax.block_until_ready(fn(params, batch)), task["steps"]),
         }
     if kind == "generate":
-        from gpt2_jax import generate as gen
+        from gpt2_jax.evaluation import generate as gen
 
         prompts = rng.integers(0, VOCAB, (B, 8)).tolist()
         n = task["new_tokens"]
@@ -214,7 +214,7 @@ def torch_worker(task: dict) -> dict:
 
         from transformers import GPT2TokenizerFast
 
-        from gpt2_jax import tokenizer
+        from gpt2_jax.data import tokenizer
 
         # A Hugging Face GPT-2 tokenizer directory from the same two files (what run_clm
         # loads from the hub: vocab.json = encoder.json, merges.txt = vocab.bpe).
@@ -290,7 +290,7 @@ def torch_worker(task: dict) -> dict:
 
 
 def run_worker(framework: str, task: dict, threads: int, torch_malloc: str = "system") -> dict:
-    from gpt2_jax import allocator
+    from gpt2_jax.core import allocator
 
     env = dict(os.environ)
     # gpt2_jax as its CLI runs (allocator.reexec); PyTorch as run_clm.py users run it, or
@@ -307,7 +307,7 @@ def run_worker(framework: str, task: dict, threads: int, torch_malloc: str = "sy
 
 
 def _jax_malloc() -> str:
-    from gpt2_jax import allocator
+    from gpt2_jax.core import allocator
 
     reason = allocator.skip_reason(os.environ)
     return "tuned (gpt2_jax/allocator.py)" if reason is None else f"system ({reason})"

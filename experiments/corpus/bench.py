@@ -95,7 +95,7 @@ def run_nanogpt(corpus: Path, work: Path, num_proc: int, fraction: float) -> dic
     from datasets import load_dataset
     from tqdm import tqdm
 
-    from gpt2_jax import tokenizer
+    from gpt2_jax.data import tokenizer
 
     t0 = time.perf_counter()
     enc = tokenizer.get_tokenizer()  # = tiktoken.get_encoding("gpt2"), offline
@@ -140,7 +140,7 @@ def run_nanogpt(corpus: Path, work: Path, num_proc: int, fraction: float) -> dic
 
 
 def run_gpt2_jax(corpus: Path, work: Path, num_proc: int, fraction: float, streaming: bool) -> dict:
-    from gpt2_jax import data
+    from gpt2_jax.data import pipeline as data
 
     cfg = data.default_data_config()
     cfg.update(

@@ -26,8 +26,8 @@ import numpy as np
 import torch
 import transformers
 
-from gpt2_jax import generate as gen_lib
-from gpt2_jax import hf
+from gpt2_jax.evaluation import generate as gen_lib
+from gpt2_jax.weights import hf
 
 SIZES = {
     "gpt2": dict(n_layer=12, n_head=12, n_embd=768, n_positions=1024),

@@ -80,7 +80,7 @@ def _median_rate(run, units: float, reps: int) -> tuple[float, list[float]]:
 
 
 def _jax_cfg(shape: dict, dropout: float = 0.0, param_dtype: str = "float32"):
-    from gpt2_jax import model as model_lib
+    from gpt2_jax.model import gpt2 as model_lib
 
     L, H, C = shape["model"]
     return model_lib.GPT2Config(
@@ -91,7 +91,7 @@ def _jax_cfg(shape: dict, dropout: float = 0.0, param_dtype: str = "float32"):
 
 
 def _jax_mfu(cfg, seq: int, tokens_per_s: float, kind: str) -> dict:
-    from gpt2_jax import flops
+    from gpt2_jax.model import flops
 
     peak = flops.peak_flops(kind, "bfloat16")
     out = {"flops_per_token": flops.flops_per_token(cfg, seq), "peak_flops": peak}
@@ -105,9 +105,9 @@ def jax_train(shape: dict, dropout: float = 0.0) -> dict:
     import jax
     import numpy as np
 
-    from gpt2_jax import config as config_lib
-    from gpt2_jax import optim
-    from gpt2_jax import train as train_lib
+    from gpt2_jax.config import base as config_lib
+    from gpt2_jax.optim import optimizer as optim
+    from gpt2_jax.train import loop as train_lib
 
     cfg = _jax_cfg(shape, dropout)
     B, T = shape["batch"], shape["seq"]
@@ -151,8 +151,8 @@ def jax_eval(shape: dict) -> dict:
     import jax
     import numpy as np
 
-    from gpt2_jax import evaluate
-    from gpt2_jax import model as model_lib
+    from gpt2_jax.evaluation import perplexity as evaluate
+    from gpt2_jax.model import gpt2 as model_lib
 
     cfg = _jax_cfg(shape)
     B, T = shape["batch"], shape["seq"]
@@ -176,8 +176,8 @@ def jax_generate(shape: dict, batch: int) -> dict:
     import jax
     import numpy as np
 
-    from gpt2_jax import generate as gen
-    from gpt2_jax import model as model_lib
+    from gpt2_jax.evaluation import generate as gen
+    from gpt2_jax.model import gpt2 as model_lib
 
     cfg = _jax_cfg(shape, param_dtype="bfloat16")
     params = gen.decode_params(cfg, model_lib.init_params(cfg, jax.random.PRNGKey(0)))
@@ -312,7 +312,7 @@ def _torch_mfu(shape: dict, tokens_per_s: float) -> dict:
     # The same FLOPs per token (gpt2_jax/flops.py) and peak as the jax side's.
     import torch
 
-    from gpt2_jax import flops
+    from gpt2_jax.model import flops
 
     cfg = _jax_cfg(shape)
     kind = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"

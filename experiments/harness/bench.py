@@ -112,7 +112,7 @@ def write_model(directory: Path, quick: bool) -> dict:
     import torch
     import transformers
 
-    from gpt2_jax import tokenizer
+    from gpt2_jax.data import tokenizer
 
     torch.manual_seed(0)
     shape = dict(n_layer=2, n_head=4, n_embd=128) if quick else {}

@@ -16,7 +16,7 @@ import time
 import jax
 import jax.numpy as jnp
 
-from gpt2_jax import model as m
+from gpt2_jax.model import gpt2 as m
 
 
 def plain(params, ids, cfg):

@@ -15,8 +15,10 @@ import time
 
 import jax
 
-from gpt2_jax import config, optim, train
-from gpt2_jax import model as model_lib
+from gpt2_jax.config import base as config
+from gpt2_jax.model import gpt2 as model_lib
+from gpt2_jax.optim import optimizer as optim
+from gpt2_jax.train import loop as train
 
 
 def bench(model_cfg, batch, seq, steps):

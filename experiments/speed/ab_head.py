@@ -14,10 +14,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from gpt2_jax import config as config_lib
-from gpt2_jax import model as model_lib
-from gpt2_jax import optim
-from gpt2_jax import train as train_lib
+from gpt2_jax.config import base as config_lib
+from gpt2_jax.model import gpt2 as model_lib
+from gpt2_jax.optim import optimizer as optim
+from gpt2_jax.train import loop as train_lib
 
 
 def plain(h, w, ids):

@@ -12,7 +12,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from gpt2_jax import allocator
+from gpt2_jax.core import allocator
 
 _INDENT = "  "
 

@@ -42,8 +42,8 @@ from pathlib import Path
 
 import numpy as np
 
-from gpt2_jax import tokenizer
-from gpt2_jax.sources import DataError
+from gpt2_jax.data import tokenizer
+from gpt2_jax.data.sources import DataError
 
 CHUNK_BYTES = 4 << 20  # text per tokenizer task: large enough to amortize the hand-off
 READ_ROWS = 256  # rows per Arrow batch read from the source
@@ -207,7 +207,7 @@ _WORKER_CODE = (
     "import sys; here = sys.argv[2]; "
     "sys.path[:] = [p for p in sys.path if p not in ('', '.')]; "
     "here in sys.path or sys.path.insert(0, here); "
-    "from gpt2_jax.corpus import _worker_main; "
+    "from gpt2_jax.data.corpus import _worker_main; "
     "_worker_main(int(sys.argv[3]), sys.argv[4] == '1')"
 )
 
@@ -221,7 +221,7 @@ class _Worker:
         import queue
         import threading
 
-        here = str(Path(__file__).resolve().parents[1])
+        here = str(Path(__file__).resolve().parents[2])
         argv = [sys.executable, "-c", _WORKER_CODE, "gpt2_jax-tokenizer", here]
         self.proc = subprocess.Popen(
             argv + [str(os.getpid()), str(int(append_eos))],

@@ -4,7 +4,7 @@
 context and continuation as every lm-eval backend does), registered as ``"gpt2_jax"``
 when this module is imported::
 
-    from gpt2_jax import harness
+    from gpt2_jax.evaluation import harness
     import lm_eval
     lm = harness.GPT2JaxLM.from_workdir("runs/x")          # or from_hf(dir), or (cfg, params)
     lm_eval.simple_evaluate(model=lm, tasks=["lambada_openai"])
@@ -71,12 +71,13 @@ from lm_eval.models.utils import (
 )
 from tqdm import tqdm
 
-from gpt2_jax import evaluate, sharding
-from gpt2_jax import generate as gen_lib
-from gpt2_jax import model as model_lib
-from gpt2_jax import tokenizer as tok_lib
-from gpt2_jax import workdir as wd
+from gpt2_jax.core import workdir as wd
+from gpt2_jax.data import tokenizer as tok_lib
 from gpt2_jax.errors import UserError
+from gpt2_jax.evaluation import generate as gen_lib
+from gpt2_jax.evaluation import perplexity as evaluate
+from gpt2_jax.model import gpt2 as model_lib
+from gpt2_jax.parallel import sharding
 
 MIN_BUCKET = 16  # shortest trunk bucket: short requests share one executable
 MIN_SCORED = 8  # fewest scored positions per row in a head bucket
@@ -608,7 +609,7 @@ def _count(params: dict) -> int:
 
 
 def _parse_step(step):
-    from gpt2_jax import weights
+    from gpt2_jax.weights import resolve as weights
 
     if step is None or isinstance(step, int):
         return step
@@ -623,8 +624,8 @@ def load_weights(
 ) -> tuple[model_lib.GPT2Config, dict, Any]:
     """(model config, params, weights.Source) of a workdir's checkpoint or of ``hf:``
     weights, through the one resolver every command uses (weights.py)."""
-    from gpt2_jax import plan as plan_lib
-    from gpt2_jax import weights
+    from gpt2_jax.config import plan as plan_lib
+    from gpt2_jax.weights import resolve as weights
 
     cfg = _weights_config(workdir, init_from, dtype)
     plan = plan_lib.weights_only(cfg, workdir or None, step, jax.device_count())
@@ -634,15 +635,15 @@ def load_weights(
 def check_weights(workdir=None, step=None, init_from: str = "", dtype: str | None = None):
     """Raises the one-line error of a missing run, checkpoint step or HF directory,
     without reading any weights (the command checks this before the tasks)."""
-    from gpt2_jax import weights
+    from gpt2_jax.config import plan as plan_lib
 
     cfg = _weights_config(workdir, init_from, dtype)
-    weights.resolve(cfg, workdir or None, _parse_step(step))
+    plan_lib.resolve_weights(cfg, workdir or None, _parse_step(step))
 
 
 def _weights_config(workdir, init_from: str, dtype: str | None):
     """The config the resolver reads: the run's saved one, or the defaults + init_from."""
-    from gpt2_jax import config as config_lib
+    from gpt2_jax.config import base as config_lib
 
     if workdir:
         saved = Path(workdir) / wd.CONFIG
@@ -983,7 +984,7 @@ def evaluate_command(
     if not args.get("workdir") and not args.get("init_from"):
         raise HarnessError("give --workdir=DIR (a trained run) or --init_from=hf:<dir or hub id>")
     if args.get("init_from"):
-        from gpt2_jax import config as config_lib
+        from gpt2_jax.config import base as config_lib
 
         config_lib.parse_init_from(str(args["init_from"]))
     if log_samples and not output_path and not args.get("workdir"):
@@ -1030,7 +1031,7 @@ class TrainingHook:
         self.workdir = Path(workdir)
         self.manager = task_manager(e.harness_include_path, flag="eval.harness_include_path")
         self.tasks = check_tasks(e.harness_tasks, self.manager, flag="eval.harness_tasks")
-        from gpt2_jax import plan as plan_lib
+        from gpt2_jax.config import plan as plan_lib
 
         self.batch_size = plan_lib.eval_batch(cfg, jax.device_count())
         self.limit = e.harness_limit or None

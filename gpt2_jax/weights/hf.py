@@ -26,9 +26,9 @@ from typing import Any
 import jax
 import numpy as np
 
-from gpt2_jax import tokenizer as tokenizer_lib
+from gpt2_jax.data import tokenizer as tokenizer_lib
 from gpt2_jax.errors import UserError
-from gpt2_jax.model import DTYPES, RUNTIME_FIELDS, SHAPE_FIELDS, GPT2Config
+from gpt2_jax.model.gpt2 import DTYPES, RUNTIME_FIELDS, SHAPE_FIELDS, GPT2Config
 
 
 class HFImportError(UserError, ValueError):

@@ -16,7 +16,7 @@ from __future__ import annotations
 import uuid
 from pathlib import Path
 
-from gpt2_jax import workdir as wd
+from gpt2_jax.core import workdir as wd
 from gpt2_jax.errors import UserError
 
 TRACKERS = ("tensorboard", "wandb", "none")
@@ -61,7 +61,7 @@ class TensorBoard:
         self.writer.flush()
 
     def log_text(self, step: int, texts: dict[str, str], config: dict | None = None) -> None:
-        from gpt2_jax import summary
+        from gpt2_jax.train import summary
 
         summary.write_tensorboard(self.logdir, texts, step, config)
 

@@ -14,10 +14,10 @@ from pathlib import Path
 import jax
 import numpy as np
 
-from gpt2_jax import config as config_lib
-from gpt2_jax import flops
-from gpt2_jax import workdir as wd
+from gpt2_jax.config import base as config_lib
+from gpt2_jax.core import workdir as wd
 from gpt2_jax.errors import UserError, signal_exit_code
+from gpt2_jax.model import flops
 
 
 class TrainingError(UserError, RuntimeError):

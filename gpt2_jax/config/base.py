@@ -15,16 +15,16 @@ from pathlib import Path
 
 import ml_collections
 
-from gpt2_jax import model as model_lib
-from gpt2_jax import workdir as wd
+from gpt2_jax.core import workdir as wd
 from gpt2_jax.errors import ConfigError  # defined there for the modules below; used here
+from gpt2_jax.model import gpt2 as model_lib
 
 # ---------------------------------------------------------------------------- defaults
 
 
 def base_config() -> ml_collections.ConfigDict:
     """Defaults shared by every experiment config; each key with a one-line comment."""
-    from gpt2_jax.data import default_data_config
+    from gpt2_jax.data.pipeline import default_data_config
 
     c = ml_collections.ConfigDict()
     c.init_from = ""  # '' = random init; 'hf:<dir or hub id>' = start from Hugging Face weights
@@ -307,34 +307,16 @@ def split_override_args(argv: list[str]) -> tuple[list[str], dict[str, str]]:
 
 def model_config(cfg: ml_collections.ConfigDict) -> model_lib.GPT2Config:
     """The frozen model config from ``cfg.model`` (``size`` first, explicit fields win)."""
-    m = cfg.model
-    fields = {}
-    if m.size:
-        try:
-            fields.update(model_lib.size_fields(m.size))
-        except ValueError as e:
-            raise ConfigError(str(e)) from None
-    for name in ("n_layer", "n_head", "n_embd"):
-        if m[name]:
-            fields[name] = m[name]
-        elif name not in fields:
-            raise ConfigError(f"model.{name} is not set (set it, or model.size)")
-    return model_lib.GPT2Config(
-        **fields,
-        vocab_size=m.vocab_size,
-        n_positions=m.n_positions,
-        n_inner=m.get("n_inner") or None,
-        layer_norm_epsilon=m.get("layer_norm_epsilon", 1e-5),
-        **runtime_fields(cfg),
-    )
+    try:
+        return model_lib.config_from_section(cfg.model)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
 
 
 def runtime_fields(cfg: ml_collections.ConfigDict) -> dict:
     """The GPT2Config fields that say how to run a model, not what it is (HF import keeps
     a checkpoint's shape and takes these from the experiment config)."""
-    m = cfg.model
-    # One config key, model.dropout, sets all three of Hugging Face's *_pdrop fields.
-    return {f: m.dropout if f.endswith("_pdrop") else m[f] for f in model_lib.RUNTIME_FIELDS}
+    return model_lib.runtime_from_section(cfg.model)
 
 
 # What the weights decide (as opposed to how to compute with them).
@@ -360,7 +342,7 @@ def _check(cond: bool, key: str, message: str) -> None:
 
 def parse_init_from(init_from: str) -> str | None:
     """``init_from`` -> the HF directory or hub id, None for ''; ConfigError otherwise."""
-    from gpt2_jax import hf
+    from gpt2_jax.weights import hf
 
     try:
         return hf.parse_init_from(init_from)
@@ -403,12 +385,12 @@ def validate(cfg: ml_collections.ConfigDict, num_devices: int) -> model_lib.GPT2
     _check_optim(cfg.optim)
     _check_eval(cfg.eval)
     try:
-        from gpt2_jax import sharding
+        from gpt2_jax.parallel import sharding
 
         sharding.mesh_shape(cfg.mesh, num_devices)
     except ValueError as e:
         raise ConfigError(str(e)) from None
-    from gpt2_jax import data as data_lib
+    from gpt2_jax.data import pipeline as data_lib
 
     data_lib.check_data_config(cfg.data)  # DataError: missing files, empty globs, ...
     return mcfg
@@ -455,7 +437,7 @@ def _check_batches(t, o, num_devices: int) -> None:
 
 
 def _check_optim(o) -> None:
-    from gpt2_jax.optim import SCHEDULES
+    from gpt2_jax.optim.optimizer import SCHEDULES
 
     _check(o.learning_rate > 0, "optim.learning_rate", f"must be positive, got {o.learning_rate}")
     _check(

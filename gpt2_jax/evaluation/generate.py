@@ -30,7 +30,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from gpt2_jax import model as model_lib
+from gpt2_jax.model import gpt2 as model_lib
 
 MIN_BUCKET = 8  # smallest prompt bucket: tiny prompts share one executable
 
@@ -478,7 +478,7 @@ def command_config(config_path: str | None, workdir: str | None, init_from: str,
     """``gpt2-jax generate``'s config: ``--config`` or ``--workdir``'s saved one, or with
     only ``--init_from=hf:...`` the defaults; ``init_from`` set (``weights.resolve`` then
     reads the shape from those weights)."""
-    from gpt2_jax import config as config_lib
+    from gpt2_jax.config import base as config_lib
 
     if init_from and not config_path and not workdir:
         cfg = config_lib.base_config()

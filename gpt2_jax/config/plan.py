@@ -12,10 +12,11 @@ from __future__ import annotations
 
 import dataclasses
 
-from gpt2_jax import config as config_lib
-from gpt2_jax import model as model_lib
-from gpt2_jax import sharding, weights
+from gpt2_jax.config import base as config_lib
 from gpt2_jax.errors import ConfigError
+from gpt2_jax.model import gpt2 as model_lib
+from gpt2_jax.parallel import sharding
+from gpt2_jax.weights import resolve as weights
 
 
 @dataclasses.dataclass(frozen=True)
@@ -27,6 +28,25 @@ class Plan:
     eval_batch: int  # sequences per eval batch (global)
     total_steps: int = 0  # optimizer steps of the whole run (train; 0 until the data is known)
     notes: tuple[str, ...] = ()  # warnings and resume changes, printed once by the command
+
+
+def weights_request(cfg, training: bool = False) -> weights.Request:
+    """What ``cfg`` asks of the weights resolver (weights/resolve.py)."""
+    init_from = config_lib.parse_init_from(cfg.init_from)
+    return weights.Request(
+        hf_spec=init_from,
+        runtime=config_lib.runtime_fields(cfg),
+        requested=config_lib.model_config(cfg) if training and init_from is None else None,
+        fresh=training and cfg.train.fresh,
+    )
+
+
+def resolve_weights(cfg, workdir, step=None, *, training: bool = False) -> weights.Source:
+    """The one resolver's answer for ``cfg``; the resolved shape is recorded in
+    ``cfg.model`` (config.json says what ran)."""
+    source = weights.resolve(weights_request(cfg, training), workdir, step, training=training)
+    config_lib.set_model_shape(cfg, source.model_cfg)
+    return source
 
 
 def eval_batch(cfg, num_devices: int) -> int:
@@ -51,7 +71,7 @@ def eval_batch(cfg, num_devices: int) -> int:
 def training(cfg, workdir, num_devices: int) -> Plan:
     """The plan of ``gpt2-jax train``: weights resolved (checkpoint -> init_from ->
     scratch), everything validated; ``total_steps`` follows with ``with_data``."""
-    source = weights.resolve(cfg, workdir, cfg.train.resume_step, training=True)
+    source = resolve_weights(cfg, workdir, cfg.train.resume_step, training=True)
     checked = config_lib.validate(cfg, num_devices)
     notes = [f"warning: {w}" for w in config_lib.warnings(cfg)]
     if source.kind == "checkpoint":
@@ -85,7 +105,7 @@ def weights_only(cfg, workdir, step, num_devices: int, *, validate: bool = False
     """The plan of eval / generate / export / lm-eval: real weights (a workdir's
     checkpoint or ``hf:``), no training. ``validate`` (eval) checks the whole config and
     the eval batch; without it the mesh and batches are not the command's concern (0)."""
-    source = weights.resolve(cfg, workdir, step)
+    source = resolve_weights(cfg, workdir, step)
     if not validate:
         return Plan(model=source.model_cfg, source=source, mesh_shape=(num_devices, 1),
                     micro_batch=0, eval_batch=0)  # fmt: skip

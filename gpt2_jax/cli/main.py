@@ -11,7 +11,7 @@ import json
 import sys
 from pathlib import Path
 
-from gpt2_jax import workdir as wd
+from gpt2_jax.core import workdir as wd
 from gpt2_jax.errors import UserError
 
 COMMANDS = ("train", "eval", "generate", "export", "lm-eval", "plot", "launch")
@@ -137,7 +137,7 @@ _MODEL_ARGS = ("init_from", "workdir", "step", "batch_size", "dtype", "max_gen_t
 
 
 def _step(text: str):
-    from gpt2_jax import weights
+    from gpt2_jax.weights import resolve as weights
 
     try:
         return weights.parse_step(text)
@@ -149,7 +149,7 @@ def _step(text: str):
 
 def _load_config(args, overrides):
     """The config from --config, else the one saved in --workdir; overrides applied."""
-    from gpt2_jax import config as config_lib
+    from gpt2_jax.config import base as config_lib
 
     return config_lib.for_command(args.config, args.workdir, overrides)
 
@@ -160,8 +160,8 @@ def _model_and_params(cfg, args, announce: bool = True):
     then says it after its own checks)."""
     import jax
 
-    from gpt2_jax import plan as plan_lib
-    from gpt2_jax import weights
+    from gpt2_jax.config import plan as plan_lib
+    from gpt2_jax.weights import resolve as weights
 
     workdir = None if getattr(args, "init_from", "") else args.workdir
     plan = plan_lib.weights_only(cfg, workdir, args.step, jax.device_count())
@@ -172,7 +172,7 @@ def _model_and_params(cfg, args, announce: bool = True):
 
 
 def cmd_train(args, overrides) -> int:
-    from gpt2_jax import train as train_lib
+    from gpt2_jax.train import loop as train_lib
 
     if not args.workdir:
         raise UsageError("--workdir=DIR is required")
@@ -189,7 +189,8 @@ def cmd_train(args, overrides) -> int:
 
 
 def cmd_eval(args, overrides) -> int:
-    from gpt2_jax import evaluate, summary
+    from gpt2_jax.evaluation import perplexity as evaluate
+    from gpt2_jax.train import summary
 
     cfg = _load_config(args, overrides)
     results = evaluate.run_command(cfg, args.workdir, args.step, progress=cfg.train.progress)
@@ -202,9 +203,9 @@ def cmd_eval(args, overrides) -> int:
 
 
 def cmd_generate(args, overrides) -> int:
-    from gpt2_jax import config as config_lib
-    from gpt2_jax import generate as gen_lib
-    from gpt2_jax import tokenizer
+    from gpt2_jax.config import base as config_lib
+    from gpt2_jax.data import tokenizer
+    from gpt2_jax.evaluation import generate as gen_lib
 
     if not (args.workdir or args.init_from or args.config):
         raise UsageError("give --workdir=DIR (a trained run) or --init_from=hf:<dir or hub id>")
@@ -294,7 +295,7 @@ def _prompt_flags(args, n: int) -> list[str]:
 def _print_streamed(enc, prompt_ids: list[int], stream, stop) -> None:
     """One sample: the text as it comes, chunk by chunk (a chunk can end inside a UTF-8
     character: the trailing replacement characters wait for the next chunk)."""
-    from gpt2_jax import tokenizer
+    from gpt2_jax.data import tokenizer
 
     ids, printed = list(prompt_ids), ""
     for chunk in stream:
@@ -316,7 +317,7 @@ def _print_streamed(enc, prompt_ids: list[int], stream, stop) -> None:
 
 def _print_rows(enc, rows: list[list[int]], stream, stop, num_samples: int) -> None:
     """Several samples: each printed whole, as soon as it has ended."""
-    from gpt2_jax import tokenizer
+    from gpt2_jax.data import tokenizer
 
     new: list[list[int]] = [[] for _ in rows]
     ended = [False] * len(rows)
@@ -342,7 +343,7 @@ def _print_rows(enc, rows: list[list[int]], stream, stop, num_samples: int) -> N
 
 
 def cmd_export(args, overrides) -> int:
-    from gpt2_jax import hf
+    from gpt2_jax.weights import hf
 
     if not args.workdir:
         raise UsageError("--workdir=DIR is required")
@@ -364,11 +365,11 @@ def cmd_export(args, overrides) -> int:
 
 def cmd_lm_eval(args, overrides) -> int:
     """lm-evaluation-harness tasks on a run's checkpoint or Hugging Face weights."""
-    from gpt2_jax import config as config_lib
-    from gpt2_jax import sharding
+    from gpt2_jax.config import base as config_lib
+    from gpt2_jax.parallel import sharding
 
     try:
-        from gpt2_jax import harness
+        from gpt2_jax.evaluation import harness
     except ImportError as e:
         if "lm_eval" not in str(e):
             raise
@@ -419,7 +420,7 @@ def cmd_lm_eval(args, overrides) -> int:
 
 def cmd_launch(argv: list[str]) -> int:
     """N local processes of the gpt2-jax command after ``--`` (see gpt2_jax/launch.py)."""
-    from gpt2_jax import launch
+    from gpt2_jax.parallel import launch
 
     try:
         return launch.main(argv)
@@ -428,7 +429,7 @@ def cmd_launch(argv: list[str]) -> int:
 
 
 def cmd_plot(args, overrides) -> int:
-    from gpt2_jax import plot
+    from gpt2_jax.cli import plot
 
     if overrides:
         raise UsageError(f"plot takes no --config.* flags (got --config.{next(iter(overrides))})")
@@ -459,7 +460,7 @@ def _parse_args(command: str, argv: list[str]) -> argparse.Namespace:
 def entry() -> int:
     """The ``gpt2-jax`` command and ``python -m gpt2_jax``: the process re-executes itself
     once with glibc malloc tuned for XLA:CPU (``allocator.reexec``), then runs ``main``."""
-    from gpt2_jax import allocator
+    from gpt2_jax.core import allocator
 
     allocator.reexec()
     return main()
@@ -477,10 +478,10 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     command, rest = argv[0], argv[1:]
 
-    from gpt2_jax import allocator
+    from gpt2_jax.core import allocator
 
     allocator.tune()  # before XLA starts its threads
-    from gpt2_jax import config as config_lib
+    from gpt2_jax.config import base as config_lib
 
     try:
         if command == "launch":  # what follows '--' is a whole command line of its own

@@ -31,8 +31,8 @@ from pathlib import Path
 import ml_collections
 import numpy as np
 
-from gpt2_jax import corpus, sources, tokenizer
-from gpt2_jax.sources import DataError  # noqa: F401 (the user-facing class: data.DataError)
+from gpt2_jax.data import corpus, sources, tokenizer
+from gpt2_jax.data.sources import DataError  # noqa: F401 (the user-facing class: data.DataError)
 
 log = logging.getLogger(__name__)
 

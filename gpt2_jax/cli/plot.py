@@ -16,7 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
-from gpt2_jax import workdir as wd
+from gpt2_jax.core import workdir as wd
 from gpt2_jax.errors import UserError
 
 METRICS_FILE = wd.METRICS

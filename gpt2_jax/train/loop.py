@@ -31,15 +31,16 @@ import ml_collections
 import numpy as np
 import optax
 
-from gpt2_jax import checkpoint as ckpt_lib
-from gpt2_jax import config as config_lib
-from gpt2_jax import data as data_lib
-from gpt2_jax import model as model_lib
-from gpt2_jax import optim, preflight, sharding, summary, trackers, weights
-from gpt2_jax import plan as plan_lib
-from gpt2_jax import workdir as wd
-from gpt2_jax.evaluate import evaluate_splits  # noqa: F401  (train_lib.evaluate_splits)
-from gpt2_jax.monitor import (
+from gpt2_jax.config import base as config_lib
+from gpt2_jax.config import plan as plan_lib
+from gpt2_jax.core import workdir as wd
+from gpt2_jax.data import pipeline as data_lib
+from gpt2_jax.evaluation.perplexity import evaluate_splits  # noqa: F401  (train_lib.evaluate_splits)
+from gpt2_jax.model import gpt2 as model_lib
+from gpt2_jax.optim import optimizer as optim
+from gpt2_jax.parallel import sharding
+from gpt2_jax.train import preflight, summary, trackers
+from gpt2_jax.train.monitor import (
     Interrupts,
     MetricLogger,
     NonFinite,
@@ -49,6 +50,8 @@ from gpt2_jax.monitor import (
     preempted,
     write_config,
 )
+from gpt2_jax.weights import checkpoint as ckpt_lib
+from gpt2_jax.weights import resolve as weights
 
 __all__ = ["MetricLogger", "Preempted", "TrainingError", "build_step", "train", "train_step"]
 
@@ -250,7 +253,7 @@ def _harness_hook(cfg, model_cfg, workdir: Path):
     if not cfg.eval.harness_tasks:
         return None
     try:
-        from gpt2_jax import harness
+        from gpt2_jax.evaluation import harness
     except ImportError as e:
         if "lm_eval" not in str(e):
             raise

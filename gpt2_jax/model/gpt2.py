@@ -105,6 +105,39 @@ RUNTIME_FIELDS = (
 )
 
 
+def runtime_from_section(m) -> dict:
+    """The runtime fields from a config's ``model`` section (a mapping): one key,
+    ``dropout``, sets all three of Hugging Face's *_pdrop fields."""
+    defaults = GPT2Config()
+    get = m.get if hasattr(m, "get") else lambda k, d: getattr(m, k, d)
+    dropout = get("dropout", defaults.resid_pdrop)
+    return {
+        f: dropout if f.endswith("_pdrop") else get(f, getattr(defaults, f)) for f in RUNTIME_FIELDS
+    }
+
+
+def config_from_section(m) -> GPT2Config:
+    """The frozen model config from a config's ``model`` section (a mapping of plain
+    values): ``size`` first, explicit n_layer/n_head/n_embd win. Raises ValueError naming
+    the key. Keys missing from an older saved config take GPT2Config's defaults."""
+    get = m.get if hasattr(m, "get") else lambda k, d: getattr(m, k, d)
+    fields = size_fields(get("size", "")) if get("size", "") else {}
+    for name in ("n_layer", "n_head", "n_embd"):
+        if get(name, 0):
+            fields[name] = get(name, 0)
+        elif name not in fields:
+            raise ValueError(f"model.{name} is not set (set it, or model.size)")
+    defaults = GPT2Config()
+    return GPT2Config(
+        **fields,
+        vocab_size=get("vocab_size", defaults.vocab_size),
+        n_positions=get("n_positions", defaults.n_positions),
+        n_inner=get("n_inner", 0) or None,
+        layer_norm_epsilon=get("layer_norm_epsilon", defaults.layer_norm_epsilon),
+        **runtime_from_section(m),
+    )
+
+
 def _dense(cfg: GPT2Config, features: int, name: str | None, std: float) -> nn.Dense:
     # HF Conv1D stores weights as (in, out): the same layout as a Dense kernel.
     return nn.Dense(

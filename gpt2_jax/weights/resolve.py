@@ -27,13 +27,29 @@ from typing import Any
 import jax
 import numpy as np
 
-from gpt2_jax import checkpoint as ckpt_lib
-from gpt2_jax import config as config_lib
-from gpt2_jax import model as model_lib
-from gpt2_jax import workdir as wd
+from gpt2_jax.core import workdir as wd
+from gpt2_jax.errors import ConfigError
+from gpt2_jax.model import gpt2 as model_lib
+from gpt2_jax.weights import checkpoint as ckpt_lib
 
 # ``dropout`` is one config key for the three *_pdrop fields.
 _CONFIG_KEY = {"resid_pdrop": "dropout", "embd_pdrop": "dropout", "attn_pdrop": "dropout"}
+
+
+@dataclasses.dataclass(frozen=True)
+class Request:
+    """What a command's config asks of the weights (the plan builds it from the config).
+
+    ``hf_spec``: the ``init_from`` directory or hub id (None: no ``init_from``);
+    ``runtime``: the user's runtime fields (``model.RUNTIME_FIELDS``), applied to any source;
+    ``requested``: the config's own model shape, needed for ``train`` without ``init_from``
+    (the shape check against a checkpoint, and random init); ``fresh``: ``train.fresh``.
+    """
+
+    hf_spec: str | None = None
+    runtime: dict = dataclasses.field(default_factory=dict)
+    requested: model_lib.GPT2Config | None = None
+    fresh: bool = False
 
 
 @dataclasses.dataclass(frozen=True)
@@ -191,17 +207,18 @@ def _pick_step(ckpt: ckpt_lib.Checkpointer, step: int | str | None) -> int:
 
 def _saved_model_cfg(ckpt, step: int, flag: str) -> model_lib.GPT2Config:
     try:
-        saved = config_lib.from_json(ckpt.restore_config(step))
+        return model_lib.config_from_section(json.loads(ckpt.restore_config(step))["model"])
     except Exception as e:  # unreadable config item: as corrupt as a bad array
         raise unreadable(ckpt.directory, step, ckpt.all_steps(), e, flag) from e
-    return config_lib.model_config(saved)
 
 
 # ------------------------------------------------------------------ the resolver
 
 
-def resolve(cfg, workdir: str | Path | None, step=None, *, training: bool = False) -> Source:
-    """Decides where the weights come from; writes the shape into ``cfg.model``.
+def resolve(
+    request: Request, workdir: str | Path | None, step=None, *, training: bool = False
+) -> Source:
+    """Decides where the weights come from; the resolved shape is ``Source.model_cfg``.
 
     ``step``: None/-1 = latest, an int, or "best" (checkpoints only). With
     ``training=True`` (the ``train`` command) a missing checkpoint falls through to
@@ -212,24 +229,23 @@ def resolve(cfg, workdir: str | Path | None, step=None, *, training: bool = Fals
     """
     flag = "--config.train.resume_step" if training else "--step"
     ckpt_dir = Path(workdir).absolute() / wd.CHECKPOINTS if workdir else None
-    fresh = training and cfg.train.fresh
+    fresh = training and request.fresh
     steps = _saved_steps(ckpt_dir) if ckpt_dir is not None and not fresh else []
     if steps:
         with ckpt_lib.Checkpointer(ckpt_dir, read_only=True) as ckpt:
             step = _pick_step(ckpt, step)
             saved = _saved_model_cfg(ckpt, step, flag)
-        if training and not cfg.init_from:
-            # (With init_from the shape came from those weights, not from cfg.model.)
-            diff = shape_diff(saved, config_lib.model_config(cfg))
+        if training and request.hf_spec is None:
+            # (With init_from the shape came from those weights, not from the config.)
+            diff = shape_diff(saved, request.requested)
             if diff:
-                raise config_lib.ConfigError(
+                raise ConfigError(
                     f"the model shape differs from the checkpoint {ckpt_dir / str(step)} "
                     f"({'; '.join(diff)}). A checkpoint fixes the shape: train in another "
                     f"--workdir, or add --config.train.fresh=true to move the old "
                     f"checkpoints aside (kept, not deleted) and start over"
                 )
-        model_cfg = dataclasses.replace(saved, **config_lib.runtime_fields(cfg))
-        config_lib.set_model_shape(cfg, model_cfg)
+        model_cfg = dataclasses.replace(saved, **request.runtime)
         return Source("checkpoint", model_cfg, step, ckpt_dir, saved)
     if ckpt_dir is not None and not training:
         raise ckpt_lib.CheckpointError(
@@ -240,9 +256,9 @@ def resolve(cfg, workdir: str | Path | None, step=None, *, training: bool = Fals
     if step not in (None, -1):
         where = ckpt_dir or "(no --workdir given)"
         raise ckpt_lib.CheckpointError(f"step {step}: there is no checkpoint in {where}")
-    hf_spec = config_lib.parse_init_from(cfg.init_from)
+    hf_spec = request.hf_spec
     if hf_spec is not None:
-        from gpt2_jax import hf
+        from gpt2_jax.weights import hf
 
         directory = hf.resolve(hf_spec)
         config_path = directory / "config.json"
@@ -253,16 +269,15 @@ def resolve(cfg, workdir: str | Path | None, step=None, *, training: bool = Fals
         model_cfg = hf.config_from_hf(
             json.loads(config_path.read_text()),
             str(config_path),
-            **config_lib.runtime_fields(cfg),
+            **request.runtime,
         )
-        config_lib.set_model_shape(cfg, model_cfg)
         return Source("hf", model_cfg, path=directory)
     if not training:
         raise ckpt_lib.CheckpointError(
             "no weights to use: no --workdir given and init_from is empty "
             "(give --workdir=DIR or --config.init_from=hf:<dir or hub id>)"
         )
-    return Source("scratch", config_lib.model_config(cfg))
+    return Source("scratch", request.requested)
 
 
 def _saved_steps(ckpt_dir: Path) -> list[int]:
@@ -279,7 +294,7 @@ def _saved_steps(ckpt_dir: Path) -> list[int]:
 
 def load_hf_params(source: Source) -> dict:
     """The Hugging Face weights of an ``hf`` source, laid out as ``source.model_cfg`` says."""
-    from gpt2_jax import hf
+    from gpt2_jax.weights import hf
 
     m = source.model_cfg
     _, params = hf.load_pretrained(source.path, **{k: getattr(m, k) for k in hf.OVERRIDABLE})
@@ -318,12 +333,6 @@ def restore(
         relayout, scan_layers=target_cfg.scan_layers, n_layer=target_cfg.n_layer
     )
     return jax.jit(convert, out_shardings=target_sh)(tree)
-
-
-def load_params(cfg, workdir: str | Path | None, step=None) -> tuple[Any, dict, Source]:
-    """(model config, params, source) for eval / export / generate."""
-    source = resolve(cfg, workdir, step)
-    return source.model_cfg, params_of(source), source
 
 
 def params_of(source: Source) -> dict:

@@ -18,7 +18,7 @@ import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec
 from tqdm import tqdm
 
-from gpt2_jax.model import GPT2, GPT2Config, token_nll
+from gpt2_jax.model.gpt2 import GPT2, GPT2Config, token_nll
 
 # ------------------------------------------------------------------ jitted pieces
 
@@ -319,9 +319,9 @@ class _Head:
 
 def evaluate_splits(cfg, model_cfg, params, splits: dict, mesh, progress: bool) -> list[dict]:
     """Loss / perplexity on each split: run_clm blocks, or sliding windows if eval.stride."""
-    from gpt2_jax import data as data_lib
-    from gpt2_jax import plan as plan_lib
-    from gpt2_jax import sharding
+    from gpt2_jax.config import plan as plan_lib
+    from gpt2_jax.data import pipeline as data_lib
+    from gpt2_jax.parallel import sharding
 
     batch_size = plan_lib.eval_batch(cfg, jax.device_count())  # checks eval.stride too
     out = []
@@ -369,9 +369,10 @@ def evaluate_splits(cfg, model_cfg, params, splits: dict, mesh, progress: bool) 
 def run_command(cfg, workdir, step=None, progress: bool = True) -> list[dict]:
     """``gpt2-jax eval``: the plan (weights of ``workdir``'s checkpoint, or the config's
     ``init_from``), the eval splits, and their loss / perplexity records."""
-    from gpt2_jax import data as data_lib
-    from gpt2_jax import plan as plan_lib
-    from gpt2_jax import sharding, weights
+    from gpt2_jax.config import plan as plan_lib
+    from gpt2_jax.data import pipeline as data_lib
+    from gpt2_jax.parallel import sharding
+    from gpt2_jax.weights import resolve as weights
 
     sharding.maybe_initialize_distributed(cfg.distributed)  # flags, or a detected cluster
     plan = plan_lib.weights_only(cfg, workdir, step, jax.device_count(), validate=True)

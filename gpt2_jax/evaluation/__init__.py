@@ -1,0 +1,2 @@
+"""Perplexity, the lm-evaluation-harness backend, and text generation.
+"""

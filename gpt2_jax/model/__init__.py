@@ -1,0 +1,3 @@
+"""The GPT-2 decoder (Flax linen): config, attention paths, KV-cache decoding, loss heads,
+FLOPs.
+"""

@@ -1,0 +1,2 @@
+"""Device mesh and shardings, jax.distributed, the multi-process launcher.
+"""

@@ -1,0 +1,3 @@
+"""Orbax checkpoints, Hugging Face import/export, and the one resolver of where weights come
+from.
+"""
