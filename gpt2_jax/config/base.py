@@ -170,6 +170,21 @@ def for_command(config_path: str | None, workdir: str | None, overrides: dict):
     return cfg
 
 
+def for_weights(workdir: str | None, init_from: str, overrides: dict) -> ml_collections.ConfigDict:
+    """The config of a command that only reads weights (generate, lm-eval, the harness's
+    Python API): ``--workdir``'s saved config, else the defaults with ``init_from``;
+    ``overrides`` (``{"model.dtype": "bfloat16"}``) applied by the one override path."""
+    if workdir:
+        cfg = for_command(None, workdir, overrides)
+    else:
+        cfg = base_config()
+        cfg.lock()
+        apply_overrides(cfg, overrides)
+    if init_from:
+        apply_overrides(cfg, {"init_from": init_from})
+    return cfg
+
+
 def from_json(text_or_dict) -> ml_collections.ConfigDict:
     """A saved config.json; keys added to ``base_config`` since it was written get defaults."""
     d = json.loads(text_or_dict) if isinstance(text_or_dict, str) else text_or_dict
