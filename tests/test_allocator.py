@@ -1,4 +1,4 @@
-"""gpt2_jax.allocator: freed step temporaries are reused, not mapped and zeroed again."""
+"""gpt2_jax.core.allocator: freed step temporaries are reused, not mapped and zeroed again."""
 
 import os
 import subprocess
@@ -7,20 +7,18 @@ import textwrap
 
 from gpt2_jax.core import allocator
 
-# A worker thread (as XLA:CPU's are) allocates, touches and frees 128 MB three times; the
+# A worker thread (as XLA:CPU's are) allocates, touches and frees N bytes three times; the
 # minor page faults of the last two rounds are printed. With glibc's defaults each round
-# is a fresh mmap (~32K faults of 4 KiB); tuned, the freed pages are reused.
+# is a fresh mmap (N / 4 KiB faults); tuned, the freed pages are reused.
 PROBE = textwrap.dedent(
     """
     import ctypes, resource, sys, threading
     from gpt2_jax.core import allocator
-    if sys.argv[1:] == ["reexec"]:
-        allocator.reexec()
     print(allocator.tune(), file=sys.stderr)
     libc = ctypes.CDLL("libc.so.6")
     libc.malloc.restype, libc.malloc.argtypes = ctypes.c_void_p, [ctypes.c_size_t]
     libc.free.argtypes = [ctypes.c_void_p]
-    n = 128 << 20
+    n = int(sys.argv[1])
     faults = []
     def rounds():
         for _ in range(3):
@@ -37,44 +35,46 @@ PROBE = textwrap.dedent(
 )
 
 
-def _faults(env_extra: dict, *args: str) -> int:
+def _faults(env_extra: dict, nbytes: int) -> int:
     env = {k: v for k, v in os.environ.items() if not k.startswith(("MALLOC_", "GPT2_JAX_"))}
     env.update(env_extra)
     out = subprocess.run(
-        [sys.executable, "-c", PROBE, *args], env=env, capture_output=True, text=True, check=True
-    )
+        [sys.executable, "-c", PROBE, str(nbytes)],
+        env=env, capture_output=True, text=True, check=True,
+    )  # fmt: skip
     return int(out.stdout.strip())
 
 
 def test_tuned_malloc_reuses_freed_memory_across_rounds():
     pages = (128 << 20) // 4096
-    default = _faults({"GPT2_JAX_MALLOC": "system"}, "reexec")
-    reexec = _faults({"JAX_PLATFORMS": "cpu"}, "reexec")  # as the gpt2-jax command
-    in_process = _faults({"JAX_PLATFORMS": "cpu"})  # mallopt only, as cli.main
+    default = _faults({"GPT2_JAX_MALLOC": "system"}, 128 << 20)
+    tuned = _faults({"JAX_PLATFORMS": "cpu"}, 128 << 20)  # mallopt, as the gpt2-jax command
     assert default > pages, default  # two fresh mappings: ~2 x 32K faults
-    assert reexec < pages // 10, reexec  # the same pages again
-    assert in_process < pages // 10, in_process
+    assert tuned < pages // 10, tuned  # the same pages again
 
 
-def test_reexec_runs_the_same_command_once_with_the_settings():
+def test_tuned_malloc_keeps_a_block_larger_than_mallopt_can_name():
+    # A GPT-2 124M step frees more than 2 GiB (the largest positive int mallopt takes): the
+    # trim threshold -1 (SIZE_MAX) keeps it, as the re-exec's MALLOC_TRIM_THRESHOLD_ did.
+    n = 3 << 30
+    assert _faults({"JAX_PLATFORMS": "cpu"}, n) < n // 4096 // 10
+
+
+def test_tune_is_the_commands_alone():
+    # Importing the library tunes nothing; the gpt2-jax entry point tunes once.
     script = (
-        "import os, sys\n"
-        "from gpt2_jax import allocator\n"
-        "print(os.getpid(), os.environ.get('MALLOC_TRIM_THRESHOLD_'), sys.argv[1:], flush=True)\n"
-        "allocator.reexec()\n"
-        "print(allocator.tune())\n"
+        "import sys\n"
+        "import gpt2_jax.core.allocator as a, gpt2_jax.cli.main as m\n"
+        "print(a.state())\n"
+        "m.configure_process('eval')\n"
+        "print(a.state())\n"
     )
     env = {k: v for k, v in os.environ.items() if not k.startswith(("MALLOC_", "GPT2_JAX_"))}
     env["JAX_PLATFORMS"] = "cpu"
     out = subprocess.run(
-        [sys.executable, "-c", script, "a", "--b=c"],
-        env=env, capture_output=True, text=True, check=True,
-    ).stdout.splitlines()  # fmt: skip
-    pid = out[0].split()[0]
-    assert out[0] == f"{pid} None ['a', '--b=c']"
-    assert out[1] == f"{pid} {64 << 30} ['a', '--b=c']"  # same process, same arguments
-    assert out[2] == allocator.TUNED
-    assert len(out) == 3
+        [sys.executable, "-c", script], env=env, capture_output=True, text=True, check=True
+    ).stdout.splitlines()
+    assert out == ["None", allocator.TUNED]
 
 
 def test_skip_reasons_respect_the_user():

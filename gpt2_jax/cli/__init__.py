@@ -1,2 +1,1 @@
-"""The gpt2-jax command: one module per command. The only place that sets process-wide state.
-"""
+"""The gpt2-jax command: one module per command. The only place that sets process-wide state."""

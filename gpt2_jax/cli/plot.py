@@ -218,3 +218,13 @@ def _plain_log_ticks(ax) -> None:
         FuncFormatter(lambda y, _: f"{y:g}" if y > 0 and math.isfinite(y) else "")
     )
     ax.yaxis.set_minor_formatter(NullFormatter())
+
+
+def cmd_plot(args, overrides) -> int:
+    """``gpt2-jax plot``: the runs' curves into one PNG."""
+    from gpt2_jax.cli.args import UsageError
+
+    if overrides:
+        raise UsageError(f"plot takes no --config.* flags (got --config.{next(iter(overrides))})")
+    print(plot_runs(args.workdirs + args.workdir, args.out, args.smoothing))
+    return 0

@@ -10,20 +10,20 @@ maps, faults in and zeroes the whole temporary space again. Measured on 2 CPU co
 of the wall time in the kernel, and the GPT-2 124M step at B=4 T=512 with dropout took
 13.7 s instead of 10.2 s.
 
-The fix is glibc's own settings: every thread allocates from the main heap
-(``MALLOC_ARENA_MAX=1``), never from ``mmap`` (``MALLOC_MMAP_MAX_=0``), and freed memory is
-kept (``MALLOC_TRIM_THRESHOLD_`` 64 GiB), so the next step's temporaries land on pages
-already mapped. The cost is a resident size that stays at its peak.
+The fix is glibc's own settings: every thread allocates from the main heap (one arena),
+never from ``mmap``, and freed memory is never trimmed, so the next step's temporaries land
+on pages already mapped. The cost is a resident size that stays at its peak.
 
-- ``reexec()`` (the ``gpt2-jax`` entry point, ``python -m gpt2_jax``, the benchmark's
-  workers) sets them as environment variables and re-executes the same command line,
-  so they hold from the process's first allocation. The trim threshold has to come this
-  way: a GPT-2 124M step frees more than the 2 GiB ``mallopt`` can express.
-- ``tune()`` (``cli.main`` in-process, the Python API) applies what it can with
-  ``mallopt`` in a running process: one arena, no ``mmap``, trim threshold 2 GiB. It must
-  run before XLA starts its threads (the first jax computation).
+``tune()`` applies them with ``mallopt`` in the running process; the ``gpt2-jax`` entry
+point calls it once (``cli/main.py: configure_process``), before XLA starts its threads.
+Nothing else calls it: importing or calling the library leaves malloc as it is.
+``mallopt`` takes an ``int``, but glibc stores the trim threshold as a ``size_t``: -1
+becomes SIZE_MAX, "never trim" - what ``MALLOC_TRIM_THRESHOLD_`` set to 64 GiB did when
+the command re-executed itself with these variables (measured: a 3 GiB block freed and
+allocated again by a worker thread faults in no page the second time, either way; 2 GiB
+minus one, the largest positive ``int``, faults in all of them). Hence no re-exec.
 
-Both leave things alone when:
+``tune()`` leaves things alone when:
 - ``GPT2_JAX_MALLOC=system`` is set (glibc's defaults);
 - the user tuned malloc already (``MALLOC_ARENA_MAX``, ``MALLOC_MMAP_MAX_``,
   ``MALLOC_TRIM_THRESHOLD_``, ``glibc.malloc`` in ``GLIBC_TUNABLES``, or jemalloc/tcmalloc
@@ -46,22 +46,12 @@ import sys
 M_TRIM_THRESHOLD = -1
 M_MMAP_MAX = -4
 M_ARENA_MAX = -8
-TRIM_THRESHOLD = 2**31 - 1  # mallopt takes an int: the largest, ~2 GiB
-
-# The same as environment variables (read by glibc at process start; size_t values).
-TUNED_ENV = {
-    "MALLOC_ARENA_MAX": "1",
-    "MALLOC_MMAP_MAX_": "0",
-    "MALLOC_TRIM_THRESHOLD_": str(64 << 30),
-    "GPT2_JAX_MALLOC": "tuned",  # marks them as ours: reexec() and tune() stop here
-}
+NEVER_TRIM = -1  # an int for mallopt; glibc's size_t threshold: SIZE_MAX
 
 _USER_ENV = ("MALLOC_ARENA_MAX", "MALLOC_MMAP_MAX_", "MALLOC_TRIM_THRESHOLD_")
 _ACCELERATOR_PLUGINS = ("jax_cuda12_plugin", "jax_cuda13_plugin", "jax_rocm_plugin", "libtpu")
 
 TUNED = "glibc tuned: one arena, no mmap, freed memory kept (GPT2_JAX_MALLOC=system: defaults)"
-TUNED_IN_PROCESS = "glibc tuned in-process: one arena, no mmap, trim above 2 GiB"
-_AT_START = "tuned at process start"
 _state: str | None = None
 
 
@@ -69,8 +59,6 @@ def skip_reason(env) -> str | None:
     """Why malloc must be left as it is, or None to tune it."""
     if env.get("GPT2_JAX_MALLOC", "").lower() == "system":
         return "GPT2_JAX_MALLOC=system"
-    if all(env.get(k) == v for k, v in TUNED_ENV.items()):
-        return _AT_START
     for name in _USER_ENV:
         if name in env:
             return f"{name} set by the user"
@@ -89,17 +77,6 @@ def skip_reason(env) -> str | None:
     return None
 
 
-def reexec(env=None) -> None:
-    """Re-execute this process's command line with ``TUNED_ENV`` set; returns (doing
-    nothing) where ``skip_reason`` applies, which includes the re-executed process."""
-    env = dict(os.environ if env is None else env)
-    if skip_reason(env) is not None:
-        return
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os.execve(sys.executable, [sys.executable, *sys.orig_argv[1:]], {**env, **TUNED_ENV})
-
-
 def tune(env=None) -> str:
     """Apply what ``mallopt`` can once per process; returns a one-line description of the
     host allocator (the run summary prints it)."""
@@ -107,9 +84,6 @@ def tune(env=None) -> str:
     if _state is not None:
         return _state
     reason = skip_reason(os.environ if env is None else env)
-    if reason == _AT_START:  # reexec() set the variables: nothing left to do
-        _state = TUNED
-        return _state
     if reason is None:
         try:
             mallopt = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").mallopt
@@ -117,9 +91,9 @@ def tune(env=None) -> str:
             reason = "no glibc mallopt"
         else:
             mallopt.argtypes, mallopt.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int
-            settings = ((M_ARENA_MAX, 1), (M_MMAP_MAX, 0), (M_TRIM_THRESHOLD, TRIM_THRESHOLD))
+            settings = ((M_ARENA_MAX, 1), (M_MMAP_MAX, 0), (M_TRIM_THRESHOLD, NEVER_TRIM))
             if all(mallopt(k, v) == 1 for k, v in settings):
-                _state = TUNED_IN_PROCESS
+                _state = TUNED
                 return _state
             reason = "mallopt refused"
     _state = f"not tuned ({reason})"

@@ -8,6 +8,7 @@ This module knows pytrees, not models.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 from pathlib import Path
@@ -27,14 +28,24 @@ class CheckpointError(UserError, RuntimeError):
 BEST_METRIC = "eval_loss"
 
 
-class _QuietMissingMetrics(logging.Filter):
-    """With keep_best, steps saved between evals have no metrics, by design: no warning."""
+@contextlib.contextmanager
+def _absl_quieted(level: int | None = None, drop: str = ""):
+    """Orbax's absl log, for one call, at ``level`` and without records containing
+    ``drop``; restored afterwards (nothing process-wide stays changed)."""
+    logger = logging.getLogger("absl")
+    previous = logger.level
 
-    def filter(self, record: logging.LogRecord) -> bool:
-        return "did not provide metrics" not in record.getMessage()
+    def keep(record: logging.LogRecord) -> bool:
+        return not drop or drop not in record.getMessage()
 
-
-logging.getLogger("absl").addFilter(_QuietMissingMetrics())
+    if level is not None:
+        logger.setLevel(level)
+    logger.addFilter(keep)
+    try:
+        yield
+    finally:
+        logger.removeFilter(keep)
+        logger.setLevel(previous)
 
 
 class Checkpointer:
@@ -88,16 +99,11 @@ class Checkpointer:
             create=not read_only,
             read_only=read_only,
         )
-        absl_logger = logging.getLogger("absl")
-        level = absl_logger.level
-        if read_only:  # Orbax warns that a read-only manager will not save: we know.
-            absl_logger.setLevel(logging.ERROR)
-        try:
+        # Orbax warns that a read-only manager will not save: we know.
+        with _absl_quieted(logging.ERROR if read_only else None):
             self._mngr = ocp.CheckpointManager(
                 self.directory, options=options, item_names=("state", "config")
             )
-        finally:
-            absl_logger.setLevel(level)
 
     def latest_step(self) -> int | None:
         return self._mngr.latest_step()
@@ -129,15 +135,17 @@ class Checkpointer:
         directory.
         """
         metrics = None if eval_loss is None else {BEST_METRIC: float(eval_loss)}
+        # With keep_best, steps saved between evals have no metrics, by design: no warning.
         try:
-            saved = self._mngr.save(
-                step,
-                args=ocp.args.Composite(
-                    state=ocp.args.PyTreeSave(state), config=ocp.args.JsonSave(config)
-                ),
-                force=force,
-                metrics=metrics,
-            )
+            with _absl_quieted(drop="did not provide metrics"):
+                saved = self._mngr.save(
+                    step,
+                    args=ocp.args.Composite(
+                        state=ocp.args.PyTreeSave(state), config=ocp.args.JsonSave(config)
+                    ),
+                    force=force,
+                    metrics=metrics,
+                )
         except Exception as e:
             raise self._write_error(step, e) from e
         if not saved and step not in self._mngr.all_steps():

@@ -19,7 +19,6 @@ import dataclasses
 import functools
 import json
 import re
-import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -173,19 +172,6 @@ def unreadable(ckpt_dir: Path, step: int, steps: list[int], exc: BaseException, 
     )
 
 
-def _quiet_abandoned_reads() -> None:
-    """After a failed restore, Orbax's other array reads are abandoned coroutines that
-    Python reports at exit ("Exception ignored in ...", a page of TensorStore spec) after
-    the one-line error: drop those reports, keep any other."""
-    previous = sys.unraisablehook
-
-    def hook(unraisable):
-        if "_read_array_index" not in repr(unraisable.object):
-            previous(unraisable)
-
-    sys.unraisablehook = hook
-
-
 def _pick_step(ckpt: ckpt_lib.Checkpointer, step: int | str | None) -> int:
     steps = ckpt.all_steps()
     if step is None or step == -1:
@@ -207,7 +193,9 @@ def _pick_step(ckpt: ckpt_lib.Checkpointer, step: int | str | None) -> int:
 
 def _saved_model_cfg(ckpt, step: int, flag: str) -> model_lib.GPT2Config:
     try:
-        return model_lib.config_from_section(json.loads(ckpt.restore_config(step))["model"])
+        saved = ckpt.restore_config(step)  # the run's config: a dict (JSON text before)
+        saved = json.loads(saved) if isinstance(saved, str) else saved
+        return model_lib.config_from_section(saved["model"])
     except Exception as e:  # unreadable config item: as corrupt as a bad array
         raise unreadable(ckpt.directory, step, ckpt.all_steps(), e, flag) from e
 
@@ -324,7 +312,6 @@ def restore(
             source.step, ckpt_lib.abstract_like(abstract, shardings), partial=partial
         )
     except ckpt_lib.CheckpointError as e:
-        _quiet_abandoned_reads()
         raise unreadable(ckpt.directory, source.step, ckpt.all_steps(), e, flag) from e
     if saved_layout.scan_layers == target_cfg.scan_layers:
         return tree
