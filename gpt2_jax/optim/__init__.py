@@ -1,2 +1,1 @@
-"""Optimizers and learning-rate schedules (optax).
-"""
+"""Optimizers and learning-rate schedules (optax)."""

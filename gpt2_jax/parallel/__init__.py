@@ -1,2 +1,1 @@
-"""Device mesh and shardings, jax.distributed, the multi-process launcher.
-"""
+"""Device mesh and shardings, jax.distributed, the multi-process launcher."""
