@@ -8,6 +8,7 @@ names the key.
 
 from __future__ import annotations
 
+import dataclasses
 import difflib
 import importlib.util
 import json
@@ -15,9 +16,13 @@ from pathlib import Path
 
 import ml_collections
 
+from gpt2_jax.config import sections as sections_lib
 from gpt2_jax.core import workdir as wd
+from gpt2_jax.data.config import DataConfig
 from gpt2_jax.errors import ConfigError  # defined there for the modules below; used here
 from gpt2_jax.model import gpt2 as model_lib
+from gpt2_jax.optim.config import OptimConfig
+from gpt2_jax.parallel.config import DistributedConfig, MeshConfig
 
 # ---------------------------------------------------------------------------- defaults
 
@@ -338,13 +343,19 @@ def runtime_fields(cfg: ml_collections.ConfigDict) -> dict:
 SHAPE_KEYS = model_lib.SHAPE_FIELDS
 
 
-def set_model_shape(cfg: ml_collections.ConfigDict, mcfg: model_lib.GPT2Config) -> None:
-    """Writes ``mcfg``'s shape into ``cfg.model`` (so config.json records what ran)."""
-    with cfg.model.unlocked():
-        cfg.model.size = ""
-        for k in SHAPE_KEYS:
-            cfg.model[k] = getattr(mcfg, k)
-        cfg.model.n_inner = mcfg.n_inner or 0
+def resolved_record(cfg: ml_collections.ConfigDict, model_cfg: model_lib.GPT2Config) -> dict:
+    """What a run records as its config (config.json, each checkpoint, the trackers):
+    ``cfg`` as a dict, with the shape the weights fixed (``model_cfg``) in its ``model``
+    section and the one-time actions (``train.fresh``, ``train.resume_step``) cleared, so
+    that resuming the same run does not repeat them. ``cfg`` itself is not changed."""
+    record = to_dict(cfg)
+    model = record["model"]
+    model["size"] = ""
+    for k in SHAPE_KEYS:
+        model[k] = getattr(model_cfg, k)
+    model["n_inner"] = model_cfg.n_inner or 0
+    record["train"].update(fresh=False, resume_step=-1)
+    return record
 
 
 # ------------------------------------------------------------------------- validation
@@ -378,60 +389,64 @@ def warnings(cfg: ml_collections.ConfigDict) -> list[str]:
     return out
 
 
-def validate(cfg: ml_collections.ConfigDict, num_devices: int) -> model_lib.GPT2Config:
-    """Checks everything that can be checked before data loads or anything compiles.
+@dataclasses.dataclass(frozen=True)
+class Sections:
+    """The config's sections, typed and frozen (``config/sections.py``); ``model`` is the
+    config's own model (``model_config``), before any weights say otherwise."""
 
-    Returns the model config. Raises ConfigError naming the offending key (the eval batch
+    data: DataConfig
+    optim: OptimConfig
+    train: sections_lib.TrainConfig
+    eval: sections_lib.EvalConfig
+    mesh: MeshConfig
+    distributed: DistributedConfig
+    init_from: str
+
+
+def sections(cfg: ml_collections.ConfigDict) -> Sections:
+    """``cfg`` as typed, frozen sections (not yet validated: ``validate`` does that)."""
+    typed = sections_lib.typed
+    return Sections(
+        data=DataConfig.from_mapping(cfg.data),
+        optim=typed(OptimConfig, cfg.optim),
+        train=typed(sections_lib.TrainConfig, cfg.train),
+        eval=typed(sections_lib.EvalConfig, cfg.eval),
+        mesh=typed(MeshConfig, cfg.mesh),
+        distributed=typed(DistributedConfig, cfg.distributed),
+        init_from=cfg.init_from,
+    )
+
+
+def validate(
+    cfg: ml_collections.ConfigDict,
+    num_devices: int,
+    model_cfg: model_lib.GPT2Config | None = None,
+) -> model_lib.GPT2Config:
+    """Checks everything that can be checked before data loads or anything compiles: each
+    section beside its definition, then what spans sections. ``model_cfg``: the model that
+    will run when the weights fixed it (else the config's own). Returns the model config.
+    Raises ConfigError (DataError for data keys) naming the offending key (the eval batch
     and stride are checked where they are decided: ``plan.eval_batch``).
     """
     try:
-        mcfg = model_config(cfg)
+        mcfg = model_cfg or model_config(cfg)
         mcfg.validate()
     except ValueError as e:
         raise ConfigError(str(e)) from None
+    s = sections(cfg)
     _check(
-        1 < cfg.data.block_size <= mcfg.n_positions,
+        1 < s.data.block_size <= mcfg.n_positions,
         "data.block_size",
-        f"{cfg.data.block_size} must be in [2, model.n_positions={mcfg.n_positions}]",
+        f"{s.data.block_size} must be in [2, model.n_positions={mcfg.n_positions}]",
     )
-    parse_init_from(cfg.init_from)
-    _check_steps(cfg.train)
-    _check_batches(cfg.train, cfg.optim, num_devices)
-    _check_optim(cfg.optim)
-    _check_eval(cfg.eval)
-    try:
-        from gpt2_jax.parallel import sharding
-
-        sharding.mesh_shape(cfg.mesh, num_devices)
-    except ValueError as e:
-        raise ConfigError(str(e)) from None
-    from gpt2_jax.data import pipeline as data_lib
-
-    data_lib.check_data_config(cfg.data)  # DataError: missing files, empty globs, ...
+    parse_init_from(s.init_from)
+    s.train.validate()
+    _check_batches(s.train, s.optim, num_devices)
+    s.optim.validate()
+    s.eval.validate()
+    s.mesh.validate(num_devices)
+    s.data.validate()  # DataError: missing files, empty globs, ...
     return mcfg
-
-
-def _check_steps(t) -> None:
-    _check(t.batch_size > 0, "train.batch_size", f"must be positive, got {t.batch_size}")
-    _check(
-        t.steps >= 0 and t.epochs >= 0, "train.steps", "train.steps and train.epochs must be >= 0"
-    )
-    _check(t.steps > 0 or t.epochs > 0, "train.steps", "set train.steps or train.epochs")
-    for key in ("log_every", "eval_every", "checkpoint_every"):
-        _check(t[key] >= 0, f"train.{key}", f"must be >= 0, got {t[key]}")
-    _check(t.log_every > 0, "train.log_every", "must be positive")
-    _check(
-        t.nonfinite in ("stop", "skip"),
-        "train.nonfinite",
-        f"{t.nonfinite!r} is not one of stop, skip",
-    )
-    _check(t.max_nonfinite >= 1, "train.max_nonfinite", "must be >= 1")
-    _check(t.resume_step >= -1, "train.resume_step", "must be a saved step, or -1 (latest)")
-    _check(
-        not (t.fresh and t.resume_step >= 0),
-        "train.fresh",
-        "train.fresh=true starts over: it cannot be combined with train.resume_step",
-    )
 
 
 def _check_batches(t, o, num_devices: int) -> None:
@@ -448,29 +463,4 @@ def _check_batches(t, o, num_devices: int) -> None:
         "train.batch_size",
         f"the microbatch train.batch_size/optim.accumulation_steps={micro} is not divisible "
         f"by the {num_devices} devices",
-    )
-
-
-def _check_optim(o) -> None:
-    from gpt2_jax.optim.optimizer import SCHEDULES
-
-    _check(o.learning_rate > 0, "optim.learning_rate", f"must be positive, got {o.learning_rate}")
-    _check(
-        o.schedule in SCHEDULES,
-        "optim.schedule",
-        f"{o.schedule!r} is not one of {', '.join(SCHEDULES)}",
-    )
-    _check(o.warmup_steps >= 0, "optim.warmup_steps", "must be >= 0")
-    _check(o.weight_decay >= 0, "optim.weight_decay", "must be >= 0")
-    _check(o.grad_clip >= 0, "optim.grad_clip", "must be >= 0 (0 disables clipping)")
-    _check(0 <= o.min_lr_ratio <= 1, "optim.min_lr_ratio", "must be in [0, 1]")
-
-
-def _check_eval(e) -> None:
-    _check(e.harness_every >= 0, "eval.harness_every", "must be >= 0 (0: at the end)")
-    _check(e.harness_limit >= 0, "eval.harness_limit", "must be >= 0 (0: every doc)")
-    _check(
-        e.harness_num_fewshot >= -1,
-        "eval.harness_num_fewshot",
-        "must be >= 0, or -1 for each task's default",
     )

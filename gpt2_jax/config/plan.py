@@ -1,11 +1,12 @@
 """The run plan: every value a command derives from (config, workdir), decided once.
 
 How a config becomes a run: the config file and its overrides give a locked ConfigDict
-(config.py); ``plan.training`` / ``plan.weights_only`` turn it, with the workdir, into a
-frozen ``Plan``: the model config that runs, where its weights come from (weights.py's one
-resolver), the mesh shape, the micro and eval batch sizes, the total steps, and the notes
-to report (warnings, runtime changes on resume). The commands read the plan; none works
-these values out again.
+(config/base.py); ``plan.training`` / ``plan.weights_only`` turn it, with the workdir, into a
+frozen ``Plan``: the config's typed sections (config/sections.py), the model config that runs,
+where its weights come from (weights/resolve.py, the one resolver), the mesh shape, the micro
+and eval batch sizes, the total steps, the resolved config to record, and the notes to report
+(warnings, runtime changes on resume). The ConfigDict stops here: the commands and everything
+they call read the plan; none works these values out again.
 """
 
 from __future__ import annotations
@@ -13,9 +14,12 @@ from __future__ import annotations
 import dataclasses
 
 from gpt2_jax.config import base as config_lib
+from gpt2_jax.config.sections import EvalConfig, TrainConfig
+from gpt2_jax.data.config import DataConfig
 from gpt2_jax.errors import ConfigError
 from gpt2_jax.model import gpt2 as model_lib
-from gpt2_jax.parallel import sharding
+from gpt2_jax.optim.config import OptimConfig
+from gpt2_jax.parallel.config import DistributedConfig, MeshConfig
 from gpt2_jax.weights import resolve as weights
 
 
@@ -26,6 +30,14 @@ class Plan:
     mesh_shape: tuple[int, int]  # (data, fsdp)
     micro_batch: int  # sequences per microbatch (global): train.batch_size / accumulation
     eval_batch: int  # sequences per eval batch (global)
+    data: DataConfig
+    optim: OptimConfig
+    train: TrainConfig
+    eval: EvalConfig
+    mesh: MeshConfig
+    distributed: DistributedConfig
+    init_from: str
+    record: dict  # the resolved config as a run records it (config.json, checkpoints)
     total_steps: int = 0  # optimizer steps of the whole run (train; 0 until the data is known)
     notes: tuple[str, ...] = ()  # warnings and resume changes, printed once by the command
 
@@ -42,20 +54,19 @@ def weights_request(cfg, training: bool = False) -> weights.Request:
 
 
 def resolve_weights(cfg, workdir, step=None, *, training: bool = False) -> weights.Source:
-    """The one resolver's answer for ``cfg``; the resolved shape is recorded in
-    ``cfg.model`` (config.json says what ran)."""
-    source = weights.resolve(weights_request(cfg, training), workdir, step, training=training)
-    config_lib.set_model_shape(cfg, source.model_cfg)
-    return source
+    """The one resolver's answer for ``cfg``; the resolved shape is ``source.model_cfg``
+    (``cfg`` is not changed)."""
+    return weights.resolve(weights_request(cfg, training), workdir, step, training=training)
 
 
-def eval_batch(cfg, num_devices: int) -> int:
+def eval_batch(s, num_devices: int) -> int:
     """The eval batch: ``eval.batch_size``, or the train microbatch; checked here alone,
-    with the sliding-window stride (both commands that evaluate get them from here)."""
-    e, d = cfg.eval, cfg.data
+    with the sliding-window stride (both commands that evaluate get them from here).
+    ``s``: anything with ``eval``, ``train``, ``optim`` and ``data`` sections."""
+    e, d = s.eval, s.data
     if e.batch_size < 0:
         raise ConfigError("eval.batch_size: must be >= 0 (0: train.batch_size)")
-    size = e.batch_size or cfg.train.batch_size // max(cfg.optim.accumulation_steps, 1)
+    size = e.batch_size or s.train.batch_size // max(s.optim.accumulation_steps, 1)
     if size % num_devices:
         raise ConfigError(f"eval.batch_size: {size} is not divisible by the {num_devices} devices")
     if e.stride < 0:
@@ -72,33 +83,44 @@ def training(cfg, workdir, num_devices: int) -> Plan:
     """The plan of ``gpt2-jax train``: weights resolved (checkpoint -> init_from ->
     scratch), everything validated; ``total_steps`` follows with ``with_data``."""
     source = resolve_weights(cfg, workdir, cfg.train.resume_step, training=True)
-    checked = config_lib.validate(cfg, num_devices)
+    checked = config_lib.validate(cfg, num_devices, source.model_cfg)
     notes = [f"warning: {w}" for w in config_lib.warnings(cfg)]
     if source.kind == "checkpoint":
         notes += [
             f"resume: {c} (this run's value, recorded in config.json)"
             for c in weights.runtime_changes(source.saved_cfg, checked)
         ]
-    return _validated_plan(cfg, source, num_devices, tuple(notes))
+    return _plan(cfg, source, num_devices, tuple(notes), validated=True)
 
 
-def _validated_plan(cfg, source, num_devices: int, notes: tuple[str, ...] = ()) -> Plan:
-    """The plan of a validated config: mesh and batch sizes from it."""
+def _plan(cfg, source, num_devices: int, notes=(), validated: bool = False) -> Plan:
+    """The plan of a config: its sections, and with ``validated`` the mesh and batch sizes
+    (without, they are not the command's concern: 0)."""
+    s = config_lib.sections(cfg)
+    mesh_shape = s.mesh.validate(num_devices) if validated else (num_devices, 1)
+    micro = s.train.batch_size // s.optim.accumulation_steps if validated else 0
     return Plan(
         model=source.model_cfg,
         source=source,
-        mesh_shape=sharding.mesh_shape(cfg.mesh, num_devices),
-        micro_batch=cfg.train.batch_size // cfg.optim.accumulation_steps,
-        eval_batch=eval_batch(cfg, num_devices),
+        mesh_shape=mesh_shape,
+        micro_batch=micro,
+        eval_batch=eval_batch(s, num_devices) if validated else 0,
+        data=s.data,
+        optim=s.optim,
+        train=s.train,
+        eval=s.eval,
+        mesh=s.mesh,
+        distributed=s.distributed,
+        init_from=s.init_from,
+        record=config_lib.resolved_record(cfg, source.model_cfg),
         notes=notes,
     )
 
 
-def with_data(plan: Plan, cfg, steps_per_epoch: int) -> Plan:
+def with_data(plan: Plan, steps_per_epoch: int) -> Plan:
     """``plan`` with its total steps: ``train.steps``, else epochs of the train split."""
-    return dataclasses.replace(
-        plan, total_steps=cfg.train.steps or cfg.train.epochs * steps_per_epoch
-    )
+    total = plan.train.steps or plan.train.epochs * steps_per_epoch
+    return dataclasses.replace(plan, total_steps=total)
 
 
 def weights_only(cfg, workdir, step, num_devices: int, *, validate: bool = False) -> Plan:
@@ -106,8 +128,6 @@ def weights_only(cfg, workdir, step, num_devices: int, *, validate: bool = False
     checkpoint or ``hf:``), no training. ``validate`` (eval) checks the whole config and
     the eval batch; without it the mesh and batches are not the command's concern (0)."""
     source = resolve_weights(cfg, workdir, step)
-    if not validate:
-        return Plan(model=source.model_cfg, source=source, mesh_shape=(num_devices, 1),
-                    micro_batch=0, eval_batch=0)  # fmt: skip
-    config_lib.validate(cfg, num_devices)
-    return _validated_plan(cfg, source, num_devices)
+    if validate:
+        config_lib.validate(cfg, num_devices, source.model_cfg)
+    return _plan(cfg, source, num_devices, validated=validate)

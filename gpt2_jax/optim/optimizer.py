@@ -14,7 +14,7 @@ import jax.numpy as jnp
 import optax
 from flax import traverse_util
 
-SCHEDULES = ("cosine", "linear", "constant")
+from gpt2_jax.optim.config import SCHEDULES
 
 
 def make_schedule(optim_cfg, total_steps: int) -> optax.Schedule:

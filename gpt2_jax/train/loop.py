@@ -1,12 +1,13 @@
-"""Training: the pure step, the one step builder, and the loop.
+"""Training: the run, from a config to its last checkpoint.
 
 How a config becomes a run (``train(cfg, workdir)``), top to bottom:
 
-1. ``plan.training``: where the weights come from, the model config, the mesh, the
-   batches, the notes; everything validated before anything is written;
+1. ``plan.training``: the config's typed sections, where the weights come from, the model
+   config, the mesh, the batches, the notes; everything validated before anything is
+   written. Below this point nothing reads the ConfigDict;
 2. the data (token blocks), the loader, and the checks of what comes later (trackers,
    harness tasks), so that a bad value stops the run before it compiles;
-3. ``build_step``: optimizer, abstract state, shardings, donation, jit and the
+3. ``step.build_step``: optimizer, abstract state, shardings, donation, jit and the
    ahead-of-time compile, once; ``preflight.check_step`` refuses a step that cannot fit;
 4. ``_Run``: setup (workdir, state created sharded or restored, logger, summary), a short
    loop that runs the compiled step and the hooks due at each step (log, progress, eval,
@@ -26,10 +27,7 @@ from pathlib import Path
 from typing import Any
 
 import jax
-import jax.numpy as jnp
 import ml_collections
-import numpy as np
-import optax
 
 from gpt2_jax.config import base as config_lib
 from gpt2_jax.config import plan as plan_lib
@@ -37,7 +35,6 @@ from gpt2_jax.core import workdir as wd
 from gpt2_jax.data import pipeline as data_lib
 from gpt2_jax.evaluation.perplexity import evaluate_splits  # noqa: F401  (train_lib.evaluate_splits)
 from gpt2_jax.model import gpt2 as model_lib
-from gpt2_jax.optim import optimizer as optim
 from gpt2_jax.parallel import sharding
 from gpt2_jax.train import preflight, summary, trackers
 from gpt2_jax.train.monitor import (
@@ -46,159 +43,12 @@ from gpt2_jax.train.monitor import (
     NonFinite,
     Preempted,
     Throughput,
-    TrainingError,
     preempted,
     write_config,
 )
+from gpt2_jax.train.step import Step, build_step, init_state
 from gpt2_jax.weights import checkpoint as ckpt_lib
 from gpt2_jax.weights import resolve as weights
-
-__all__ = ["MetricLogger", "Preempted", "TrainingError", "build_step", "train", "train_step"]
-
-State = dict[str, Any]  # {"step": int32[], "params": ..., "opt_state": ..., "rng": uint32[2]}
-
-
-# ------------------------------------------------------------------ pure functions
-
-
-def init_state(
-    rng: jax.Array,
-    *,
-    model_cfg: model_lib.GPT2Config,
-    tx: optax.GradientTransformation,
-    params=None,
-) -> State:
-    """A fresh train state (random params unless ``params`` is given)."""
-    init_rng, train_rng = jax.random.split(rng)
-    if params is None:
-        params = model_lib.init_params(model_cfg, init_rng)
-    return {
-        "step": jnp.zeros((), jnp.int32),
-        "params": params,
-        "opt_state": tx.init(params),
-        "rng": train_rng,
-    }
-
-
-def loss_fn(
-    params,
-    batch: jax.Array,
-    dropout_rng: jax.Array,
-    *,
-    model_cfg: model_lib.GPT2Config,
-    deterministic: bool = False,
-) -> jax.Array:
-    """Mean next-token cross-entropy over a batch [B, T] (each block's T-1 predictions)."""
-    hidden = model_lib.GPT2(model_cfg).apply(
-        {"params": params},
-        batch,
-        deterministic=deterministic,
-        return_hidden=True,
-        rngs={"dropout": dropout_rng},
-    )
-    return model_lib.mean_token_nll(hidden, params["wte"]["embedding"], batch)
-
-
-def train_step(
-    state: State,
-    batch: jax.Array,
-    *,
-    model_cfg: model_lib.GPT2Config,
-    tx: optax.GradientTransformation,
-    skip_nonfinite: bool = False,
-) -> tuple[State, dict]:
-    """One optimizer update from ``batch`` [accum, micro_batch, T] int32.
-
-    Gradients of the ``accum`` microbatches are averaged by a scan inside the step (every
-    block has the same T-1 targets, so this is the mean over all tokens).
-    ``skip_nonfinite``: a non-finite loss or gradient norm leaves params and optimizer
-    state as they were (the step counter still advances).
-    """
-    rng = jax.random.fold_in(state["rng"], state["step"])
-    grad_fn = jax.value_and_grad(functools.partial(loss_fn, model_cfg=model_cfg))
-    accum = batch.shape[0]
-    params = state["params"]
-
-    if accum == 1:
-        loss, grads = grad_fn(params, batch[0], jax.random.fold_in(rng, 0))
-    else:
-
-        def micro(carry, xs):
-            mb, i = xs
-            loss_i, grads_i = grad_fn(params, mb, jax.random.fold_in(rng, i))
-            return jax.tree.map(jnp.add, carry, (loss_i, grads_i)), None
-
-        zeros = (jnp.zeros((), jnp.float32), jax.tree.map(jnp.zeros_like, params))
-        (loss, grads), _ = jax.lax.scan(micro, zeros, (batch, jnp.arange(accum)))
-        loss, grads = jax.tree.map(lambda x: x / accum, (loss, grads))
-
-    grad_norm = optax.global_norm(grads)
-    new_params, opt_state = tx.apply(grads, state["opt_state"], params)  # optim.Fused...
-    if skip_nonfinite:
-        ok = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
-        keep = functools.partial(jax.tree.map, lambda new, old: jnp.where(ok, new, old))
-        new_params, opt_state = keep(new_params, params), keep(opt_state, state["opt_state"])
-    new_state = {
-        "step": state["step"] + 1,
-        "params": new_params,
-        "opt_state": opt_state,
-        "rng": state["rng"],
-    }
-    return new_state, {"loss": loss, "grad_norm": grad_norm}
-
-
-# ------------------------------------------------------------------ the step builder
-
-
-@dataclasses.dataclass(frozen=True)
-class Step:
-    """The compiled train step and what it was built from (``build_step``, once a run)."""
-
-    compiled: Any  # compiled(state, batch) -> (state, metrics); the state is donated
-    tx: Any  # optim.FusedTransformation
-    schedule: Callable[[int], Any]
-    mesh: jax.sharding.Mesh
-    abstract_fn: Callable  # model config -> the abstract train state (restores use it)
-    state_shardings: Any
-    batch_sharding: jax.sharding.NamedSharding
-    abstract_state: Any  # ShapeDtypeStructs with their shardings
-    abstract_batch: jax.ShapeDtypeStruct
-
-
-def build_step(cfg, plan: plan_lib.Plan) -> Step:
-    """Optimizer, abstract state, shardings, donation, jit and the ahead-of-time compile
-    of ``train_step`` for ``plan``: the one place the step is made (the loop runs it,
-    ``preflight.check_step`` reads it)."""
-    tx, schedule = optim.make_optimizer(cfg.optim, plan.total_steps)
-    mesh = sharding.mesh_of(plan.mesh_shape)
-    rng = jax.random.PRNGKey(cfg.train.seed)
-
-    def abstract_fn(model_cfg):
-        return jax.eval_shape(functools.partial(init_state, model_cfg=model_cfg, tx=tx), rng)
-
-    abstract = abstract_fn(plan.model)
-    state_sh = sharding.state_sharding(mesh, abstract)
-    batch_sh = sharding.batch_sharding(mesh, leading=1)
-    accum = cfg.optim.accumulation_steps
-    abstract_state = jax.tree.map(
-        lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, state_sh
-    )
-    abstract_batch = jax.ShapeDtypeStruct(
-        (accum, plan.micro_batch, cfg.data.block_size), np.int32, sharding=batch_sh
-    )
-    skip = cfg.train.nonfinite == "skip"
-    jitted = jax.jit(
-        functools.partial(train_step, model_cfg=plan.model, tx=tx, skip_nonfinite=skip),
-        in_shardings=(state_sh, batch_sh),
-        out_shardings=(state_sh, None),
-        donate_argnums=0,
-    )
-    compiled = jitted.lower(abstract_state, abstract_batch).compile()
-    return Step(
-        compiled, tx, schedule, mesh, abstract_fn, state_sh, batch_sh, abstract_state,
-        abstract_batch,
-    )  # fmt: skip
-
 
 # ------------------------------------------------------------------ the command
 
@@ -209,33 +59,37 @@ def train(cfg: ml_collections.ConfigDict, workdir: str | Path) -> dict:
     Raises ConfigError / DataError / CheckpointError / TrainingError with a clear message.
     """
     workdir = Path(workdir).absolute()
-    sharding.maybe_initialize_distributed(cfg.distributed)
+    sharding.maybe_initialize_distributed(config_lib.sections(cfg).distributed)
     # ---- the plan: weights, model, mesh, batches; everything checked before anything is
-    # written
-    plan = plan_lib.training(cfg, workdir, jax.device_count())
+    # written. The ConfigDict stops here.
+    return run(plan_lib.training(cfg, workdir, jax.device_count()), workdir)
+
+
+def run(plan: plan_lib.Plan, workdir: Path) -> dict:
+    """Trains (or resumes) ``plan`` in ``workdir``; returns the final eval metrics."""
     if jax.process_index() == 0:
         for note in plan.notes:
             print(note, file=sys.stderr)
-    splits = data_lib.load_splits(cfg.data, ("train", *cfg.eval.splits))
+    splits = data_lib.load_splits(plan.data, ("train", *plan.eval.splits))
     # ("train" may be an eval split too)
     loader = data_lib.BatchLoader(
-        len(splits["train"]), cfg.train.batch_size, cfg.train.seed, jax.process_index(),
+        len(splits["train"]), plan.train.batch_size, plan.train.seed, jax.process_index(),
         jax.process_count(),
     )  # fmt: skip
-    data = _Data(splits["train"], {name: splits[name] for name in cfg.eval.splits}, loader)
-    plan = plan_lib.with_data(plan, cfg, data.loader.steps_per_epoch)
+    data = _Data(splits["train"], {name: splits[name] for name in plan.eval.splits}, loader)
+    plan = plan_lib.with_data(plan, data.loader.steps_per_epoch)
     # A bad HF checkpoint fails here, before the workdir is touched.
     source = plan.source
     hf_params = weights.load_hf_params(source) if source.kind == "hf" else None
-    tracker_names = trackers.check(cfg.train.report_to)  # e.g. wandb, not installed
+    tracker_names = trackers.check(plan.train.report_to)  # e.g. wandb, not installed
     # Harness tasks (eval.harness_tasks): known, and their data loadable, before compiling.
-    harness_hook = _harness_hook(cfg, plan.model, workdir)
+    harness_hook = _harness_hook(plan, workdir)
     # ---- the step, compiled once; the memory preflight refuses a run that cannot fit
     # (nothing written yet). With many processes it is also a barrier.
-    step = build_step(cfg, plan)
-    preflight.check_step(step.compiled, step.abstract_state, step.abstract_batch, cfg)
+    step = build_step(plan)
+    preflight.check_step(step.compiled, step.abstract_state, step.abstract_batch, plan)
     with contextlib.ExitStack() as stack:
-        run = _Run(cfg, workdir, plan, step, data, stack, harness_hook, tracker_names)
+        run = _Run(workdir, plan, step, data, stack, harness_hook, tracker_names)
         run.setup(hf_params)
         run.loop()
         return run.finish()
@@ -248,9 +102,9 @@ class _Data:
     loader: Any  # data.BatchLoader
 
 
-def _harness_hook(cfg, model_cfg, workdir: Path):
+def _harness_hook(plan: plan_lib.Plan, workdir: Path):
     """``harness.TrainingHook`` when ``eval.harness_tasks`` is set, else None."""
-    if not cfg.eval.harness_tasks:
+    if not plan.eval.harness_tasks:
         return None
     try:
         from gpt2_jax.evaluation import harness
@@ -262,17 +116,17 @@ def _harness_hook(cfg, model_cfg, workdir: Path):
             "pip install 'gpt2_jax[eval]'"
         ) from None
     try:
-        return harness.TrainingHook(cfg, model_cfg, workdir)
+        return harness.TrainingHook(plan, plan.model, workdir)
     except harness.HarnessError as e:
         raise config_lib.ConfigError(str(e)) from None
 
 
-def _prepare_workdir(cfg, workdir: Path, source: weights.Source) -> list[str]:
+def _prepare_workdir(fresh: bool, workdir: Path, source: weights.Source) -> list[str]:
     """train.fresh / train.resume_step: moves old runs aside (never deletes); what it did."""
     done = []
     if jax.process_index() == 0:
         workdir.mkdir(parents=True, exist_ok=True)
-        if cfg.train.fresh:
+        if fresh:
             done += [f"train.fresh: moved {p.name} aside" for p in weights.start_fresh(workdir)]
         if source.kind == "checkpoint":
             moved = weights.supersede_after(workdir / wd.CHECKPOINTS, source.step)
@@ -281,9 +135,7 @@ def _prepare_workdir(cfg, workdir: Path, source: weights.Source) -> list[str]:
         from jax.experimental import multihost_utils
 
         multihost_utils.sync_global_devices("gpt2_jax workdir ready")
-    # One-time actions: config.json must not repeat them when the same run is resumed.
-    with cfg.train.unlocked():
-        cfg.train.fresh, cfg.train.resume_step = False, -1
+    # (The one-time actions are cleared in plan.record: a resume does not repeat them.)
     return done
 
 
@@ -309,10 +161,8 @@ class _Run:
     """One training run: ``setup()``, ``loop()``, ``finish()``; the periodic work is the
     hooks list (``_hooks``), each one function and one line."""
 
-    def __init__(self, cfg, workdir, plan, step: Step, data: _Data, stack, harness, names):
-        self.cfg, self.workdir, self.plan, self.step_build, self.data = (
-            cfg, workdir, plan, step, data,
-        )  # fmt: skip
+    def __init__(self, workdir, plan, step: Step, data: _Data, stack, harness, names):
+        self.workdir, self.plan, self.step_build, self.data = workdir, plan, step, data
         self.stack, self.harness_hook, self.tracker_names = stack, harness, names
         self.total = plan.total_steps
         self.pending: list[tuple[int, dict]] = []
@@ -325,13 +175,13 @@ class _Run:
     # ---------------------------------------------------------------- setup
 
     def setup(self, hf_params) -> None:
-        cfg, workdir, source, s = self.cfg, self.workdir, self.plan.source, self.step_build
+        plan, workdir, source, s = self.plan, self.workdir, self.plan.source, self.step_build
         self.run_start = time.perf_counter()
-        moved = _prepare_workdir(cfg, workdir, source)
+        moved = _prepare_workdir(plan.train.fresh, workdir, source)
         self.ckpt = ckpt_lib.Checkpointer(
             workdir / wd.CHECKPOINTS,
-            max_to_keep=cfg.train.keep_checkpoints,
-            keep_best=cfg.train.keep_best,
+            max_to_keep=plan.train.keep_checkpoints,
+            keep_best=plan.train.keep_best,
         )
         self.stack.callback(self.ckpt.close)  # an open async manager must not outlive an error
         self.resume_step = source.step if source.kind == "checkpoint" else None
@@ -343,17 +193,19 @@ class _Run:
             )  # fmt: skip
         else:
             init_fn = functools.partial(init_state, model_cfg=self.plan.model, tx=s.tx)
-            rng = jax.random.PRNGKey(cfg.train.seed)
+            rng = jax.random.PRNGKey(plan.train.seed)
             self.state = jax.jit(init_fn, out_shardings=s.state_shardings)(rng, params=hf_params)
-        write_config(cfg, workdir)  # after the restore: an unreadable checkpoint changes nothing
+        write_config(
+            plan.record, workdir
+        )  # after the restore: an unreadable checkpoint changes nothing
         self.start = int(self.state["step"])
         self._open_log(moved)
 
     def _open_log(self, moved: list[str]) -> None:
         from tqdm import tqdm
 
-        cfg, workdir = self.cfg, self.workdir
-        show = cfg.train.progress and jax.process_index() == 0
+        plan, workdir = self.plan, self.workdir
+        show = plan.train.progress and jax.process_index() == 0
         self.bar = tqdm(
             total=self.total, initial=self.start, desc="train", dynamic_ncols=True,
             # Steps are dispatched asynchronously and wait at each log step, so the bar moves
@@ -361,10 +213,10 @@ class _Run:
             smoothing=0.0, disable=not show, file=sys.stderr,
         )  # fmt: skip
         self.stack.callback(self.bar.close)
-        names, config = self.tracker_names, config_lib.to_dict(cfg)
+        names, config = self.tracker_names, plan.record
         self.log = MetricLogger(
             workdir, self.resume_step, self.bar if show else None,
-            lambda: trackers.make(names, workdir, cfg.train, config),
+            lambda: trackers.make(names, workdir, plan.train, config),
         )  # fmt: skip
         self.stack.callback(self.log.close)
         text = self._start_summary()
@@ -376,12 +228,12 @@ class _Run:
             self.log.echo(f"resumed from {self.ckpt.directory / str(self.resume_step)}")
 
     def _start_summary(self) -> str:
-        cfg, d = self.cfg, self.data
+        plan, d = self.plan, self.data
         resumed = None
         if self.resume_step is not None:
             resumed = self.ckpt.directory / str(self.resume_step)
         return summary.start_summary(
-            config_lib.to_dict(cfg),
+            plan.record,
             params=model_lib.count_params(self.step_build.abstract_state["params"]),
             device_count=jax.device_count(),
             process_count=jax.process_count(),
@@ -391,7 +243,7 @@ class _Run:
             total_steps=self.total,
             steps_per_epoch=d.loader.steps_per_epoch,
             blocks={"train": len(d.train), **{k: len(v) for k, v in d.evals.items()}},
-            weights=summary.weights_source(resumed, cfg.init_from, cfg.train.seed),
+            weights=summary.weights_source(resumed, plan.init_from, plan.train.seed),
             workdir=self.workdir,
             data=data_lib.cache_report({"train": d.train, **d.evals}),
         )
@@ -400,8 +252,8 @@ class _Run:
 
     def _hooks(self) -> list[Hook]:
         """Everything the loop does besides the step, in the order it is done at a step."""
-        t, total = self.cfg.train, self.total
-        harness_every = self.cfg.eval.harness_every if self.harness_hook else 0
+        t, total = self.plan.train, self.total
+        harness_every = self.plan.eval.harness_every if self.harness_hook else 0
         log_due = every(t.log_every, total, last=True)
         eval_due = every(t.eval_every, total)
         ckpt_due = every(t.checkpoint_every, total)
@@ -423,8 +275,8 @@ class _Run:
     def loop(self) -> None:
         """Runs the compiled step to ``total`` steps; the hooks do the rest."""
         hooks = self._hooks()
-        self.throughput = Throughput(self.cfg, self.plan.model, jax.devices())
-        self.guard = NonFinite(self.cfg.train.nonfinite, self.cfg.train.max_nonfinite)
+        self.throughput = Throughput(self.plan, self.plan.model, jax.devices())
+        self.guard = NonFinite(self.plan.train.nonfinite, self.plan.train.max_nonfinite)
         self.last_time, self.last_step = time.perf_counter(), self.start
         self.step = self.start
         with Interrupts() as self.interrupts:
@@ -443,7 +295,7 @@ class _Run:
 
     def _batch(self, step: int) -> jax.Array:
         local = self.data.train[self.data.loader.indices(step)]  # [B / processes, T]
-        local = local.reshape(self.cfg.optim.accumulation_steps, -1, local.shape[-1])
+        local = local.reshape(self.plan.optim.accumulation_steps, -1, local.shape[-1])
         return sharding.put_batch(local, self.step_build.batch_sharding)  # [accum, micro, T]
 
     # ---------------------------------------------------------------- the hooks
@@ -466,9 +318,11 @@ class _Run:
             "grad_norm": self.window["grad_norm"],
         }
         if step > self.last_step:  # not the first step's window alone
-            tokens = self.cfg.train.batch_size * self.cfg.data.block_size * (step - self.last_step)
+            tokens = (
+                self.plan.train.batch_size * self.plan.data.block_size * (step - self.last_step)
+            )
             record.update(self.throughput.metrics(tokens / (now - self.last_time - self.paused)))
-        if self.cfg.train.nonfinite == "skip":
+        if self.plan.train.nonfinite == "skip":
             record["nonfinite"] = self.window["nonfinite"]
         self.log.write(record)
         self.last_time, self.last_step, self.paused = now, step, 0.0
@@ -477,9 +331,7 @@ class _Run:
         t0 = time.perf_counter()
         params = self.state["params"]
         mesh = self.step_build.mesh
-        self.evals = evaluate_splits(
-            self.cfg, self.plan.model, params, self.data.evals, mesh, progress=False
-        )
+        self.evals = evaluate_splits(self.plan, params, self.data.evals, mesh, progress=False)
         for r in self.evals:
             self.log.write({"step": step, **r})
         self.paused += time.perf_counter() - t0
@@ -492,8 +344,8 @@ class _Run:
 
     def _save(self, step: int) -> None:
         # keep_best ranks checkpoints by the first eval split's loss at that step.
-        best = self.evals[0]["loss"] if (self.cfg.train.keep_best and self.evals) else None
-        self.ckpt.save(step, self.state, config_lib.to_dict(self.cfg), eval_loss=best)
+        best = self.evals[0]["loss"] if (self.plan.train.keep_best and self.evals) else None
+        self.ckpt.save(step, self.state, self.plan.record, eval_loss=best)
 
     def _stop(self, step: int) -> None:
         if self.ckpt.latest_step() != step:

@@ -14,7 +14,6 @@ from pathlib import Path
 import jax
 import numpy as np
 
-from gpt2_jax.config import base as config_lib
 from gpt2_jax.core import workdir as wd
 from gpt2_jax.errors import UserError, signal_exit_code
 from gpt2_jax.model import flops
@@ -134,10 +133,10 @@ class Interrupts:
 class Throughput:
     """tokens/s -> tokens/s, tokens/s per device and (where the peak is known) MFU."""
 
-    def __init__(self, cfg, model_cfg, devices):
+    def __init__(self, plan, model_cfg, devices):
         self.devices = len(devices)
-        self.flops_per_token = flops.flops_per_token(model_cfg, cfg.data.block_size)
-        self.peak = float(cfg.train.peak_flops) or flops.peak_flops(
+        self.flops_per_token = flops.flops_per_token(model_cfg, plan.data.block_size)
+        self.peak = float(plan.train.peak_flops) or flops.peak_flops(
             devices[0].device_kind, model_cfg.dtype
         )
 
@@ -208,12 +207,13 @@ def preempted(interrupts: Interrupts, step: int) -> bool:
     return interrupts.requested
 
 
-def write_config(cfg, workdir: Path) -> None:
-    """Records the resolved config; a changed config on resume is reported, not hidden."""
+def write_config(record: dict, workdir: Path) -> None:
+    """Records the resolved config (``plan.record``); a changed config on resume is
+    reported, not hidden."""
     if jax.process_index() != 0:
         return
     path = workdir / wd.CONFIG
-    new = config_lib.to_dict(cfg)
+    new = record
     if path.exists():
         try:
             old = json.loads(path.read_text())

@@ -1,0 +1,130 @@
+"""The config's typed, frozen sections, and how a ConfigDict section becomes one.
+
+Each section is a frozen dataclass whose fields are exactly the config's keys (their one-line
+comments are in ``config/base.py``), validated beside its definition:
+
+    model         model.GPT2Config (built by ``model.config_from_section``)
+    data          data's DataConfig
+    optim         optim.config.OptimConfig
+    mesh          parallel.config.MeshConfig;  distributed: parallel.config.DistributedConfig
+    train, eval   TrainConfig, EvalConfig (here: only the commands read them)
+
+The plan (``config/plan.py``) builds them once; below it nothing reads a ConfigDict.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, TypeVar
+
+from gpt2_jax.errors import ConfigError
+
+T = TypeVar("T")
+
+
+def typed(cls: type[T], section: Any) -> T:
+    """``cls`` (a frozen dataclass) from a config section: one field per key, nested
+    dataclasses built the same way, lists as tuples. Keys the dataclass does not have are
+    not read (``tests/test_config.py`` checks that the defaults have none)."""
+    values = {}
+    for f in dataclasses.fields(cls):
+        v = section[f.name]
+        sub = _dataclass_type(cls, f)
+        if sub is not None:
+            v = typed(sub, v)
+        elif isinstance(v, list):
+            v = tuple(v)
+        values[f.name] = v
+    return cls(**values)
+
+
+def _dataclass_type(cls, f):
+    hint = f.type if not isinstance(f.type, str) else _HINTS.get((cls.__name__, f.name))
+    return hint if dataclasses.is_dataclass(hint) else None
+
+
+@dataclasses.dataclass(frozen=True)
+class WandbConfig:
+    project: str
+    entity: str
+    name: str
+    tags: tuple
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainConfig:
+    batch_size: int
+    steps: int
+    epochs: int
+    seed: int
+    log_every: int
+    eval_every: int
+    checkpoint_every: int
+    keep_checkpoints: int
+    keep_best: bool
+    resume_step: int
+    fresh: bool
+    nonfinite: str
+    max_nonfinite: int
+    progress: bool
+    preflight: bool
+    peak_flops: float
+    report_to: tuple
+    wandb: WandbConfig
+
+    def validate(self) -> None:
+        _check(self.batch_size > 0, "train.batch_size", f"must be positive, got {self.batch_size}")
+        _check(
+            self.steps >= 0 and self.epochs >= 0,
+            "train.steps",
+            "train.steps and train.epochs must be >= 0",
+        )
+        _check(self.steps > 0 or self.epochs > 0, "train.steps", "set train.steps or train.epochs")
+        for key in ("log_every", "eval_every", "checkpoint_every"):
+            value = getattr(self, key)
+            _check(value >= 0, f"train.{key}", f"must be >= 0, got {value}")
+        _check(self.log_every > 0, "train.log_every", "must be positive")
+        _check(
+            self.nonfinite in ("stop", "skip"),
+            "train.nonfinite",
+            f"{self.nonfinite!r} is not one of stop, skip",
+        )
+        _check(self.max_nonfinite >= 1, "train.max_nonfinite", "must be >= 1")
+        _check(self.resume_step >= -1, "train.resume_step", "must be a saved step, or -1 (latest)")
+        _check(
+            not (self.fresh and self.resume_step >= 0),
+            "train.fresh",
+            "train.fresh=true starts over: it cannot be combined with train.resume_step",
+        )
+
+
+@dataclasses.dataclass(frozen=True)
+class EvalConfig:
+    batch_size: int
+    max_batches: int
+    stride: int
+    splits: tuple
+    harness_tasks: str
+    harness_every: int
+    harness_include_path: str
+    harness_limit: int
+    harness_num_fewshot: int
+
+    def validate(self) -> None:
+        """The harness keys (the batch and stride are checked where they are decided:
+        ``plan.eval_batch``, with the train batch and the block size)."""
+        _check(self.harness_every >= 0, "eval.harness_every", "must be >= 0 (0: at the end)")
+        _check(self.harness_limit >= 0, "eval.harness_limit", "must be >= 0 (0: every doc)")
+        _check(
+            self.harness_num_fewshot >= -1,
+            "eval.harness_num_fewshot",
+            "must be >= 0, or -1 for each task's default",
+        )
+
+
+_HINTS = {("TrainConfig", "wandb"): WandbConfig}
+
+
+def _check(cond: bool, key: str, message: str) -> None:
+    if not cond:
+        raise ConfigError(f"{key}: {message}")
