@@ -46,7 +46,7 @@ def help_text() -> str:
     return f"{ABOUT['']}\n\n{USAGE}"
 
 
-class _Parser(argparse.ArgumentParser):
+class _FlagParser(argparse.ArgumentParser):
     """argparse that keeps the flag names it was given (``flags``), so an unknown flag can
     be answered with the closest known one without reading argparse's private tables."""
 
@@ -64,7 +64,7 @@ class UsageError(UserError, ValueError):
 
 def parser(command: str) -> argparse.ArgumentParser:
     lines = [line for line in USAGE.splitlines() if line.startswith(f"  gpt2-jax {command} ")]
-    p = _Parser(
+    p = _FlagParser(
         prog=f"gpt2-jax {command}",
         description=ABOUT[command] + "\n\n" + "\n".join(x.strip() for x in lines),
         formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -83,7 +83,7 @@ def parser(command: str) -> argparse.ArgumentParser:
     if command in ("eval", "generate", "export"):
         p.add_argument(
             "--step",
-            type=parse_step,
+            type=step_flag,
             default=None,
             help="checkpoint of --workdir: N, best (train.keep_best), or latest (default)",
         )
@@ -118,7 +118,7 @@ def parser(command: str) -> argparse.ArgumentParser:
 def _lm_eval_flags(p: argparse.ArgumentParser) -> None:
     """lm-evaluation-harness's own flag names, and the weights as eval/generate take them."""
     p.add_argument("--workdir", default="", help="a gpt2-jax run directory")
-    p.add_argument("--step", type=parse_step, default=None, help="N, best, or latest (default)")
+    p.add_argument("--step", type=step_flag, default=None, help="N, best, or latest (default)")
     p.add_argument("--init_from", default="", help="hf:<dir or hub id> instead of --workdir")
     p.add_argument("--tasks", required=True, help="comma-separated lm-eval task names")
     p.add_argument("--num_fewshot", type=int, default=None, help="few-shot examples per task")
@@ -141,7 +141,7 @@ def _lm_eval_flags(p: argparse.ArgumentParser) -> None:
 _MODEL_ARGS = ("init_from", "workdir", "step", "batch_size", "dtype", "max_gen_toks", "seed")
 
 
-def parse_step(text: str):
+def step_flag(text: str):
     from gpt2_jax.weights import resolve as weights
 
     try:

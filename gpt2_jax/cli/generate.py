@@ -18,7 +18,7 @@ def cmd_generate(args, overrides) -> int:
         raise UsageError("give --workdir=DIR (a trained run) or --init_from=hf:<dir or hub id>")
     if args.init_from:
         try:
-            config_lib.parse_init_from(args.init_from)
+            config_lib.init_from_spec(args.init_from)
         except config_lib.ConfigError:
             raise UsageError(f"--init_from={args.init_from!r} must be hf:<dir or hub id>") from None
     if args.prompt == "":

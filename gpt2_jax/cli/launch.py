@@ -10,6 +10,6 @@ def cmd_launch(argv: list[str]) -> int:
     from gpt2_jax.parallel import launch
 
     try:
-        return launch.main(argv)
+        return launch.launch(argv)
     except launch.LaunchError as e:
         raise UsageError(str(e)) from None

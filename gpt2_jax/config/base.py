@@ -366,7 +366,7 @@ def _check(cond: bool, key: str, message: str) -> None:
         raise ConfigError(f"{key}: {message}")
 
 
-def parse_init_from(init_from: str) -> str | None:
+def init_from_spec(init_from: str) -> str | None:
     """``init_from`` -> the HF directory or hub id, None for ''; ConfigError otherwise."""
     from gpt2_jax.weights import hf
 
@@ -439,7 +439,7 @@ def validate(
         "data.block_size",
         f"{s.data.block_size} must be in [2, model.n_positions={mcfg.n_positions}]",
     )
-    parse_init_from(s.init_from)
+    init_from_spec(s.init_from)
     s.train.validate()
     _check_batches(s.train, s.optim, num_devices)
     s.optim.validate()

@@ -44,7 +44,7 @@ class Plan:
 
 def weights_request(cfg, training: bool = False) -> weights.Request:
     """What ``cfg`` asks of the weights resolver (weights/resolve.py)."""
-    init_from = config_lib.parse_init_from(cfg.init_from)
+    init_from = config_lib.init_from_spec(cfg.init_from)
     return weights.Request(
         hf_spec=init_from,
         runtime=config_lib.runtime_fields(cfg),

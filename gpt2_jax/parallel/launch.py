@@ -46,7 +46,7 @@ class _Parser(argparse.ArgumentParser):
         raise LaunchError(message)
 
 
-def parse_args(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
+def parse_launch_args(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
     """``[--processes=N --devices_per_process=M --port=P] -- CMD ...`` -> (flags, CMD argv)."""
     p = _Parser(
         prog="gpt2-jax launch",
@@ -288,9 +288,9 @@ class Launcher:
             self.close()
 
 
-def main(argv: list[str]) -> int:
+def launch(argv: list[str]) -> int:
     """Entry point of ``gpt2-jax launch`` (argv after the command name)."""
-    args, command = parse_args(argv)
+    args, command = parse_launch_args(argv)
     log_dir = args.log_dir
     if not log_dir:
         workdir = workdir_of(command)

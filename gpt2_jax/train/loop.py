@@ -62,10 +62,10 @@ def train(cfg: ml_collections.ConfigDict, workdir: str | Path) -> dict:
     sharding.maybe_initialize_distributed(config_lib.sections(cfg).distributed)
     # ---- the plan: weights, model, mesh, batches; everything checked before anything is
     # written. The ConfigDict stops here.
-    return run(plan_lib.training(cfg, workdir, jax.device_count()), workdir)
+    return run_plan(plan_lib.training(cfg, workdir, jax.device_count()), workdir)
 
 
-def run(plan: plan_lib.Plan, workdir: Path) -> dict:
+def run_plan(plan: plan_lib.Plan, workdir: Path) -> dict:
     """Trains (or resumes) ``plan`` in ``workdir``; returns the final eval metrics."""
     if jax.process_index() == 0:
         for note in plan.notes:
@@ -81,7 +81,7 @@ def run(plan: plan_lib.Plan, workdir: Path) -> dict:
     # A bad HF checkpoint fails here, before the workdir is touched.
     source = plan.source
     hf_params = weights.load_hf_params(source) if source.kind == "hf" else None
-    tracker_names = trackers.check(plan.train.report_to)  # e.g. wandb, not installed
+    tracker_names = trackers.check_names(plan.train.report_to)  # e.g. wandb, not installed
     # Harness tasks (eval.harness_tasks): known, and their data loadable, before compiling.
     harness_hook = _harness_hook(plan, workdir)
     # ---- the step, compiled once; the memory preflight refuses a run that cannot fit

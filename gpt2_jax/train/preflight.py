@@ -129,7 +129,7 @@ def advice(cfg) -> str:
     return "; ".join(tips)
 
 
-def check(est: MemoryEstimate, budget: int | None, source: str, cfg) -> None:
+def check_fits(est: MemoryEstimate, budget: int | None, source: str, cfg) -> None:
     """Raises PreflightError when the predicted peak exceeds the budget."""
     if budget is None or est.peak <= budget:
         return
@@ -184,5 +184,5 @@ def check_step(compiled, abstract_state, abstract_batch, cfg) -> MemoryEstimate 
         limit = f"of {_gib(budget)} ({source})" if budget is not None else "(budget unknown)"
         print(f"preflight: {est.describe()} {limit}", file=sys.stderr, flush=True)
     if est is not None:
-        check(est, budget, source, cfg)
+        check_fits(est, budget, source, cfg)
     return est

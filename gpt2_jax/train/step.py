@@ -22,7 +22,7 @@ from gpt2_jax.model import gpt2 as model_lib
 from gpt2_jax.optim import optimizer as optim
 from gpt2_jax.parallel import sharding
 
-State = dict[str, Any]  # {"step": int32[], "params": ..., "opt_state": ..., "rng": uint32[2]}
+TrainState = dict[str, Any]  # {"step": int32[], "params": ..., "opt_state": ..., "rng": uint32[2]}
 
 
 # ------------------------------------------------------------------ pure functions
@@ -34,7 +34,7 @@ def init_state(
     model_cfg: model_lib.GPT2Config,
     tx: optax.GradientTransformation,
     params=None,
-) -> State:
+) -> TrainState:
     """A fresh train state (random params unless ``params`` is given)."""
     init_rng, train_rng = jax.random.split(rng)
     if params is None:
@@ -67,13 +67,13 @@ def loss_fn(
 
 
 def train_step(
-    state: State,
+    state: TrainState,
     batch: jax.Array,
     *,
     model_cfg: model_lib.GPT2Config,
     tx: optax.GradientTransformation,
     skip_nonfinite: bool = False,
-) -> tuple[State, dict]:
+) -> tuple[TrainState, dict]:
     """One optimizer update from ``batch`` [accum, micro_batch, T] int32.
 
     Gradients of the ``accum`` microbatches are averaged by a scan inside the step (every

@@ -20,14 +20,13 @@ from gpt2_jax.core import workdir as wd
 from gpt2_jax.errors import UserError
 
 TRACKERS = ("tensorboard", "wandb", "none")
-WANDB_RUN_ID = wd.WANDB_RUN_ID  # the workdir file that makes a resume continue the W&B run
 
 
 class TrackerError(UserError, ValueError):
     """A ``train.report_to`` problem: an unknown name, or wandb not installed."""
 
 
-def check(report_to) -> tuple[str, ...]:
+def check_names(report_to) -> tuple[str, ...]:
     """The tracker names of ``train.report_to``, checked before anything compiles."""
     names = tuple(str(n).strip() for n in report_to if str(n).strip())
     for name in names:
@@ -78,7 +77,7 @@ class WandB:
         import wandb
 
         workdir = Path(workdir)
-        id_file = workdir / WANDB_RUN_ID
+        id_file = workdir / wd.WANDB_RUN_ID
         run_id = id_file.read_text().strip() if id_file.is_file() else uuid.uuid4().hex[:12]
         tags = [t for t in (wandb_cfg.tags or ()) if t]
         self.run = wandb.init(

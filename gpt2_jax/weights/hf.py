@@ -99,7 +99,7 @@ def _set(tree: dict, path: tuple[str, ...], value: Any) -> None:
     tree[path[-1]] = value
 
 
-def _get(tree: Any, path: tuple[str, ...]) -> Any:
+def _get_path(tree: Any, path: tuple[str, ...]) -> Any:
     for key in path:
         tree = tree[key]
     return tree
@@ -341,7 +341,7 @@ def resolve(path_or_hub_id: str | os.PathLike) -> Path:
 # ------------------------------------------------------------------ import
 
 
-def _check(src: _Source, cfg: GPT2Config, tied: bool) -> None:
+def _check_weights(src: _Source, cfg: GPT2Config, tied: bool) -> None:
     """Raises one HFImportError listing every missing, unexpected or misshapen tensor.
 
     ``tied``: config.json's tie_word_embeddings; untied needs an lm_head equal to wte.
@@ -440,7 +440,7 @@ def load_pretrained(path_or_hub_id: str | os.PathLike, **overrides: Any) -> tupl
             src: _Source = _SafetensorsSource(directory, files, stack)
         else:
             src = _TorchSource(directory, files)
-        _check(src, cfg, tied=bool(hf_config.get("tie_word_embeddings", True)))
+        _check_weights(src, cfg, tied=bool(hf_config.get("tie_word_embeddings", True)))
         params = _convert(src, cfg)
     return cfg, params
 
@@ -465,7 +465,7 @@ def _hf_tensors(cfg: GPT2Config, params: dict) -> Iterator[tuple[str, np.ndarray
 
 def _host(params: dict, path: tuple[str, ...], shape: tuple[int, ...]) -> np.ndarray:
     try:
-        leaf = _get(params, path)
+        leaf = _get_path(params, path)
     except (KeyError, TypeError) as e:
         raise ValueError(f"params have no leaf {'/'.join(path)}") from e
     if tuple(leaf.shape) != shape:
