@@ -10,27 +10,10 @@ from gpt2_jax.cli.common import model_and_params
 
 
 def cmd_generate(args, overrides) -> int:
-    from gpt2_jax.config import base as config_lib
     from gpt2_jax.data import tokenizer
     from gpt2_jax.evaluation import generate as gen_lib
 
-    if not (args.workdir or args.init_from or args.config):
-        raise UsageError("give --workdir=DIR (a trained run) or --init_from=hf:<dir or hub id>")
-    if args.init_from:
-        try:
-            config_lib.init_from_spec(args.init_from)
-        except config_lib.ConfigError:
-            raise UsageError(f"--init_from={args.init_from!r} must be hf:<dir or hub id>") from None
-    if args.prompt == "":
-        raise UsageError("--prompt: must not be empty")
-    if args.num_samples < 1:
-        raise UsageError(f"--num_samples={args.num_samples}: must be >= 1")
-    try:  # the API's own checks, before any weights load
-        gen_lib.check_sampling(
-            args.max_new_tokens, args.temperature, args.top_k, args.top_p, args.repetition_penalty
-        )
-    except ValueError as e:
-        raise UsageError(f"--{e}") from None
+    _check_flags(args)
     prompts = _read_prompts(args)
     cfg = gen_lib.command_config(args.config, args.workdir, args.init_from, overrides)
     model_cfg, params, source = model_and_params(cfg, args, announce=False)
@@ -72,6 +55,30 @@ def cmd_generate(args, overrides) -> int:
         file=sys.stderr,
     )
     return 0
+
+
+def _check_flags(args) -> None:
+    """The flags' own checks, before any weights load (errors stay one line)."""
+    from gpt2_jax.config import base as config_lib
+    from gpt2_jax.evaluation import generate as gen_lib
+
+    if not (args.workdir or args.init_from or args.config):
+        raise UsageError("give --workdir=DIR (a trained run) or --init_from=hf:<dir or hub id>")
+    if args.init_from:
+        try:
+            config_lib.init_from_spec(args.init_from)
+        except config_lib.ConfigError:
+            raise UsageError(f"--init_from={args.init_from!r} must be hf:<dir or hub id>") from None
+    if args.prompt == "":
+        raise UsageError("--prompt: must not be empty")
+    if args.num_samples < 1:
+        raise UsageError(f"--num_samples={args.num_samples}: must be >= 1")
+    try:  # the API's own checks, before any weights load
+        gen_lib.check_sampling(
+            args.max_new_tokens, args.temperature, args.top_k, args.top_p, args.repetition_penalty
+        )
+    except ValueError as e:
+        raise UsageError(f"--{e}") from None
 
 
 def _read_prompts(args) -> list[str]:

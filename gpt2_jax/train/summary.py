@@ -66,12 +66,6 @@ def start_summary(
         else f"size {m.get('size')!r}"
     )
     block = d["block_size"]
-    accum = o.get("accumulation_steps", 1)
-    micro = t["batch_size"] // accum
-    batch = f"{t['batch_size']:,} sequences x {block} tokens = {t['batch_size'] * block:,} tokens"
-    batch += (
-        f" a step (global; {accum} microbatches of {micro})" if accum > 1 else " a step (global)"
-    )
     epochs = total_steps / steps_per_epoch if steps_per_epoch else float("nan")
     steps = f"{start_step:,} -> {total_steps:,}, {steps_per_epoch:,} steps an epoch"
     steps += f" = {epochs:.2f} epochs"
@@ -92,7 +86,7 @@ def start_summary(
         _row("weights", weights),
         _row("devices", f"{devices}; mesh {dict(mesh_shape)}"),
         _row("malloc", allocator.state() or "not tuned (allocator.tune() not called)"),
-        _row("batch", batch),
+        _row("batch", _batch(t["batch_size"], o.get("accumulation_steps", 1), block)),
         _row("steps", steps),
         _row("blocks", f"{per_split} (of {block} tokens)"),
         *([_row("data", data)] if data else []),
@@ -103,6 +97,14 @@ def start_summary(
         _row("workdir", str(workdir)),
     ]
     return "\n".join(lines)
+
+
+def _batch(batch_size: int, accum: int, block: int) -> str:
+    """``8 sequences x 64 tokens = 512 tokens a step (global; 2 microbatches of 4)``."""
+    text = f"{batch_size:,} sequences x {block} tokens = {batch_size * block:,} tokens"
+    if accum > 1:
+        return text + f" a step (global; {accum} microbatches of {batch_size // accum})"
+    return text + " a step (global)"
 
 
 def end_summary(

@@ -220,21 +220,7 @@ def resolve(
     fresh = training and request.fresh
     steps = _saved_steps(ckpt_dir) if ckpt_dir is not None and not fresh else []
     if steps:
-        with ckpt_lib.Checkpointer(ckpt_dir, read_only=True) as ckpt:
-            step = _pick_step(ckpt, step)
-            saved = _saved_model_cfg(ckpt, step, flag)
-        if training and request.hf_spec is None:
-            # (With init_from the shape came from those weights, not from the config.)
-            diff = shape_diff(saved, request.requested)
-            if diff:
-                raise ConfigError(
-                    f"the model shape differs from the checkpoint {ckpt_dir / str(step)} "
-                    f"({'; '.join(diff)}). A checkpoint fixes the shape: train in another "
-                    f"--workdir, or add --config.train.fresh=true to move the old "
-                    f"checkpoints aside (kept, not deleted) and start over"
-                )
-        model_cfg = dataclasses.replace(saved, **request.runtime)
-        return Source("checkpoint", model_cfg, step, ckpt_dir, saved)
+        return _from_checkpoint(request, ckpt_dir, step, flag, training)
     if ckpt_dir is not None and not training:
         raise ckpt_lib.CheckpointError(
             f"{ckpt_dir} has no checkpoint yet (train first). To use the run's init_from "
@@ -244,28 +230,47 @@ def resolve(
     if step not in (None, -1):
         where = ckpt_dir or "(no --workdir given)"
         raise ckpt_lib.CheckpointError(f"step {step}: there is no checkpoint in {where}")
-    hf_spec = request.hf_spec
-    if hf_spec is not None:
-        from gpt2_jax.weights import hf
-
-        directory = hf.resolve(hf_spec)
-        config_path = directory / "config.json"
-        if not config_path.is_file():
-            raise hf.HFImportError(
-                f"{directory} has no config.json (a Hugging Face model directory?)"
-            )
-        model_cfg = hf.config_from_hf(
-            json.loads(config_path.read_text()),
-            str(config_path),
-            **request.runtime,
-        )
-        return Source("hf", model_cfg, path=directory)
+    if request.hf_spec is not None:
+        return _from_hf(request)
     if not training:
         raise ckpt_lib.CheckpointError(
             "no weights to use: no --workdir given and init_from is empty "
             "(give --workdir=DIR or --config.init_from=hf:<dir or hub id>)"
         )
     return Source("scratch", request.requested)
+
+
+def _from_checkpoint(request: Request, ckpt_dir: Path, step, flag: str, training: bool) -> Source:
+    """Step 1 of the order: the checkpoint's shape with the user's runtime fields."""
+    with ckpt_lib.Checkpointer(ckpt_dir, read_only=True) as ckpt:
+        step = _pick_step(ckpt, step)
+        saved = _saved_model_cfg(ckpt, step, flag)
+    if training and request.hf_spec is None:
+        # (With init_from the shape came from those weights, not from the config.)
+        diff = shape_diff(saved, request.requested)
+        if diff:
+            raise ConfigError(
+                f"the model shape differs from the checkpoint {ckpt_dir / str(step)} "
+                f"({'; '.join(diff)}). A checkpoint fixes the shape: train in another "
+                f"--workdir, or add --config.train.fresh=true to move the old "
+                f"checkpoints aside (kept, not deleted) and start over"
+            )
+    model_cfg = dataclasses.replace(saved, **request.runtime)
+    return Source("checkpoint", model_cfg, step, ckpt_dir, saved)
+
+
+def _from_hf(request: Request) -> Source:
+    """Step 2 of the order: the shape from the ``hf:`` directory's config.json."""
+    from gpt2_jax.weights import hf
+
+    directory = hf.resolve(request.hf_spec)
+    config_path = directory / "config.json"
+    if not config_path.is_file():
+        raise hf.HFImportError(f"{directory} has no config.json (a Hugging Face model directory?)")
+    model_cfg = hf.config_from_hf(
+        json.loads(config_path.read_text()), str(config_path), **request.runtime
+    )
+    return Source("hf", model_cfg, path=directory)
 
 
 def _saved_steps(ckpt_dir: Path) -> list[int]:
