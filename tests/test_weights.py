@@ -8,10 +8,10 @@ import jax
 import numpy as np
 import pytest
 
+from gpt2_jax import data as data_lib
 from gpt2_jax.cli import main as cli
 from gpt2_jax.config import base as config_lib
 from gpt2_jax.config import plan as plan_lib
-from gpt2_jax.data import pipeline as data_lib
 from gpt2_jax.evaluation.perplexity import evaluate_splits
 from gpt2_jax.model import gpt2 as model_lib
 from gpt2_jax.parallel import sharding
@@ -161,7 +161,7 @@ def test_a_checkpoint_resumes_and_evaluates_in_the_other_layer_layout(saved_scan
     model_cfg, params = source.model_cfg, weights.params_of(source)
     assert source.step == 6 and model_cfg.scan_layers is (not saved_scan)
     assert ("h" in params) is (not saved_scan)
-    splits = data_lib.load_splits(cfg.data, ("validation",))
+    splits = data_lib.load_splits(data_lib.DataConfig.from_mapping(cfg.data), ("validation",))
     mesh = sharding.make_mesh(cfg.mesh)
     (res,) = evaluate_splits(cfg, model_cfg, params, splits, mesh, progress=False)
     np.testing.assert_allclose(res["loss"], final["validation"]["loss"], rtol=1e-6)

@@ -24,13 +24,13 @@ from gpt2_jax.model import gpt2 as model_lib
 
 def base_config() -> ml_collections.ConfigDict:
     """Defaults shared by every experiment config; each key with a one-line comment."""
-    from gpt2_jax.data.pipeline import default_data_config
+    from gpt2_jax.data.config import DataConfig
 
     c = ml_collections.ConfigDict()
     c.init_from = ""  # '' = random init; 'hf:<dir or hub id>' = start from Hugging Face weights
 
     c.model = _model_defaults()
-    c.data = default_data_config()
+    c.data = ml_collections.ConfigDict(DataConfig().to_dict())
     c.train = _train_defaults()
     c.optim = _optim_defaults()
     c.eval = _eval_defaults()
@@ -405,9 +405,9 @@ def validate(cfg: ml_collections.ConfigDict, num_devices: int) -> model_lib.GPT2
         sharding.mesh_shape(cfg.mesh, num_devices)
     except ValueError as e:
         raise ConfigError(str(e)) from None
-    from gpt2_jax.data import pipeline as data_lib
+    from gpt2_jax.data.config import DataConfig
 
-    data_lib.check_data_config(cfg.data)  # DataError: missing files, empty globs, ...
+    DataConfig.from_mapping(cfg.data).validate()  # DataError: missing files, empty globs, ...
     return mcfg
 
 

@@ -319,15 +319,15 @@ class _Head:
 
 def evaluate_splits(cfg, model_cfg, params, splits: dict, mesh, progress: bool) -> list[dict]:
     """Loss / perplexity on each split: run_clm blocks, or sliding windows if eval.stride."""
+    from gpt2_jax import data as data_lib
     from gpt2_jax.config import plan as plan_lib
-    from gpt2_jax.data import pipeline as data_lib
     from gpt2_jax.parallel import sharding
 
     batch_size = plan_lib.eval_batch(cfg, jax.device_count())  # checks eval.stride too
     out = []
     for name, blocks in splits.items():
         if cfg.eval.stride:
-            tokens, _ = data_lib.load_token_stream(cfg.data, name)
+            tokens, _ = data_lib.load_token_stream(data_lib.DataConfig.from_mapping(cfg.data), name)
             if cfg.eval.max_batches:
                 # W windows start every stride tokens and the last one ends at the cut, so
                 # the first max_batches batches of windows need (W - 1) * stride + block_size.
@@ -369,8 +369,8 @@ def evaluate_splits(cfg, model_cfg, params, splits: dict, mesh, progress: bool) 
 def run_command(cfg, workdir, step=None, progress: bool = True) -> list[dict]:
     """``gpt2-jax eval``: the plan (weights of ``workdir``'s checkpoint, or the config's
     ``init_from``), the eval splits, and their loss / perplexity records."""
+    from gpt2_jax import data as data_lib
     from gpt2_jax.config import plan as plan_lib
-    from gpt2_jax.data import pipeline as data_lib
     from gpt2_jax.parallel import sharding
     from gpt2_jax.weights import resolve as weights
 
@@ -378,6 +378,8 @@ def run_command(cfg, workdir, step=None, progress: bool = True) -> list[dict]:
     plan = plan_lib.weights_only(cfg, workdir, step, jax.device_count(), validate=True)
     params = weights.params_of(plan.source)
     print(f"loaded {plan.source.describe()}", file=sys.stderr)
-    splits = data_lib.load_splits(cfg.data, tuple(cfg.eval.splits))
+    splits = data_lib.load_splits(
+        data_lib.DataConfig.from_mapping(cfg.data), tuple(cfg.eval.splits)
+    )
     mesh = sharding.mesh_of(plan.mesh_shape)
     return evaluate_splits(cfg, plan.model, params, splits, mesh, progress=progress)

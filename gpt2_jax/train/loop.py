@@ -31,10 +31,10 @@ import ml_collections
 import numpy as np
 import optax
 
+from gpt2_jax import data as data_lib
 from gpt2_jax.config import base as config_lib
 from gpt2_jax.config import plan as plan_lib
 from gpt2_jax.core import workdir as wd
-from gpt2_jax.data import pipeline as data_lib
 from gpt2_jax.evaluation.perplexity import evaluate_splits  # noqa: F401  (train_lib.evaluate_splits)
 from gpt2_jax.model import gpt2 as model_lib
 from gpt2_jax.optim import optimizer as optim
@@ -216,7 +216,9 @@ def train(cfg: ml_collections.ConfigDict, workdir: str | Path) -> dict:
     if jax.process_index() == 0:
         for note in plan.notes:
             print(note, file=sys.stderr)
-    splits = data_lib.load_splits(cfg.data, ("train", *cfg.eval.splits))
+    splits = data_lib.load_splits(
+        data_lib.DataConfig.from_mapping(cfg.data), ("train", *cfg.eval.splits)
+    )
     # ("train" may be an eval split too)
     loader = data_lib.BatchLoader(
         len(splits["train"]), cfg.train.batch_size, cfg.train.seed, jax.process_index(),
