@@ -1,7 +1,10 @@
-"""Data pipeline: run_clm parity of blocks and hold-out, cache, loader purity, errors."""
+"""Data pipeline: run_clm parity of blocks and hold-out, cache, loader purity, errors, and the
+typed data section (``DataConfig``)."""
 
+import ast
 import dataclasses
 import hashlib
+import json
 import re
 import time
 from functools import partial
@@ -11,6 +14,7 @@ import datasets
 import numpy as np
 import pytest
 
+from gpt2_jax.config import base as config_lib
 from gpt2_jax.data import pydoc, rows, token_cache, tokenizer
 from gpt2_jax.data.blocks import Blocks, load_splits
 from gpt2_jax.data.config import DataConfig
@@ -19,7 +23,7 @@ from gpt2_jax.data.sources import DataError
 from gpt2_jax.data.splits import split_spec
 from gpt2_jax.data.token_cache import load_token_stream
 
-from .helpers import group_texts, wiki_lines
+from .helpers import ROOT, group_texts, wiki_lines
 
 
 def make_cfg(tmp_path, **overrides):
@@ -59,6 +63,56 @@ def run_clm_blocks(path, split, block_size, cache_dir):
     # default batch_size=1000
     grouped = tokenized.map(partial(group_texts, block_size=block_size), batched=True)
     return raw, np.array(grouped["input_ids"], dtype=np.int32).reshape(-1, block_size)
+
+
+# ---------------------------------------------------------------- the data section
+
+
+def test_data_config_is_the_config_layers_data_section():
+    section = config_lib.base_config().data
+    assert DataConfig.from_mapping(section) == DataConfig()
+    assert sorted(section.to_dict()) == sorted(DataConfig().to_dict())
+    cfg = DataConfig(train_files="a.txt", validation_fraction=0.1, streaming=True)
+    assert DataConfig.from_mapping(json.loads(json.dumps(cfg.to_dict()))) == cfg
+    # A hand-written mapping may give 0 for a float key, 64.0 for an int key: both come back typed.
+    typed = DataConfig.from_mapping({"validation_fraction": 0, "block_size": 64.0})
+    assert typed.validation_fraction == 0.0 and isinstance(typed.validation_fraction, float)
+    assert typed.block_size == 64 and isinstance(typed.block_size, int)
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        cfg.block_size = 8
+
+
+def test_data_config_errors_name_the_key(tmp_path):
+    with pytest.raises(DataError, match=r"data.block_sise is not a data key.*data.block_size\?"):
+        DataConfig.from_mapping({"block_sise": 64})
+    small = write(tmp_path / "small.txt", "some text\n")
+    for key, value, needle in [
+        ("block_size", "64", "data.block_size must be an integer, got '64'"),
+        ("block_size", 64.5, "data.block_size must be an integer, got 64.5"),
+        ("streaming", "yes", "data.streaming must be true or false"),
+        ("validation_fraction", True, "data.validation_fraction must be a number"),
+        ("text_column", 3, "data.text_column must be a string"),
+        ("validation_split_percentage", 2.5, "must be an integer in \\[0, 100\\), got 2.5"),
+    ]:
+        with pytest.raises(DataError, match=needle):
+            make_cfg(tmp_path, train_files=small, **{key: value}).validate()
+
+
+def test_token_cache_root_is_the_one_cache_root(tmp_path, monkeypatch):
+    monkeypatch.setenv("GPT2_JAX_CACHE", str(tmp_path / "env"))
+    spec = split_spec(DataConfig(dataset="pydoc_topics"), "train")
+    assert token_cache.stem(DataConfig(), spec).parent == tmp_path / "env" / "tokens"
+    mine = DataConfig(cache_dir=str(tmp_path / "mine"))
+    assert token_cache.stem(mine, spec).parent == tmp_path / "mine" / "tokens"
+
+
+def test_the_data_layer_never_imports_the_configdict():
+    for path in sorted((ROOT / "gpt2_jax" / "data").glob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text())):
+            names = [a.name for a in node.names] if isinstance(node, ast.Import) else []
+            if isinstance(node, ast.ImportFrom):
+                names = [node.module or ""]
+            assert not any(n.split(".")[0] == "ml_collections" for n in names), path.name
 
 
 # ---------------------------------------------------------------- run_clm parity
