@@ -56,9 +56,9 @@ def optimizer():
 def train_step_fn(cfg):
     import jax
 
-    from gpt2_jax.train import loop as train_lib
+    from gpt2_jax.train import step as step_lib
 
-    step = functools.partial(train_lib.train_step, model_cfg=cfg, tx=optimizer())
+    step = functools.partial(step_lib.train_step, model_cfg=cfg, tx=optimizer())
     return jax.jit(step)
 
 
@@ -72,10 +72,10 @@ def abstract_state(cfg, device):
     """ShapeDtypeStructs of the train state, every leaf placed on ``device``."""
     import jax
 
-    from gpt2_jax.train import loop as train_lib
+    from gpt2_jax.train import step as step_lib
     from gpt2_jax.weights import checkpoint as ckpt_lib
 
-    init = functools.partial(train_lib.init_state, model_cfg=cfg, tx=optimizer())
+    init = functools.partial(step_lib.init_state, model_cfg=cfg, tx=optimizer())
     shapes = jax.eval_shape(init, jax.random.PRNGKey(0))
     one = jax.sharding.SingleDeviceSharding(device)
     return ckpt_lib.abstract_like(shapes, jax.tree.map(lambda _: one, shapes))

@@ -250,9 +250,9 @@ def poison_step(monkeypatch, step: int, seed: int = 0) -> None:
     import jax
     import jax.numpy as jnp
 
-    from gpt2_jax.train import loop as train_lib
+    from gpt2_jax.train import step as step_lib
 
-    original = train_lib.loss_fn
+    original = step_lib.loss_fn
     state_rng = jax.random.split(jax.random.PRNGKey(seed))[1]
     target = jax.random.fold_in(jax.random.fold_in(state_rng, step - 1), 0)
 
@@ -264,7 +264,7 @@ def poison_step(monkeypatch, step: int, seed: int = 0) -> None:
         term = jnp.sqrt(jnp.where(hit, 0.0, 1.0) + 0.0 * params["wte"]["embedding"]).sum()
         return loss + (term - jax.lax.stop_gradient(term))
 
-    monkeypatch.setattr(train_lib, "loss_fn", poisoned)
+    monkeypatch.setattr(step_lib, "loss_fn", poisoned)
 
 
 def _raw_key(key):

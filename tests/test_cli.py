@@ -23,13 +23,14 @@ import torch
 import transformers
 from safetensors.numpy import load_file, save_file
 
+from gpt2_jax import data
 from gpt2_jax.cli import main as cli
 from gpt2_jax.config import base as config_lib
-from gpt2_jax.data import pipeline as data
+from gpt2_jax.config import plan as plan_lib
 from gpt2_jax.data import tokenizer
+from gpt2_jax.evaluation.perplexity import evaluate_splits
 from gpt2_jax.model import gpt2 as model
 from gpt2_jax.parallel import sharding
-from gpt2_jax.train import loop as train_lib
 from gpt2_jax.weights import checkpoint as ckpt_lib
 from gpt2_jax.weights import hf
 
@@ -269,17 +270,19 @@ def test_eval_max_batches_counts_batches_in_both_modes(hf_model, texts):
     overrides = dict(a[len("--config.") :].split("=", 1) for a in data_args(texts))
     config_lib.apply_overrides(cfg, {**overrides, "eval.max_batches": "2"})
     model_cfg, params = hf.load_pretrained(hf_model[1])
-    splits = data.load_splits(cfg.data, ("validation",))
+    splits = data.load_splits(data.DataConfig.from_mapping(cfg.data), ("validation",))
     mesh = sharding.make_mesh(cfg.mesh)
-    (res,) = train_lib.evaluate_splits(cfg, model_cfg, params, splits, mesh, progress=False)
+    plan = plan_lib.for_params(cfg, model_cfg, jax.device_count())
+    (res,) = evaluate_splits(plan, params, splits, mesh, progress=False)
     assert res["tokens"] == 2 * EVAL_BATCH * (BLOCK - 1)
     for stride in (16, BLOCK):
         config_lib.apply_overrides(cfg, {"eval.stride": str(stride)})
-        (win,) = train_lib.evaluate_splits(cfg, model_cfg, params, splits, mesh, progress=False)
+        plan = plan_lib.for_params(cfg, model_cfg, jax.device_count())
+        (win,) = evaluate_splits(plan, params, splits, mesh, progress=False)
         assert win["windows"] == 2 * EVAL_BATCH, stride
     config_lib.apply_overrides(cfg, {"eval.stride": str(BLOCK + 1)})
     with pytest.raises(config_lib.ConfigError, match="eval.stride=65 must be <= data.block_size"):
-        train_lib.evaluate_splits(cfg, model_cfg, params, splits, mesh, progress=False)
+        plan_lib.for_params(cfg, model_cfg, jax.device_count())
 
 
 # ---------------------------------------------------------------------- 2. train from hf:

@@ -1,7 +1,8 @@
-"""The token cache builder (corpus.py, sources.py): streaming = Arrow byte for byte, worker
-processes, the seeded hold-out, kill -9 and resume, one builder per cache directory, hub
-arguments and their errors."""
+"""The token cache builder (corpus.py, workers.py, sources.py, token_cache.py): streaming =
+Arrow byte for byte, worker processes, the seeded hold-out, kill -9 and resume, one builder
+per cache directory, hub arguments and their errors."""
 
+import dataclasses
 import hashlib
 import json
 import os
@@ -22,19 +23,19 @@ import pyarrow.parquet as pq
 import pytest
 
 from gpt2_jax.cli import main as cli
-from gpt2_jax.data import corpus, sources, tokenizer
-from gpt2_jax.data import pipeline as data
+from gpt2_jax.data import corpus, sources, token_cache, tokenizer, workers
+from gpt2_jax.data.blocks import load_splits
+from gpt2_jax.data.config import DataConfig
+from gpt2_jax.data.sources import DataError
+from gpt2_jax.data.splits import split_spec
+from gpt2_jax.data.token_cache import cache_report, load_token_stream
 from gpt2_jax.train import summary
 
 from .helpers import ROOT, TINY, run_cli, train_losses, wiki_lines
 
 
 def make_cfg(tmp_path, name="cache", **overrides):
-    cfg = data.default_data_config()
-    cfg.cache_dir = str(tmp_path / name)
-    cfg.num_proc = 1
-    cfg.update(overrides)
-    return cfg
+    return DataConfig.from_mapping(dict(cache_dir=str(tmp_path / name), num_proc=1) | overrides)
 
 
 def cache_files(cache_dir) -> dict:
@@ -80,7 +81,7 @@ def test_streaming_and_arrow_builds_are_byte_identical(tmp_path, corpora, small_
     common = dict(train_files=str(corpora[kind]), validation_fraction=0.1, append_eos=True)
     arrow = make_cfg(tmp_path, "arrow", **common)
     stream = make_cfg(tmp_path, "stream", streaming=True, **common)
-    got = {name: data.load_splits(cfg) for name, cfg in (("arrow", arrow), ("stream", stream))}
+    got = {name: load_splits(cfg) for name, cfg in (("arrow", arrow), ("stream", stream))}
     assert cache_files(arrow.cache_dir) == cache_files(stream.cache_dir)
     assert len(cache_files(arrow.cache_dir)) == 4  # train + validation, tokens + offsets
     # Streaming wrote the token cache and nothing else: no Arrow copy of the rows.
@@ -103,8 +104,8 @@ def test_streaming_and_arrow_builds_are_byte_identical(tmp_path, corpora, small_
 
 def test_worker_processes_build_the_same_cache(tmp_path, corpora, small_chunks):
     common = dict(train_files=str(corpora["text"]), validation_fraction=0.2)
-    one = data.load_splits(make_cfg(tmp_path, "one", num_proc=1, **common))
-    two = data.load_splits(make_cfg(tmp_path, "two", num_proc=2, **common))
+    one = load_splits(make_cfg(tmp_path, "one", num_proc=1, **common))
+    two = load_splits(make_cfg(tmp_path, "two", num_proc=2, **common))
     assert two["train"].cache.built and two["train"].cache.processes == 2
     assert one["train"].cache.processes == 1
     assert cache_files(tmp_path / "one") == cache_files(tmp_path / "two")
@@ -119,7 +120,7 @@ def test_encode_chunk_is_encode_ordinary():
     # Arrow (what sources yield) and a list; a list may hold a lone surrogate, which
     # encode_ordinary replaces (Arrow cannot hold one).
     for chunk in (pa.array(texts), texts[:3] + ["caf\u00e9 \ud800 x"] + texts[4:]):
-        out = corpus.encode_chunk(chunk, dest, 2, append_eos=True)
+        out = workers.encode_chunk(chunk, dest, 2, append_eos=True)
         rows = chunk if isinstance(chunk, list) else texts
         for o, picked in ((0, [0, 3]), (1, [1, 4])):
             want = [enc.encode_ordinary(rows[i] or "") + [tokenizer.EOT_ID] for i in picked]
@@ -137,7 +138,7 @@ def test_fractional_holdout_is_seeded_deterministic_and_disjoint(tmp_path):
     path.write_text("".join(rows))
 
     def split_rows(name, **kw):
-        b = data.load_splits(make_cfg(tmp_path, name, train_files=str(path), block_size=8, **kw))
+        b = load_splits(make_cfg(tmp_path, name, train_files=str(path), block_size=8, **kw))
         return {s: rows_of(b[s].tokens, b[s].offsets) for s in ("train", "validation")}
 
     a = split_rows("a", validation_fraction=0.1)
@@ -165,7 +166,9 @@ def test_fractional_holdout_is_seeded_deterministic_and_disjoint(tmp_path):
 _BUILD = r"""
 import hashlib, json, os, sys, time
 from gpt2_jax.data import corpus
-from gpt2_jax.data import pipeline as data
+from gpt2_jax.data.blocks import load_splits
+from gpt2_jax.data.config import DataConfig
+from gpt2_jax.data.loader import BatchLoader
 cfg_json, chunk_bytes, delay, go = sys.argv[1:5]
 corpus.CHUNK_BYTES = int(chunk_bytes)
 def hook(n):
@@ -174,11 +177,10 @@ def hook(n):
         while not os.path.exists(go):
             time.sleep(0.05)
 corpus._after_commit = hook
-cfg = data.default_data_config()
-cfg.update(json.loads(cfg_json))
-blocks = data.load_splits(cfg)
+cfg = DataConfig.from_mapping(json.loads(cfg_json))
+blocks = load_splits(cfg)
 train = blocks["train"]
-loader = data.BatchLoader(len(train), 4, seed=0)
+loader = BatchLoader(len(train), 4, seed=0)
 print(json.dumps({
     "built": train.cache.built,
     "tokens": {s: hashlib.sha256(bytes(b.tokens)).hexdigest() for s, b in blocks.items()},
@@ -238,7 +240,7 @@ def _journal_chunks(cache_dir) -> int:
 def test_kill_9_while_tokenizing_then_rerun_resumes_to_the_same_cache(tmp_path, corpora, capfd):
     common = dict(train_files=str(corpora["text"]), validation_fraction=0.1, append_eos=True)
     ref = make_cfg(tmp_path, "ref", **common)
-    data.load_splits(ref)
+    load_splits(ref)
     want = cache_files(ref.cache_dir)
 
     # Streamed, in 2 tokenizer processes; the reference: from Arrow, in this process.
@@ -265,7 +267,7 @@ def test_kill_9_while_tokenizing_then_rerun_resumes_to_the_same_cache(tmp_path, 
         time.sleep(0.1)
 
     capfd.readouterr()
-    blocks = data.load_splits(cfg)
+    blocks = load_splits(cfg)
     err = capfd.readouterr().err
     assert "resuming an interrupted build at source row" in err, err[-2000:]
     assert blocks["train"].cache.resumed_from > 0
@@ -279,7 +281,7 @@ def test_a_killed_tokenizer_process_is_one_error_and_the_rerun_resumes(
 ):
     common = dict(train_files=str(corpora["text"]), validation_fraction=0.1, num_proc=2)
     ref = make_cfg(tmp_path, "ref", **common)
-    data.load_splits(ref)
+    load_splits(ref)
 
     def kill_a_worker(n):
         if n == 4:
@@ -290,10 +292,10 @@ def test_a_killed_tokenizer_process_is_one_error_and_the_rerun_resumes(
 
     cfg = make_cfg(tmp_path, **common)
     monkeypatch.setattr(corpus, "_after_commit", kill_a_worker)
-    with pytest.raises(data.DataError, match=r"a tokenizer process \(\d+\) died .* resumes"):
-        data.load_splits(cfg)
+    with pytest.raises(DataError, match=r"a tokenizer process \(\d+\) died .* resumes"):
+        load_splits(cfg)
     monkeypatch.setattr(corpus, "_after_commit", lambda n: None)
-    assert data.load_splits(cfg)["train"].cache.resumed_from > 0
+    assert load_splits(cfg)["train"].cache.resumed_from > 0
     assert cache_files(cfg.cache_dir) == cache_files(ref.cache_dir)
 
 
@@ -302,7 +304,7 @@ def test_a_partial_build_that_disagrees_with_its_journal_is_rebuilt(
 ):
     common = dict(train_files=str(corpora["text"]), validation_split_percentage=10)
     cfg, ref = make_cfg(tmp_path, **common), make_cfg(tmp_path, "ref", **common)
-    data.load_splits(ref)
+    load_splits(ref)
 
     def crash(n):
         if n == 5:
@@ -310,14 +312,14 @@ def test_a_partial_build_that_disagrees_with_its_journal_is_rebuilt(
 
     monkeypatch.setattr(corpus, "_after_commit", crash)
     with pytest.raises(KeyboardInterrupt):
-        data.load_splits(cfg)
+        load_splits(cfg)
     monkeypatch.undo()
     tokens_dir = Path(cfg.cache_dir) / "tokens"
     assert not _published(tokens_dir) and _journal_chunks(cfg.cache_dir) == 5
     (partial,) = tokens_dir.glob("train-*.tokens.partial")
     partial.write_bytes(partial.read_bytes()[:100])  # shorter than the journal says
     capfd.readouterr()
-    data.load_splits(cfg)
+    load_splits(cfg)
     assert "not resumable" in capfd.readouterr().err
     assert cache_files(cfg.cache_dir) == cache_files(ref.cache_dir)
 
@@ -327,7 +329,7 @@ def test_bytes_written_after_the_last_commit_are_dropped_on_resume(
 ):
     common = dict(train_files=str(corpora["jsonl"]), validation_fraction=0.1)
     cfg, ref = make_cfg(tmp_path, **common), make_cfg(tmp_path, "ref", **common)
-    data.load_splits(ref)
+    load_splits(ref)
 
     def crash(n):
         if n == 7:
@@ -335,14 +337,14 @@ def test_bytes_written_after_the_last_commit_are_dropped_on_resume(
 
     monkeypatch.setattr(corpus, "_after_commit", crash)
     with pytest.raises(KeyboardInterrupt):
-        data.load_splits(cfg)
+        load_splits(cfg)
     monkeypatch.undo()
     tokens_dir = Path(cfg.cache_dir) / "tokens"
     for partial in tokens_dir.glob("*.partial"):  # as if killed while writing chunk 8
         with open(partial, "ab") as f:
             f.write(b"\x07" * 24)
     capfd.readouterr()
-    data.load_splits(cfg)
+    load_splits(cfg)
     assert "resuming an interrupted build at source row" in capfd.readouterr().err
     assert cache_files(cfg.cache_dir) == cache_files(ref.cache_dir)
 
@@ -352,7 +354,7 @@ def test_bytes_written_after_the_last_commit_are_dropped_on_resume(
 
 def test_two_processes_one_cache_one_builds_the_other_waits(tmp_path, corpora):
     cfg = make_cfg(tmp_path, "shared", train_files=str(corpora["text"]), num_proc=1)
-    cfg.validation_fraction = 0.1
+    cfg = dataclasses.replace(cfg, validation_fraction=0.1)
     go = tmp_path / "go"
     marker = f"wait-{os.getpid()}"
     a = _start_build(cfg.to_dict(), marker, go=str(go))
@@ -475,7 +477,7 @@ def test_hub_revision_data_files_and_data_dir_reach_load_dataset(tmp_path, monke
         validation_fraction=0.1,
         block_size=8,
     )
-    blocks = data.load_splits(cfg)
+    blocks = load_splits(cfg)
     assert rec.calls == [
         dict(
             path="Skylion007/openwebtext",
@@ -489,10 +491,10 @@ def test_hub_revision_data_files_and_data_dir_reach_load_dataset(tmp_path, monke
     assert rec.scan_options.pre_buffer is False  # parquet row groups are not kept
     assert len(blocks["validation"].offsets) - 1 + len(blocks["train"].offsets) - 1 == 400
     # The revision is part of the cache key; streaming is not (the same bytes either way).
-    spec = data._split_spec(cfg, "train")
+    spec = split_spec(cfg, "train")
     assert spec["revision"] == "refs/convert/parquet" and "streaming" not in spec
-    cfg.revision = "main"
-    assert data._stem(cfg, data._split_spec(cfg, "train")) != data._stem(cfg, spec)
+    cfg = dataclasses.replace(cfg, revision="main")
+    assert token_cache.stem(cfg, split_spec(cfg, "train")) != token_cache.stem(cfg, spec)
     # A plain list of patterns is the train split.
     assert sources.hub_data_files("a/*.parquet, b/*.parquet") == ["a/*.parquet", "b/*.parquet"]
 
@@ -508,7 +510,7 @@ def test_the_124m_recipes_load_their_hub_source(tmp_path, monkeypatch, arg):
     config_lib.apply_overrides(
         cfg, {"data.cache_dir": str(tmp_path), "data.validation_fraction": "0.1"}
     )
-    tokens, _ = data.load_token_stream(cfg.data, "train")
+    tokens, _ = load_token_stream(DataConfig.from_mapping(cfg.data), "train")
     assert len(tokens) > 0
     (call,) = rec.calls
     assert call["streaming"] is True
@@ -543,8 +545,8 @@ def test_a_dataset_with_a_loading_script_is_one_line_exit_2(tmp_path, capsys, mo
 
     monkeypatch.setattr(datasets, "load_dataset", refuse)
     cfg = make_cfg(tmp_path, dataset="openwebtext")
-    with pytest.raises(data.DataError) as e:
-        data.load_splits(cfg)
+    with pytest.raises(DataError) as e:
+        load_splits(cfg)
     msg = str(e.value)
     assert "\n" not in msg and "openwebtext.py" in msg
     assert "--config.data.revision=refs/convert/parquet" in msg
@@ -553,10 +555,10 @@ def test_a_dataset_with_a_loading_script_is_one_line_exit_2(tmp_path, capsys, mo
 def test_streamed_hub_dataset_offline_is_fast_and_clear(tmp_path, monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     cfg = make_cfg(tmp_path, dataset="HuggingFaceFW/fineweb-edu", dataset_config="sample-10BT")
-    cfg.streaming = True
+    cfg = dataclasses.replace(cfg, streaming=True)
     start = time.perf_counter()
-    with pytest.raises(data.DataError, match=r"cannot reach the Hugging Face Hub.*train_files"):
-        data.load_splits(cfg)
+    with pytest.raises(DataError, match=r"cannot reach the Hugging Face Hub.*train_files"):
+        load_splits(cfg)
     assert time.perf_counter() - start < 10
 
 
@@ -577,8 +579,8 @@ def test_streamed_hub_dataset_offline_is_fast_and_clear(tmp_path, monkeypatch):
 def test_bad_new_keys_name_the_key(tmp_path, overrides, needle):
     path = tmp_path / "t.txt"
     path.write_text("some text\n" * 10)
-    with pytest.raises(data.DataError, match=needle):
-        data.check_data_config(make_cfg(tmp_path, train_files=str(path), **overrides))
+    with pytest.raises(DataError, match=needle):
+        make_cfg(tmp_path, train_files=str(path), **overrides).validate()
 
 
 @pytest.mark.parametrize(
@@ -593,9 +595,9 @@ def test_streamed_bad_input_is_the_same_one_error(tmp_path, name, content, colum
     path = tmp_path / name
     path.write_bytes(content)
     cfg = make_cfg(tmp_path, train_files=str(path), streaming=True, text_column=column)
-    cfg.validation_fraction = 0.5
-    with pytest.raises(data.DataError, match=needle):
-        data.load_splits(cfg)
+    cfg = dataclasses.replace(cfg, validation_fraction=0.5)
+    with pytest.raises(DataError, match=needle):
+        load_splits(cfg)
     leftovers = [p.name for p in (Path(cfg.cache_dir) / "tokens").iterdir()]
     assert all(n.endswith(".lock") for n in leftovers), leftovers  # nothing half-built
 
@@ -604,28 +606,28 @@ def test_too_many_validation_rows_and_mixed_data_files(tmp_path):
     path = tmp_path / "t.txt"
     path.write_text("".join(f"line {i}\n" for i in range(20)))
     cfg = make_cfg(tmp_path, train_files=str(path), validation_rows=20)
-    with pytest.raises(data.DataError, match=r"data.validation_rows=20 leaves no train rows.*20"):
-        data.load_splits(cfg)
-    with pytest.raises(data.DataError, match="name the split of every entry"):
+    with pytest.raises(DataError, match=r"data.validation_rows=20 leaves no train rows.*20"):
+        load_splits(cfg)
+    with pytest.raises(DataError, match="name the split of every entry"):
         sources.hub_data_files("train=a/*,b/*")
 
 
 def test_progress_bar_and_the_run_summary_line(tmp_path, corpora, small_chunks, capfd, monkeypatch):
     cfg = make_cfg(tmp_path, train_files=str(corpora["parquet"]), streaming=True)
-    cfg.validation_fraction = 0.1
-    blocks = data.load_splits(cfg)
+    cfg = dataclasses.replace(cfg, validation_fraction=0.1)
+    blocks = load_splits(cfg)
     err = capfd.readouterr().err
     assert "tokenizing train + validation" in err and "tokens/s" in err and " rows" in err
-    report = data.cache_report(blocks)
+    report = cache_report(blocks)
     assert report.startswith("tokenized train + validation in ") and "tokens/s" in report
     assert "1 process" in report and str(Path(cfg.cache_dir) / "tokens") in report
     # A known row count (Arrow) adds the time left: tqdm's "elapsed<remaining".
-    monkeypatch.setattr(data, "_PROGRESS_MIN_ROWS", 0)
+    monkeypatch.setattr(token_cache, "_PROGRESS_MIN_ROWS", 0)
     arrow = make_cfg(tmp_path, "arrow", train_files=str(corpora["parquet"]))
-    data.load_splits(arrow)
+    load_splits(arrow)
     bar = capfd.readouterr().err.split("\r")[-1]
     assert re.search(r"345/345 \[\d\d:\d\d<\d\d:\d\d, .*tokens/s\]", bar), bar
-    again = data.cache_report(data.load_splits(cfg))
+    again = cache_report(load_splits(cfg))
     assert again.startswith("train + validation from the token cache (")
     text = summary.start_summary(
         dict(
@@ -659,10 +661,10 @@ def test_peak_memory_does_not_grow_with_the_corpus(tmp_path, monkeypatch):
         path = tmp_path / f"rows{n}.parquet"  # parquet: read a row group at a time
         pq.write_table(pa.table({"text": ["a b\n"] * n}), path, row_group_size=5000)
         cfg = make_cfg(tmp_path, f"c{n}", train_files=str(path), streaming=True)
-        cfg.validation_split_percentage = 0
+        cfg = dataclasses.replace(cfg, validation_split_percentage=0)
         if n > 1000:
             tracemalloc.start()
-        tokens, offsets = data.load_token_stream(cfg, "train")
+        tokens, offsets = load_token_stream(cfg, "train")
         if n > 1000:
             peaks.append(tracemalloc.get_traced_memory()[1])
             tracemalloc.stop()
@@ -687,7 +689,7 @@ from gpt2_jax.data import sources
 def rss():
     return int(open("/proc/self/status").read().split("VmRSS:")[1].split()[0]) << 10
 ds = sources.load_files("parquet", "train", [{str(path)!r}], "train_files", streaming=True)
-source = sources.Source(ds["train"], "text", {{}}, None, "test")
+source = sources.RowSource(ds["train"], "text", {{}}, None, "test")
 n, warm, peak = 0, None, 0
 for table in sources.tables(source, 0, batch_rows=256):
     n += len(table)

@@ -41,6 +41,7 @@ from gpt2_jax.model import gpt2 as model_lib
 from gpt2_jax.optim import optimizer as optim
 from gpt2_jax.train import loop as train_lib
 from gpt2_jax.train import preflight
+from gpt2_jax.train import step as step_lib
 from gpt2_jax.weights import checkpoint as ckpt_lib
 
 from . import cpu_side
@@ -174,7 +175,7 @@ def test_the_model_uses_cudnn_in_bf16_and_matches_its_xla_path(accel, monkeypatc
     def value_and_grads():
         # A new function each time: jax.jit must trace again under the patched branch.
         f = jax.value_and_grad(
-            lambda p, x: train_lib.loss_fn(p, x, key, model_cfg=cfg, deterministic=True)
+            lambda p, x: step_lib.loss_fn(p, x, key, model_cfg=cfg, deterministic=True)
         )
         return jax.jit(f).lower(params, ids)
 
@@ -208,7 +209,7 @@ def test_cudnn_declines_and_the_model_falls_back(accel, monkeypatch):
     ids = jnp.asarray(np.random.default_rng(0).integers(0, 512, (2, 32)), jnp.int32)
 
     def lowered_step():
-        loss = functools.partial(train_lib.loss_fn, model_cfg=cfg, deterministic=True)
+        loss = functools.partial(step_lib.loss_fn, model_cfg=cfg, deterministic=True)
         f = jax.value_and_grad(lambda p, x: loss(p, x, jax.random.PRNGKey(0)))
         return jax.jit(f).lower(params, ids)
 
@@ -229,8 +230,8 @@ BF16_LEARNS = 0.05  # both runs' loss falls by at least this fraction over the 3
 
 
 def _train_losses(cfg, params, tx, batches, precision=None) -> np.ndarray:
-    state = train_lib.init_state(jax.random.PRNGKey(0), model_cfg=cfg, tx=tx, params=params)
-    step = jax.jit(functools.partial(train_lib.train_step, model_cfg=cfg, tx=tx))
+    state = step_lib.init_state(jax.random.PRNGKey(0), model_cfg=cfg, tx=tx, params=params)
+    step = jax.jit(functools.partial(step_lib.train_step, model_cfg=cfg, tx=tx))
     losses = []
     ctx = jax.default_matmul_precision(precision) if precision else contextlib.nullcontext()
     with ctx:
@@ -384,7 +385,7 @@ def test_a_checkpoint_moves_from_the_gpu_to_a_cpu_process_and_back(accel, tmp_pa
     cfg = _cfg(n_layer=2, n_head=4, n_embd=64, n_positions=32, vocab_size=512)
     step = cpu_side.train_step_fn(cfg)
     with jax.default_device(accel.device):
-        state = train_lib.init_state(jax.random.PRNGKey(0), model_cfg=cfg, tx=cpu_side.optimizer())
+        state = step_lib.init_state(jax.random.PRNGKey(0), model_cfg=cfg, tx=cpu_side.optimizer())
         state, _ = step(state, cpu_side.batch(cfg, seed=1))  # a non-zero optimizer state
     assert {d for x in jax.tree.leaves(state) for d in x.devices()} == {accel.device}
     with ckpt_lib.Checkpointer(tmp_path / "from_gpu") as ckpt:

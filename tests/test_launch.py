@@ -20,7 +20,7 @@ from .helpers import TINY
 
 
 def test_parse_args_splits_launcher_flags_from_the_command():
-    args, command = launch.parse_args(
+    args, command = launch.parse_launch_args(
         ["--processes=3", "--devices_per_process=2", "--", "train", "--workdir", "w"]
     )
     assert (args.processes, args.devices_per_process, args.port) == (3, 2, 0)

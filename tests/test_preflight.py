@@ -14,6 +14,7 @@ from gpt2_jax.config import base as config_lib
 from gpt2_jax.config import plan as plan_lib
 from gpt2_jax.train import loop as train_lib
 from gpt2_jax.train import preflight
+from gpt2_jax.train import step as step_lib
 
 from .conftest import ROOT, run_cli
 from .helpers import tiny_config
@@ -73,9 +74,9 @@ def test_refusal_names_the_figures_and_what_to_change():
         params=GiB, opt_state=2 * GiB, batch=0, temp=30 * GiB, peak=33 * GiB
     )
     cfg = tiny_config()
-    preflight.check(est, 40 * GiB, "test", cfg)  # fits: nothing happens
+    preflight.check_fits(est, 40 * GiB, "test", cfg)  # fits: nothing happens
     with pytest.raises(preflight.PreflightError) as e:
-        preflight.check(est, 16 * GiB, "test budget", cfg)
+        preflight.check_fits(est, 16 * GiB, "test budget", cfg)
     msg = str(e.value)
     assert "33.00 GiB" in msg and "16.00 GiB" in msg and "test budget" in msg
     for key in ("model.remat", "optim.accumulation_steps", "mesh.fsdp", "train.batch_size"):
@@ -83,7 +84,7 @@ def test_refusal_names_the_figures_and_what_to_change():
     assert isinstance(e.value, config_lib.ConfigError)  # the CLI's one-line exit 2
     remat = tiny_config(**{"model.remat": True})
     with pytest.raises(preflight.PreflightError) as e:
-        preflight.check(est, GiB, "test", remat)
+        preflight.check_fits(est, GiB, "test", remat)
     assert "model.remat" not in str(e.value)  # already on: not advised
 
 
@@ -107,11 +108,10 @@ def test_a_run_that_does_not_fit_writes_nothing(tmp_path, monkeypatch):
     assert not (tmp_path / "run").exists()
     # the key that skips the check
     cfg = tiny_config(**{"train.preflight": False})
-    model_cfg = config_lib.validate(cfg, jax.device_count())
-    plan = plan_lib.Plan(model_cfg, None, (1, 1), micro_batch=4, eval_batch=4, total_steps=6)
-    step = train_lib.build_step(cfg, plan)
+    plan = plan_lib.with_data(plan_lib.training(cfg, tmp_path / "run", jax.device_count()), 6)
+    step = step_lib.build_step(plan)
     assert step.compiled is not None
-    skipped = preflight.check_step(step.compiled, step.abstract_state, step.abstract_batch, cfg)
+    skipped = preflight.check_step(step.compiled, step.abstract_state, step.abstract_batch, plan)
     assert skipped is None
 
 

@@ -89,6 +89,6 @@ def test_without_wandb_installed_one_line_before_anything_compiles(tmp_path):
 )
 def test_bad_report_to(value, needle):
     with pytest.raises(trackers.TrackerError, match=needle):
-        trackers.check(value)
-    assert trackers.check(("none",)) == ()
-    assert trackers.check(("tensorboard", "wandb")) == ("tensorboard", "wandb")
+        trackers.check_names(value)
+    assert trackers.check_names(("none",)) == ()
+    assert trackers.check_names(("tensorboard", "wandb")) == ("tensorboard", "wandb")

@@ -12,8 +12,8 @@ import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 
+from gpt2_jax import data as data_lib
 from gpt2_jax.config import base as config_lib
-from gpt2_jax.data import pipeline as data_lib
 from gpt2_jax.train import loop as train_lib
 from gpt2_jax.weights import checkpoint as ckpt_lib
 
@@ -250,7 +250,9 @@ def test_each_eval_split_is_scored_on_its_own_blocks(pruned_run):
     lines = [json.loads(x) for x in (workdir / "metrics.jsonl").read_text().splitlines()]
     evals = [(r["step"], r["split"]) for r in lines if "perplexity" in r]
     assert evals == [(6, "validation"), (6, "train")]
-    blocks = data_lib.load_splits(cfg.data, ("train", "validation"))
+    blocks = data_lib.load_splits(
+        data_lib.DataConfig.from_mapping(cfg.data), ("train", "validation")
+    )
     n = cfg.eval.max_batches * cfg.eval.batch_size
     model_cfg = config_lib.model_config(cfg)
     for split in ("validation", "train"):

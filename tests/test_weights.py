@@ -8,14 +8,15 @@ import jax
 import numpy as np
 import pytest
 
+from gpt2_jax import data as data_lib
 from gpt2_jax.cli import main as cli
 from gpt2_jax.config import base as config_lib
 from gpt2_jax.config import plan as plan_lib
-from gpt2_jax.data import pipeline as data_lib
 from gpt2_jax.evaluation.perplexity import evaluate_splits
 from gpt2_jax.model import gpt2 as model_lib
 from gpt2_jax.parallel import sharding
 from gpt2_jax.train import loop as train_lib
+from gpt2_jax.train import step as step_lib
 from gpt2_jax.weights import checkpoint as ckpt_lib
 from gpt2_jax.weights import resolve as weights
 
@@ -91,7 +92,7 @@ def test_resume_applies_remat_and_dropout_and_records_them(
     six_steps, tmp_path, monkeypatch, capsys
 ):
     seen = []
-    original = train_lib.train_step
+    original = step_lib.train_step
 
     def spy(*args, model_cfg, **kw):
         seen.append(model_cfg)
@@ -161,9 +162,10 @@ def test_a_checkpoint_resumes_and_evaluates_in_the_other_layer_layout(saved_scan
     model_cfg, params = source.model_cfg, weights.params_of(source)
     assert source.step == 6 and model_cfg.scan_layers is (not saved_scan)
     assert ("h" in params) is (not saved_scan)
-    splits = data_lib.load_splits(cfg.data, ("validation",))
+    splits = data_lib.load_splits(data_lib.DataConfig.from_mapping(cfg.data), ("validation",))
     mesh = sharding.make_mesh(cfg.mesh)
-    (res,) = evaluate_splits(cfg, model_cfg, params, splits, mesh, progress=False)
+    plan = plan_lib.for_params(cfg, model_cfg, 1)
+    (res,) = evaluate_splits(plan, params, splits, mesh, progress=False)
     np.testing.assert_allclose(res["loss"], final["validation"]["loss"], rtol=1e-6)
 
 

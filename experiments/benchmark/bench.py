@@ -95,7 +95,7 @@ def jax_worker(task: dict) -> dict:
         n = sum(len(x) for x in enc.encode_ordinary_batch(rows, num_threads=os.cpu_count()))
         return {"step_s": time.perf_counter() - t0, "tokens": n}
     if kind == "loader":
-        from gpt2_jax.data import pipeline as data_lib
+        from gpt2_jax import data as data_lib
 
         rng, B, T = np.random.default_rng(0), task["batch"], task["seq"]
         tokens = rng.integers(0, VOCAB, 4_000_000).astype(np.uint16)

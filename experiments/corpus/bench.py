@@ -140,10 +140,9 @@ def run_nanogpt(corpus: Path, work: Path, num_proc: int, fraction: float) -> dic
 
 
 def run_gpt2_jax(corpus: Path, work: Path, num_proc: int, fraction: float, streaming: bool) -> dict:
-    from gpt2_jax.data import pipeline as data
+    from gpt2_jax import data
 
-    cfg = data.default_data_config()
-    cfg.update(
+    cfg = data.DataConfig(
         train_files=str(corpus),
         cache_dir=str(work),
         append_eos=True,

@@ -29,13 +29,11 @@ from gpt2_jax.parallel.config import DistributedConfig, MeshConfig
 
 def base_config() -> ml_collections.ConfigDict:
     """Defaults shared by every experiment config; each key with a one-line comment."""
-    from gpt2_jax.data.pipeline import default_data_config
-
     c = ml_collections.ConfigDict()
     c.init_from = ""  # '' = random init; 'hf:<dir or hub id>' = start from Hugging Face weights
 
     c.model = _model_defaults()
-    c.data = default_data_config()
+    c.data = ml_collections.ConfigDict(DataConfig().to_dict())
     c.train = _train_defaults()
     c.optim = _optim_defaults()
     c.eval = _eval_defaults()

@@ -123,6 +123,13 @@ def with_data(plan: Plan, steps_per_epoch: int) -> Plan:
     return dataclasses.replace(plan, total_steps=total)
 
 
+def for_params(cfg, model_cfg: model_lib.GPT2Config, num_devices: int) -> Plan:
+    """The plan of evaluating params already in hand (the Python API): ``cfg`` validated
+    with ``model_cfg`` as the model that runs."""
+    config_lib.validate(cfg, num_devices, model_cfg)
+    return _plan(cfg, weights.Source("given", model_cfg), num_devices, validated=True)
+
+
 def weights_only(cfg, workdir, step, num_devices: int, *, validate: bool = False) -> Plan:
     """The plan of eval / generate / export / lm-eval: real weights (a workdir's
     checkpoint or ``hf:``), no training. ``validate`` (eval) checks the whole config and

@@ -1,18 +1,17 @@
 """Rows -> the token cache in one pass: parallel, bounded memory, resumable, one builder.
 
-``data.py`` decides *which* rows a split holds; this module turns a stream of Arrow text
-batches into the cache files (a flat uint16 token stream + int64 row offsets per split),
-and knows nothing of config keys.
+``splits`` and ``rows`` decide *which* rows a split holds; this module turns a stream of
+Arrow text batches into the cache files (a flat uint16 token stream + int64 row offsets per
+split), and knows nothing of config keys.
 
 - **One pass, several splits.** A source's rows are read once; each row goes to one target
   split (or none) by a ``Selection`` of its index: a range (run_clm's whole-percent
   hold-out), or a seeded key below / above a threshold (the fractional hold-out). So a
   streamed corpus is read once for train and validation together.
 - **Processes.** The reading process cuts the rows into chunks of ~``CHUNK_BYTES`` of text
-  and hands them to ``num_proc`` tokenizer processes (fresh interpreters; ``encode_to_numpy``,
-  the same ids as ``encode_ordinary``), at most ``INFLIGHT_PER_PROC`` each in flight, and
-  writes the results in order: memory is a few chunks, whatever the corpus size. (tiktoken's
-  own threads, ``encode_ordinary_batch``, were slower here than one plain loop.)
+  and hands them to ``num_proc`` tokenizer processes (``workers``: fresh interpreters;
+  ``encode_to_numpy``, the same ids as ``encode_ordinary``), a few chunks in flight each,
+  and writes the results in order: memory is a few chunks, whatever the corpus size.
 - **Resumable.** Results are appended to ``*.partial`` files; after each chunk a journal
   records how many source rows, rows and tokens are complete. A rerun after ``kill -9``
   truncates the partial files to the journal and goes on from there; the cache files
@@ -30,10 +29,7 @@ import errno
 import fcntl
 import json
 import os
-import signal
 import socket
-import subprocess
-import sys
 import time
 from collections import deque
 from collections.abc import Callable, Iterator
@@ -42,23 +38,14 @@ from pathlib import Path
 
 import numpy as np
 
-from gpt2_jax.data import tokenizer
+from gpt2_jax.data import workers
 from gpt2_jax.data.sources import DataError
 
 CHUNK_BYTES = 4 << 20  # text per tokenizer task: large enough to amortize the hand-off
 READ_ROWS = 256  # rows per Arrow batch read from the source
-INFLIGHT_PER_PROC = 2  # chunks queued per tokenizer process (bounds memory)
 WAIT_REPORT_SECONDS = 30.0  # a waiting process repeats the builder's progress this often
 LOCK_POLL_SECONDS = 0.5
 JOURNAL_VERSION = 1
-
-
-def default_processes() -> int:
-    """The CPUs this process may run on (``sched_getaffinity``: containers, taskset)."""
-    try:
-        return len(os.sched_getaffinity(0)) or 1
-    except AttributeError:  # macOS
-        return os.cpu_count() or 1
 
 
 # ---------------------------------------------------------------- hold-out keys
@@ -146,217 +133,6 @@ class Target:
 
     def path(self, suffix: str, partial: bool = False) -> Path:
         return Path(f"{self.stem}{suffix}{'.partial' if partial else ''}")
-
-
-# ---------------------------------------------------------------- tokenizer processes
-
-
-def _encode(enc, text: str) -> np.ndarray:
-    # encode_to_numpy with no special token allowed or disallowed = encode_ordinary's ids
-    # (a literal "<|endoftext|>" is text), without building a Python list of ints.
-    try:
-        return enc.encode_to_numpy(text, allowed_special=set(), disallowed_special=())
-    except UnicodeEncodeError:  # a lone surrogate: tiktoken's encode_ordinary does the same
-        text = text.encode("utf-16", "surrogatepass").decode("utf-16", "replace")
-        return enc.encode_to_numpy(text, allowed_special=set(), disallowed_special=())
-
-
-_EOT = np.array([tokenizer.EOT_ID], np.uint32)
-_EMPTY = np.zeros(0, np.uint32)
-
-
-def encode_chunk(texts, dest: np.ndarray | None, n_out: int, append_eos: bool) -> list:
-    """Tokenizes a chunk. ``texts``: a pyarrow string array [n] (or list of str); ``dest``:
-    int8 [n], the output each row goes to (-1: none), or None for all to output 0.
-
-    Returns per output ``(tokens uint16 [t], lengths int64 [rows])``, rows in order.
-    """
-    enc = tokenizer.get_tokenizer()
-    rows = texts if isinstance(texts, list) else texts.to_pylist()
-    if dest is None:
-        dest = np.zeros(len(rows), np.int8)
-    out = []
-    for o in range(n_out):
-        parts, lengths = [], []
-        for j in np.flatnonzero(dest == o).tolist():
-            ids = _encode(enc, rows[j] or "")
-            parts.append(ids)
-            if append_eos:
-                parts.append(_EOT)
-            lengths.append(len(ids) + append_eos)
-        tokens = np.concatenate(parts) if parts else _EMPTY
-        out.append((tokens.astype(np.uint16), np.asarray(lengths, np.int64)))
-    return out
-
-
-class _Done:
-    """The result of a chunk tokenized in this process (the interface of ``_Remote``)."""
-
-    def __init__(self, value):
-        self.value = value
-
-    def result(self):
-        return self.value
-
-
-# The tokenizer process's program: the same gpt2_jax as this process's (its directory put
-# on sys.path if it is not there; the working directory taken off, so that another
-# checkout there is not imported instead). A fresh interpreter, not multiprocessing: that
-# would import the caller's __main__ again (a script without a main guard would rerun).
-_WORKER_CODE = (
-    "import sys; here = sys.argv[2]; "
-    "sys.path[:] = [p for p in sys.path if p not in ('', '.')]; "
-    "here in sys.path or sys.path.insert(0, here); "
-    "from gpt2_jax.data.corpus import _worker_main; "
-    "_worker_main(int(sys.argv[3]), sys.argv[4] == '1')"
-)
-
-
-class _Worker:
-    """One tokenizer process (``_WORKER_CODE``), length-prefixed pickles over its stdin and
-    stdout. A feeder thread writes tasks and a reader thread reads results, so neither side
-    ever blocks on a full pipe while the other waits for it."""
-
-    def __init__(self, append_eos: bool):
-        import queue
-        import threading
-
-        here = str(Path(__file__).resolve().parents[2])
-        argv = [sys.executable, "-c", _WORKER_CODE, "gpt2_jax-tokenizer", here]
-        self.proc = subprocess.Popen(
-            argv + [str(os.getpid()), str(int(append_eos))],
-            stdin=subprocess.PIPE,
-            stdout=subprocess.PIPE,
-        )
-        self.tasks: queue.Queue = queue.Queue()
-        self.results: queue.Queue = queue.Queue()
-        self.threads = [
-            threading.Thread(target=self._feed, daemon=True),
-            threading.Thread(target=self._read, daemon=True),
-        ]
-        for t in self.threads:
-            t.start()
-
-    def _feed(self) -> None:
-        import pickle
-
-        try:
-            while (task := self.tasks.get()) is not None:
-                data = pickle.dumps(task, protocol=5)
-                self.proc.stdin.write(len(data).to_bytes(8, "little") + data)
-                self.proc.stdin.flush()
-            self.proc.stdin.close()
-        except (BrokenPipeError, OSError, ValueError):
-            pass  # the process died: the reader reports it
-
-    def _read(self) -> None:
-        import pickle
-
-        out = self.proc.stdout
-        try:
-            while len(head := out.read(8)) == 8:
-                size = int.from_bytes(head, "little")
-                body = out.read(size)
-                if len(body) < size:
-                    break
-                self.results.put(pickle.loads(body))
-        except Exception:  # a torn reply: the process died while writing it
-            pass
-        self.results.put(("died", None))  # after the last reply: nothing follows
-
-    def submit(self, task) -> _Remote:
-        self.tasks.put(task)
-        return _Remote(self)
-
-    def close(self, abort: bool = False) -> None:
-        """Ends the process: after its queued tasks, or at once (``abort``)."""
-        self.tasks.put(None)
-        if abort:
-            self.proc.kill()
-        try:
-            self.proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait()
-
-
-class _Remote:
-    """A chunk's result from a ``_Worker``: each worker answers its tasks in order."""
-
-    def __init__(self, worker: _Worker):
-        self.worker = worker
-
-    def result(self):
-        status, value = self.worker.results.get()
-        if status == "ok":
-            return value
-        if status == "error":
-            raise RuntimeError(f"tokenizer process {self.worker.proc.pid} failed:\n{value}")
-        code = self.worker.proc.wait()
-        raise DataError(
-            f"a tokenizer process ({self.worker.proc.pid}) died with exit code {code} (out of "
-            "memory, or killed?); the same command resumes the build from its last complete "
-            "chunk (fewer processes: data.num_proc)"
-        )
-
-
-class Encoders:
-    """``num_proc`` tokenizer processes, started at the second chunk (a corpus of one chunk
-    never pays for them); chunks go to them in turn. ``num_proc=1``: in this process."""
-
-    def __init__(self, num_proc: int, append_eos: bool):
-        self.num_proc = max(1, int(num_proc))
-        self.append_eos = append_eos
-        self.workers: list[_Worker] = []
-        self.used = 1  # processes that tokenized (for the report)
-        self._submitted = 0
-
-    def submit(self, texts, dest, n_out):
-        """Queues a chunk; returns an object whose ``result()`` is ``encode_chunk``'s."""
-        if not self.workers and self.num_proc > 1 and self._submitted:
-            self.workers = [_Worker(self.append_eos) for _ in range(self.num_proc)]
-            self.used = self.num_proc
-        self._submitted += 1
-        if not self.workers:
-            return _Done(encode_chunk(texts, dest, n_out, self.append_eos))
-        worker = self.workers[self._submitted % len(self.workers)]
-        return worker.submit((texts, dest, n_out))
-
-    @property
-    def max_inflight(self) -> int:
-        return INFLIGHT_PER_PROC * self.num_proc if self.workers else 1
-
-    def close(self, abort: bool = False) -> None:
-        for w in self.workers:
-            w.close(abort)
-        self.workers = []
-
-
-def _worker_main(parent: int, append_eos: bool) -> None:  # pragma: no cover - subprocess
-    import pickle
-    import traceback
-
-    if sys.platform.startswith("linux"):
-        import ctypes
-
-        # Die with the reading process, even when it is killed by SIGKILL (no orphans).
-        ctypes.CDLL("libc.so.6").prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
-    if os.getppid() != parent:  # it died before prctl
-        return
-    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the reading process's to handle
-    out = os.fdopen(os.dup(1), "wb")
-    os.dup2(2, 1)  # a stray print must not corrupt the result stream
-    inp = sys.stdin.buffer
-    tokenizer.get_tokenizer()
-    while len(head := inp.read(8)) == 8:
-        texts, dest, n_out = pickle.loads(inp.read(int.from_bytes(head, "little")))
-        try:
-            reply = ("ok", encode_chunk(texts, dest, n_out, append_eos))
-        except Exception:
-            reply = ("error", traceback.format_exc())
-        data = pickle.dumps(reply, protocol=5)
-        out.write(len(data).to_bytes(8, "little") + data)
-        out.flush()
 
 
 # ---------------------------------------------------------------- chunks
@@ -501,65 +277,30 @@ class Build:
     def run(
         self,
         chunk_iter: Callable[[int], Iterator[tuple[int, object]]],
-        encoders: Encoders,
+        encoders: workers.Encoders,
         progress=None,
         on_commit: Callable[[Build], None] | None = None,
     ) -> None:
         """Reads ``chunk_iter(rows_read)`` to its end (or until every target has its
         ``max_rows``), tokenizes and appends in order, committing after each chunk."""
         t0 = time.perf_counter()
-        pending: deque = deque()
+        pending: deque = deque()  # (source row after the chunk, its result), in order
         routed = list(self.rows)  # rows assigned to each target so far (committed + pending)
-
-        def write_one():
-            end, fut = pending.popleft()
-            for i, (toks, lens) in enumerate(fut.result()):
-                f_tok, f_off = self._files[i]
-                f_tok.write(memoryview(toks))
-                f_off.write(memoryview(self.tokens[i] + np.cumsum(lens)))
-                self.rows[i] += len(lens)
-                self.tokens[i] += len(toks)
-            for f_tok, f_off in self._files:
-                f_tok.flush()
-                f_off.flush()
-            new_rows, self.rows_read = end - self.rows_read, end
-            self.chunks_done += 1
-            self._write_journal()  # after the data: a journal never promises more than is there
-            if progress is not None:
-                progress(new_rows, sum(self.tokens))
-            if on_commit is not None:
-                on_commit(self)
-            _after_commit(self.chunks_done)
-
         try:
             for first, texts in chunk_iter(self.rows_read):
                 n = len(texts)
-                cache: list = []
-
-                def keys(first=first, n=n, cache=cache):
-                    if not cache:
-                        seeds = {t.selection.seed for t in self.targets}
-                        cache.append({s: holdout_keys(s, first, n) for s in seeds})
-                    return cache[0]
-
-                dest = np.full(n, -1, np.int8)
-                for i, t in enumerate(self.targets):
-                    m = t.selection.mask(first, n, lambda t=t: keys()[t.selection.seed])
-                    if t.max_rows:
-                        m &= np.cumsum(m) <= t.max_rows - routed[i]
-                    routed[i] += int(m.sum())
-                    dest[m] = i
+                dest = self._route(first, n, routed)
                 everything = len(self.targets) == 1 and bool((dest == 0).all())
                 fut = encoders.submit(texts, None if everything else dest, len(self.targets))
                 pending.append((first + n, fut))
                 while len(pending) >= encoders.max_inflight:
-                    write_one()
+                    self._commit(*pending.popleft(), progress, on_commit)
                 caps = zip(self.targets, routed, strict=True)
                 end = first + n
                 if all(t.selection.exhausted(end) or 0 < t.max_rows <= r for t, r in caps):
                     break  # every split has all it takes: the rest is not read
             while pending:
-                write_one()
+                self._commit(*pending.popleft(), progress, on_commit)
         finally:
             for f_tok, f_off in self._files:
                 f_tok.close()
@@ -567,6 +308,46 @@ class Build:
             self._files = []
             self.seconds += time.perf_counter() - t0
             self.processes = encoders.used
+
+    def _route(self, first: int, n: int, routed: list[int]) -> np.ndarray:
+        """int8 [n]: the target each of rows ``first .. first + n - 1`` goes to (-1: none);
+        ``routed`` (rows given to each target so far) is advanced."""
+        cache: list = []
+
+        def keys():  # computed once per chunk, and only if a selection needs them
+            if not cache:
+                seeds = {t.selection.seed for t in self.targets}
+                cache.append({s: holdout_keys(s, first, n) for s in seeds})
+            return cache[0]
+
+        dest = np.full(n, -1, np.int8)
+        for i, t in enumerate(self.targets):
+            m = t.selection.mask(first, n, lambda t=t: keys()[t.selection.seed])
+            if t.max_rows:
+                m &= np.cumsum(m) <= t.max_rows - routed[i]
+            routed[i] += int(m.sum())
+            dest[m] = i
+        return dest
+
+    def _commit(self, end: int, fut, progress, on_commit) -> None:
+        """Appends a chunk's result (``fut.result()``) and records it in the journal."""
+        for i, (toks, lens) in enumerate(fut.result()):
+            f_tok, f_off = self._files[i]
+            f_tok.write(memoryview(toks))
+            f_off.write(memoryview(self.tokens[i] + np.cumsum(lens)))
+            self.rows[i] += len(lens)
+            self.tokens[i] += len(toks)
+        for f_tok, f_off in self._files:
+            f_tok.flush()
+            f_off.flush()
+        new_rows, self.rows_read = end - self.rows_read, end
+        self.chunks_done += 1
+        self._write_journal()  # after the data: a journal never promises more than is there
+        if progress is not None:
+            progress(new_rows, sum(self.tokens))
+        if on_commit is not None:
+            on_commit(self)
+        _after_commit(self.chunks_done)
 
     def finalize(self) -> None:
         """Moves the partial files to their final names, each split's meta last."""

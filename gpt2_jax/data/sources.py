@@ -1,8 +1,8 @@
 """Where rows come from: ``datasets.load_dataset`` (hub or local files, as Arrow or streamed)
 and reading them back as Arrow batches; every failure a user can fix as one DataError.
 
-``data.py`` says what the config means (which files, which split, which hold-out);
-this module does the ``datasets`` calls, with plain arguments:
+``splits`` and ``rows`` say what the config means (which files, which split, which
+hold-out); this module does the ``datasets`` calls, with plain arguments:
 
 - ``load_hub``: a hub dataset (or a dataset directory) with ``revision``, ``data_files``,
   ``data_dir`` and ``streaming``. A dataset that needs a loading script, which datasets
@@ -20,6 +20,7 @@ import contextlib
 import dataclasses
 import os
 import re
+import sys
 
 from gpt2_jax.errors import UserError
 
@@ -28,8 +29,13 @@ class DataError(UserError, ValueError):
     """A data problem the user can fix (config key, file, too little data)."""
 
 
+def say(message: str) -> None:
+    """What the data layer is doing, on stderr (every process's: under launch, its log)."""
+    print(f"data: {message}", file=sys.stderr, flush=True)
+
+
 @dataclasses.dataclass
-class Source:
+class RowSource:
     """One pass over rows: ``rows`` (a ``datasets.Dataset`` or, streamed, an
     ``IterableDataset``), and which of them each split takes (``{split: Selection}``)."""
 
@@ -86,7 +92,7 @@ def check_text_column(column: str, names, kind) -> None:
 # ---------------------------------------------------------------- reading
 
 
-def tables(source: Source, start: int, batch_rows: int):
+def tables(source: RowSource, start: int, batch_rows: int):
     """Arrow tables (or record batches) of ``source.rows`` from row ``start`` on."""
     import datasets
 

@@ -317,35 +317,35 @@ class _Head:
         return self.blocks[idx]
 
 
-def evaluate_splits(cfg, model_cfg, params, splits: dict, mesh, progress: bool) -> list[dict]:
-    """Loss / perplexity on each split: run_clm blocks, or sliding windows if eval.stride."""
-    from gpt2_jax.config import plan as plan_lib
-    from gpt2_jax.data import pipeline as data_lib
+def evaluate_splits(plan, params, splits: dict, mesh, progress: bool) -> list[dict]:
+    """Loss / perplexity of ``plan.model`` on each split: run_clm blocks, or sliding windows
+    if ``eval.stride``. ``plan``: the run's plan (its eval, data sections and eval batch)."""
+    from gpt2_jax import data as data_lib
     from gpt2_jax.parallel import sharding
 
-    batch_size = plan_lib.eval_batch(cfg, jax.device_count())  # checks eval.stride too
+    model_cfg, e, d, batch_size = plan.model, plan.eval, plan.data, plan.eval_batch
     out = []
     for name, blocks in splits.items():
-        if cfg.eval.stride:
-            tokens, _ = data_lib.load_token_stream(cfg.data, name)
-            if cfg.eval.max_batches:
+        if e.stride:
+            tokens, _ = data_lib.load_token_stream(d, name)
+            if e.max_batches:
                 # W windows start every stride tokens and the last one ends at the cut, so
                 # the first max_batches batches of windows need (W - 1) * stride + block_size.
-                windows = cfg.eval.max_batches * batch_size
-                tokens = tokens[: (windows - 1) * cfg.eval.stride + cfg.data.block_size]
+                windows = e.max_batches * batch_size
+                tokens = tokens[: (windows - 1) * e.stride + d.block_size]
             res = eval_sliding_window(
                 model_cfg,
                 params,
                 np.asarray(tokens),
-                max_length=cfg.data.block_size,
-                stride=cfg.eval.stride,
+                max_length=d.block_size,
+                stride=e.stride,
                 batch_size=batch_size,
                 batch_sharding=sharding.batch_sharding(mesh),
                 progress=progress,
             )
         else:
-            if cfg.eval.max_batches:
-                blocks = _Head(blocks, cfg.eval.max_batches * batch_size)
+            if e.max_batches:
+                blocks = _Head(blocks, e.max_batches * batch_size)
             res = eval_blocks(
                 model_cfg,
                 params,
@@ -369,15 +369,17 @@ def evaluate_splits(cfg, model_cfg, params, splits: dict, mesh, progress: bool) 
 def run_command(cfg, workdir, step=None, progress: bool = True) -> list[dict]:
     """``gpt2-jax eval``: the plan (weights of ``workdir``'s checkpoint, or the config's
     ``init_from``), the eval splits, and their loss / perplexity records."""
+    from gpt2_jax import data as data_lib
+    from gpt2_jax.config import base as config_lib
     from gpt2_jax.config import plan as plan_lib
-    from gpt2_jax.data import pipeline as data_lib
     from gpt2_jax.parallel import sharding
     from gpt2_jax.weights import resolve as weights
 
-    sharding.maybe_initialize_distributed(cfg.distributed)  # flags, or a detected cluster
+    # flags, or a detected cluster
+    sharding.maybe_initialize_distributed(config_lib.sections(cfg).distributed)
     plan = plan_lib.weights_only(cfg, workdir, step, jax.device_count(), validate=True)
     params = weights.params_of(plan.source)
     print(f"loaded {plan.source.describe()}", file=sys.stderr)
-    splits = data_lib.load_splits(cfg.data, tuple(cfg.eval.splits))
+    splits = data_lib.load_splits(plan.data, tuple(plan.eval.splits))
     mesh = sharding.mesh_of(plan.mesh_shape)
-    return evaluate_splits(cfg, plan.model, params, splits, mesh, progress=progress)
+    return evaluate_splits(plan, params, splits, mesh, progress=progress)

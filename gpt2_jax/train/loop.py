@@ -29,10 +29,10 @@ from typing import Any
 import jax
 import ml_collections
 
+from gpt2_jax import data as data_lib
 from gpt2_jax.config import base as config_lib
 from gpt2_jax.config import plan as plan_lib
 from gpt2_jax.core import workdir as wd
-from gpt2_jax.data import pipeline as data_lib
 from gpt2_jax.evaluation.perplexity import evaluate_splits  # noqa: F401  (train_lib.evaluate_splits)
 from gpt2_jax.model import gpt2 as model_lib
 from gpt2_jax.parallel import sharding

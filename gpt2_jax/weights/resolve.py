@@ -60,7 +60,7 @@ class Source:
     whose ``scan_layers`` is the saved parameter layout.
     """
 
-    kind: str  # "checkpoint" | "hf" | "scratch"
+    kind: str  # "checkpoint" | "hf" | "scratch" | "given" (params passed in by the caller)
     model_cfg: model_lib.GPT2Config
     step: int | None = None
     path: Path | None = None  # the checkpoints directory, or the HF directory
@@ -71,6 +71,8 @@ class Source:
             return f"checkpoint {self.path / str(self.step)}"
         if self.kind == "hf":
             return f"hf:{self.path}"
+        if self.kind == "given":
+            return "the params given"
         return "random init"
 
 
