@@ -23,3 +23,10 @@ def signal_exit_code(signum: int) -> int:
     shell's convention). ``train`` exits so after saving on SIGTERM (143) or Ctrl-C (130),
     and ``launch`` reads 143 as "preempted and saved"."""
     return 128 + int(signum)
+
+
+def require(ok: bool, key: str, message: str) -> None:
+    """Raises ``ConfigError("key: message")`` unless ``ok``: the one check of a config value
+    (each typed section validates its keys with it, beside its definition)."""
+    if not ok:
+        raise ConfigError(f"{key}: {message}")

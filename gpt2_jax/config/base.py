@@ -19,7 +19,7 @@ import ml_collections
 from gpt2_jax.config import sections as sections_lib
 from gpt2_jax.core import workdir as wd
 from gpt2_jax.data.config import DataConfig
-from gpt2_jax.errors import ConfigError  # defined there for the modules below; used here
+from gpt2_jax.errors import ConfigError, require  # defined there for the modules below; used here
 from gpt2_jax.model import gpt2 as model_lib
 from gpt2_jax.optim.config import OptimConfig
 from gpt2_jax.parallel.config import DistributedConfig, MeshConfig
@@ -359,11 +359,6 @@ def resolved_record(cfg: ml_collections.ConfigDict, model_cfg: model_lib.GPT2Con
 # ------------------------------------------------------------------------- validation
 
 
-def _check(cond: bool, key: str, message: str) -> None:
-    if not cond:
-        raise ConfigError(f"{key}: {message}")
-
-
 def init_from_spec(init_from: str) -> str | None:
     """``init_from`` -> the HF directory or hub id, None for ''; ConfigError otherwise."""
     from gpt2_jax.weights import hf
@@ -432,7 +427,7 @@ def validate(
     except ValueError as e:
         raise ConfigError(str(e)) from None
     s = sections(cfg)
-    _check(
+    require(
         1 < s.data.block_size <= mcfg.n_positions,
         "data.block_size",
         f"{s.data.block_size} must be in [2, model.n_positions={mcfg.n_positions}]",
@@ -448,15 +443,15 @@ def validate(
 
 
 def _check_batches(t, o, num_devices: int) -> None:
-    _check(o.accumulation_steps >= 1, "optim.accumulation_steps", "must be >= 1")
-    _check(
+    require(o.accumulation_steps >= 1, "optim.accumulation_steps", "must be >= 1")
+    require(
         t.batch_size % o.accumulation_steps == 0,
         "optim.accumulation_steps",
         f"train.batch_size={t.batch_size} is not divisible by "
         f"optim.accumulation_steps={o.accumulation_steps}",
     )
     micro = t.batch_size // o.accumulation_steps
-    _check(
+    require(
         micro % num_devices == 0,
         "train.batch_size",
         f"the microbatch train.batch_size/optim.accumulation_steps={micro} is not divisible "

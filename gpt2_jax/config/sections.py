@@ -17,7 +17,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Any, TypeVar
 
-from gpt2_jax.errors import ConfigError
+from gpt2_jax.errors import require
 
 T = TypeVar("T")
 
@@ -73,25 +73,25 @@ class TrainConfig:
     wandb: WandbConfig
 
     def validate(self) -> None:
-        _check(self.batch_size > 0, "train.batch_size", f"must be positive, got {self.batch_size}")
-        _check(
+        require(self.batch_size > 0, "train.batch_size", f"must be positive, got {self.batch_size}")
+        require(
             self.steps >= 0 and self.epochs >= 0,
             "train.steps",
             "train.steps and train.epochs must be >= 0",
         )
-        _check(self.steps > 0 or self.epochs > 0, "train.steps", "set train.steps or train.epochs")
+        require(self.steps > 0 or self.epochs > 0, "train.steps", "set train.steps or train.epochs")
         for key in ("log_every", "eval_every", "checkpoint_every"):
             value = getattr(self, key)
-            _check(value >= 0, f"train.{key}", f"must be >= 0, got {value}")
-        _check(self.log_every > 0, "train.log_every", "must be positive")
-        _check(
+            require(value >= 0, f"train.{key}", f"must be >= 0, got {value}")
+        require(self.log_every > 0, "train.log_every", "must be positive")
+        require(
             self.nonfinite in ("stop", "skip"),
             "train.nonfinite",
             f"{self.nonfinite!r} is not one of stop, skip",
         )
-        _check(self.max_nonfinite >= 1, "train.max_nonfinite", "must be >= 1")
-        _check(self.resume_step >= -1, "train.resume_step", "must be a saved step, or -1 (latest)")
-        _check(
+        require(self.max_nonfinite >= 1, "train.max_nonfinite", "must be >= 1")
+        require(self.resume_step >= -1, "train.resume_step", "must be a saved step, or -1 (latest)")
+        require(
             not (self.fresh and self.resume_step >= 0),
             "train.fresh",
             "train.fresh=true starts over: it cannot be combined with train.resume_step",
@@ -113,9 +113,9 @@ class EvalConfig:
     def validate(self) -> None:
         """The harness keys (the batch and stride are checked where they are decided:
         ``plan.eval_batch``, with the train batch and the block size)."""
-        _check(self.harness_every >= 0, "eval.harness_every", "must be >= 0 (0: at the end)")
-        _check(self.harness_limit >= 0, "eval.harness_limit", "must be >= 0 (0: every doc)")
-        _check(
+        require(self.harness_every >= 0, "eval.harness_every", "must be >= 0 (0: at the end)")
+        require(self.harness_limit >= 0, "eval.harness_limit", "must be >= 0 (0: every doc)")
+        require(
             self.harness_num_fewshot >= -1,
             "eval.harness_num_fewshot",
             "must be >= 0, or -1 for each task's default",
@@ -123,8 +123,3 @@ class EvalConfig:
 
 
 _HINTS = {("TrainConfig", "wandb"): WandbConfig}
-
-
-def _check(cond: bool, key: str, message: str) -> None:
-    if not cond:
-        raise ConfigError(f"{key}: {message}")

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 
-from gpt2_jax.errors import ConfigError
+from gpt2_jax.errors import require
 
 SCHEDULES = ("cosine", "linear", "constant")
 
@@ -30,23 +30,18 @@ class OptimConfig:
     def validate(self) -> None:
         """Raises ConfigError naming the key (the batch's divisibility by the accumulation
         is the plan's check: it involves ``train.batch_size``)."""
-        _check(self.accumulation_steps >= 1, "optim.accumulation_steps", "must be >= 1")
-        _check(
+        require(self.accumulation_steps >= 1, "optim.accumulation_steps", "must be >= 1")
+        require(
             self.learning_rate > 0,
             "optim.learning_rate",
             f"must be positive, got {self.learning_rate}",
         )
-        _check(
+        require(
             self.schedule in SCHEDULES,
             "optim.schedule",
             f"{self.schedule!r} is not one of {', '.join(SCHEDULES)}",
         )
-        _check(self.warmup_steps >= 0, "optim.warmup_steps", "must be >= 0")
-        _check(self.weight_decay >= 0, "optim.weight_decay", "must be >= 0")
-        _check(self.grad_clip >= 0, "optim.grad_clip", "must be >= 0 (0 disables clipping)")
-        _check(0 <= self.min_lr_ratio <= 1, "optim.min_lr_ratio", "must be in [0, 1]")
-
-
-def _check(cond: bool, key: str, message: str) -> None:
-    if not cond:
-        raise ConfigError(f"{key}: {message}")
+        require(self.warmup_steps >= 0, "optim.warmup_steps", "must be >= 0")
+        require(self.weight_decay >= 0, "optim.weight_decay", "must be >= 0")
+        require(self.grad_clip >= 0, "optim.grad_clip", "must be >= 0 (0 disables clipping)")
+        require(0 <= self.min_lr_ratio <= 1, "optim.min_lr_ratio", "must be in [0, 1]")

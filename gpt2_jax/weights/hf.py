@@ -29,10 +29,10 @@ import numpy as np
 from gpt2_jax.data import tokenizer as tokenizer_lib
 from gpt2_jax.model.gpt2 import DTYPES, RUNTIME_FIELDS, SHAPE_FIELDS, GPT2Config
 from gpt2_jax.weights import hf_files
-from gpt2_jax.weights.hf_files import (  # noqa: F401 (hf.HFImportError, hf.resolve, ...)
+from gpt2_jax.weights.hf_files import (  # noqa: F401 (hf.HFImportError, hf.checkpoint_dir, ...)
     HFImportError,
+    checkpoint_dir,
     parse_init_from,
-    resolve,
 )
 
 # GPT2Config fields a user may override at import: how we compute, not what the model is.
@@ -260,7 +260,7 @@ def load_pretrained(path_or_hub_id: str | os.PathLike, **overrides: Any) -> tupl
     says (``h`` with a leading layer axis, or ``h_0 .. h_{L-1}``). Raises HFImportError
     listing every missing / unexpected / misshapen tensor, or an unsupported config field.
     """
-    directory = resolve(path_or_hub_id)
+    directory = checkpoint_dir(path_or_hub_id)
     config_path = directory / "config.json"
     if not config_path.is_file():
         raise HFImportError(f"{directory} has no config.json (a Hugging Face model directory?)")

@@ -171,7 +171,7 @@ def parse_init_from(init_from: str) -> str | None:
     return init_from[len(PREFIX) :]
 
 
-def resolve(path_or_hub_id: str | os.PathLike) -> Path:
+def checkpoint_dir(path_or_hub_id: str | os.PathLike) -> Path:
     """A local directory holding the checkpoint: ``path_or_hub_id`` itself or a hub snapshot.
 
     A leading ``hf:`` (the config's ``init_from`` spelling) is accepted and dropped.

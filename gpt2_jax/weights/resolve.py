@@ -265,7 +265,7 @@ def _from_hf(request: Request) -> Source:
     """Step 2 of the order: the shape from the ``hf:`` directory's config.json."""
     from gpt2_jax.weights import hf
 
-    directory = hf.resolve(request.hf_spec)
+    directory = hf.checkpoint_dir(request.hf_spec)
     config_path = directory / "config.json"
     if not config_path.is_file():
         raise hf.HFImportError(f"{directory} has no config.json (a Hugging Face model directory?)")
