@@ -235,3 +235,25 @@ def test_blocked_attention_equals_the_plain_attention(T):
         np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
     small = attention.blocked_attention(qkv, 3, None, block=16)
     np.testing.assert_allclose(small, attention.xla_attention(qkv, 3), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("head_rows", [4, 6, 2048])  # chunks of 1, 2 and all 6 positions
+def test_scored_logprobs_equal_the_full_logits_head(params, head_rows):
+    """The harness's head (chosen positions and targets, chunked, never the [B, T, V]
+    logits) against log_softmax of the model's own logits, gathered."""
+    ids = _ids(B=3, T=16)
+    hidden = m.GPT2(CFG).apply({"params": params}, ids, return_hidden=True)  # [3, 16, 48]
+    logits = np.asarray(m.GPT2(CFG).apply({"params": params}, ids), np.float64)  # [3, 16, 97]
+    pos = np.asarray([[0, 3, 4, 9, 12, 15], [2, 2, 7, 8, 13, 14], [1, 5, 6, 10, 11, 0]], np.int32)
+    rows = np.arange(3)[:, None]
+    # Half the targets are the argmax, so both greedy outcomes are checked.
+    noise = np.asarray(_ids(B=3, T=6, seed=7))
+    targets = np.where(np.arange(6) % 2 == 0, logits[rows, pos].argmax(-1), noise).astype(np.int32)
+    wte = params["wte"]["embedding"]
+    logprob, greedy = losses.scored_logprobs(wte, hidden, pos, targets, head_rows)
+    assert logprob.shape == greedy.shape == (3, 6) and logprob.dtype == jnp.float32
+    log_softmax = logits - np.log(np.exp(logits).sum(-1, keepdims=True))
+    want = log_softmax[rows, pos, targets]
+    np.testing.assert_allclose(logprob, want, rtol=1e-6)
+    np.testing.assert_array_equal(greedy, logits[rows, pos].argmax(-1) == targets)
+    assert greedy.any() and not greedy.all()

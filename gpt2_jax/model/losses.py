@@ -1,6 +1,6 @@
 """The loss heads: GPT-2's tied output head turned into next-token log-probabilities.
 
-One family, three variants, each for one caller; all give the same numbers where they
+One family, four variants, each for one caller; all give the same numbers where they
 overlap (tests/test_model.py holds each to full logits, directly or through another):
 
 - ``token_nll``: from full logits [B, T, V] (``GPT2(...)``'s output); the reference,
@@ -13,6 +13,9 @@ overlap (tests/test_model.py holds each to full logits, directly or through anot
 - ``mean_token_nll``: the training head. Its mean over the batch, the logits formed
   ``HEAD_CHUNK`` rows at a time with the gradient computed alongside (a ``custom_vjp``),
   so neither the batch's logits nor their gradient ever exist whole.
+- ``scored_logprobs``: the lm-eval harness's head. Log-probabilities of chosen targets at
+  chosen positions of each row, and whether each target is the argmax (greedy), the
+  logits formed ``SCORE_CHUNK`` positions at a time, against the real (unpadded) ``wte``.
 
 Shared: ``_padded_head`` (the padded head matrix), ``_logits_logz`` (one chunk's fp32
 logits and their logsumexp, the padding masked out) and ``_picked`` (the targets' logits).
@@ -27,6 +30,7 @@ import jax.numpy as jnp
 import numpy as np
 
 HEAD_CHUNK = 1024  # rows of the training head's logits held at once (mean_token_nll)
+SCORE_CHUNK = 2048  # scored positions whose [rows, V] fp32 logits exist at once (scored_logprobs)
 
 
 # ---------------------------------------------------------------- shared pieces
@@ -158,3 +162,43 @@ def _chunked_nll_bwd(chunk, res, g):
 
 
 _chunked_nll.defvjp(_chunked_nll_fwd, _chunked_nll_bwd)
+
+
+def _score_chunk(B: int, C: int, head_rows: int) -> int:
+    """Columns of ``C`` per head chunk: the largest divisor of C with B * c <= head_rows."""
+    best = 1
+    for c in range(1, C + 1):
+        if C % c == 0 and B * c <= max(head_rows, B):
+            best = c
+    return best
+
+
+def scored_logprobs(
+    wte: jax.Array,
+    hidden: jax.Array,
+    pos: jax.Array,
+    targets: jax.Array,
+    head_rows: int = SCORE_CHUNK,
+) -> tuple[jax.Array, jax.Array]:
+    """Log-probabilities of ``targets`` at the scored positions, and whether each is the
+    argmax.
+
+    wte: [V, E]; hidden: [B, T, E]; pos: [B, C] int32, the positions whose predictions are
+    scored; targets: [B, C] int32, the tokens they must give -> (logprob [B, C] float32,
+    greedy [B, C] bool). At most ``head_rows`` positions' [V] fp32 logits exist at once:
+    C is split into chunks of the largest divisor c of C with B * c <= head_rows, so no
+    chunk is padded.
+    """
+    B, C = targets.shape
+    h = jnp.take_along_axis(hidden, pos[..., None], axis=1)  # [B, C, E]
+    c = _score_chunk(B, C, head_rows)
+    w = wte.astype(hidden.dtype)
+
+    def one(xs):
+        hc, tc = xs  # [B, c, E], [B, c]
+        logits, logz = _logits_logz(hc, w)  # [B, c, V], [B, c]
+        return _picked(logits, tc) - logz, jnp.argmax(logits, axis=-1) == tc
+
+    split = lambda x: jnp.moveaxis(x.reshape(B, C // c, c, *x.shape[2:]), 1, 0)  # noqa: E731
+    logprob, greedy = jax.lax.map(one, (split(h), split(targets)))  # [C/c, B, c]
+    return jnp.moveaxis(logprob, 0, 1).reshape(B, C), jnp.moveaxis(greedy, 0, 1).reshape(B, C)
