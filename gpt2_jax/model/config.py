@@ -56,6 +56,7 @@ class GPT2Config:
 
     @property
     def inner_dim(self) -> int:
+        """The MLP's width: ``n_inner``, or 4 * n_embd when unset."""
         return self.n_inner or 4 * self.n_embd
 
     def validate(self) -> None:

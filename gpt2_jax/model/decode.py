@@ -1,8 +1,8 @@
 """KV-cache decoding: GPT-2's forward pass for new tokens against a cache of keys and values.
 
-``decode`` runs the prompt (prefill) or one new token per row (a step) through the layers
-of ``GPT2``'s parameters, in either layout, and gives ``GPT2``'s numbers for those
-positions; ``init_cache`` makes the cache it reads and updates. Generation
+``cached_forward`` runs the prompt (prefill) or one new token per row (a step) through
+the layers of ``GPT2``'s parameters, in either layout, and gives ``GPT2``'s numbers for
+those positions; ``init_cache`` makes the cache it reads and updates. Generation
 (``evaluation.generate``) drives it; it takes no dropout and holds no module state.
 """
 
@@ -87,7 +87,7 @@ def _cached_attention(
     return y, {"k": ks, "v": vs}
 
 
-def decode(
+def cached_forward(
     model_cfg: GPT2Config,
     params: dict,
     input_ids: jax.Array,

@@ -154,7 +154,7 @@ from gpt2_jax.model.config import SIZES as SIZES  # noqa: E402  re-exported unti
 from gpt2_jax.model.config import config_from_section as config_from_section  # noqa: E402  re-exported until callers move (merge)
 from gpt2_jax.model.config import runtime_from_section as runtime_from_section  # noqa: E402  re-exported until callers move (merge)
 from gpt2_jax.model.config import size_fields as size_fields  # noqa: E402  re-exported until callers move (merge)
-from gpt2_jax.model.decode import decode as decode  # noqa: E402  re-exported until callers move (merge)
+from gpt2_jax.model.decode import cached_forward as decode  # noqa: E402, F401  re-exported until callers move (merge)
 from gpt2_jax.model.decode import init_cache as init_cache  # noqa: E402  re-exported until callers move (merge)
 from gpt2_jax.model.losses import hidden_token_nll as hidden_token_nll  # noqa: E402  re-exported until callers move (merge)
 from gpt2_jax.model.losses import mean_token_nll as mean_token_nll  # noqa: E402  re-exported until callers move (merge)
