@@ -36,7 +36,7 @@ import pytest
 
 from gpt2_jax.config import base as config_lib
 from gpt2_jax.evaluation import generate as gen
-from gpt2_jax.model import flops
+from gpt2_jax.model import attention, flops
 from gpt2_jax.model import gpt2 as model_lib
 from gpt2_jax.optim import optimizer as optim
 from gpt2_jax.train import loop as train_lib
@@ -180,14 +180,14 @@ def test_the_model_uses_cudnn_in_bf16_and_matches_its_xla_path(accel, monkeypatc
         return jax.jit(f).lower(params, ids)
 
     if accel.dry:  # the cuDNN branch of Attention, with its kernel stood in
-        monkeypatch.setattr(model_lib, "_use_cudnn", lambda c: True)
-        monkeypatch.setattr(model_lib, "_cudnn_attention", _fused(accel))
-    assert model_lib._use_cudnn(cfg)
+        monkeypatch.setattr(attention, "use_cudnn", lambda c: True)
+        monkeypatch.setattr(attention, "cudnn_attention", _fused(accel))
+    assert attention.use_cudnn(cfg)
     lowered = value_and_grads()
     loss_c, grads_c = lowered.compile()(params, ids)
     if not accel.dry:  # forward and backward through cuDNN
         assert f"{CUDNN_FMHA}Backward" in lowered.as_text(), "the model did not use cuDNN"
-    monkeypatch.setattr(model_lib, "_use_cudnn", lambda c: False)
+    monkeypatch.setattr(attention, "use_cudnn", lambda c: False)
     lowered = value_and_grads()
     assert CUDNN_FMHA not in lowered.as_text()
     loss_x, grads_x = lowered.compile()(params, ids)
@@ -213,9 +213,9 @@ def test_cudnn_declines_and_the_model_falls_back(accel, monkeypatch):
         f = jax.value_and_grad(lambda p, x: loss(p, x, jax.random.PRNGKey(0)))
         return jax.jit(f).lower(params, ids)
 
-    monkeypatch.setattr(model_lib, "_use_cudnn", lambda c: True)  # asks cuDNN first
+    monkeypatch.setattr(attention, "use_cudnn", lambda c: True)  # asks cuDNN first
     asked = lowered_step()
-    monkeypatch.setattr(model_lib, "_use_cudnn", lambda c: False)  # XLA's attention only
+    monkeypatch.setattr(attention, "use_cudnn", lambda c: False)  # XLA's attention only
     # The declined shape compiles the XLA program, op for op, and runs.
     assert asked.as_text() == lowered_step().as_text()
     loss, _ = asked.compile()(params, ids)

@@ -1,4 +1,4 @@
-"""GPT-2 module: shapes, causality, loss, layouts, dtypes."""
+"""The model package: shapes, causality, the attention paths, the loss heads, layouts, dtypes."""
 
 import functools
 
@@ -7,10 +7,12 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from gpt2_jax.model import attention, losses
 from gpt2_jax.model import gpt2 as m
+from gpt2_jax.model.config import GPT2Config, size_fields
 
 # Odd sizes catch shape bugs: 2 layers, 3 heads, n_embd 48, vocab not a power of two.
-CFG = m.GPT2Config(vocab_size=97, n_positions=24, n_embd=48, n_layer=2, n_head=3, scan_layers=True)
+CFG = GPT2Config(vocab_size=97, n_positions=24, n_embd=48, n_layer=2, n_head=3, scan_layers=True)
 
 
 @pytest.fixture(scope="module")
@@ -59,7 +61,7 @@ def test_dropout_only_when_asked(params):
 
 
 def test_scan_and_unrolled_agree(params):
-    unrolled_cfg = m.GPT2Config(**{**CFG.__dict__, "scan_layers": False})
+    unrolled_cfg = GPT2Config(**{**CFG.__dict__, "scan_layers": False})
     unrolled = m.unstack_layers(params)
     assert sorted(k for k in unrolled if k.startswith("h_")) == ["h_0", "h_1"]
     ids = _ids()
@@ -73,7 +75,7 @@ def test_scan_and_unrolled_agree(params):
 def test_token_nll_matches_hand_computed_cross_entropy():
     logits = jnp.array([[[2.0, 0.5, -1.0], [0.1, 0.2, 0.3], [1.0, 1.0, 1.0]]])  # [1, 3, 3]
     ids = jnp.array([[0, 2, 1]])
-    nll = np.asarray(m.token_nll(logits, ids))
+    nll = np.asarray(losses.token_nll(logits, ids))
     # position 0 predicts ids[1]=2; position 1 predicts ids[2]=1; the last logit is unused.
     p0 = np.exp([2.0, 0.5, -1.0]) / np.exp([2.0, 0.5, -1.0]).sum()
     p1 = np.exp([0.1, 0.2, 0.3]) / np.exp([0.1, 0.2, 0.3]).sum()
@@ -104,7 +106,7 @@ def bf16_logit_problems(logits: np.ndarray, ref: np.ndarray) -> list[str]:
 
 
 def test_bf16_compute_keeps_fp32_params_and_logits(params):
-    cfg = m.GPT2Config(**{**CFG.__dict__, "dtype": "bfloat16"})
+    cfg = GPT2Config(**{**CFG.__dict__, "dtype": "bfloat16"})
     logits = m.GPT2(cfg).apply({"params": params}, _ids())
     assert logits.dtype == jnp.float32
     ref = np.asarray(m.GPT2(CFG).apply({"params": params}, _ids()))
@@ -135,33 +137,33 @@ def test_named_sizes_param_counts():
         "gpt2-xl": 1_557_611_200,
     }
     for size, n in expected.items():
-        cfg = m.GPT2Config(**m.size_fields(size))
+        cfg = GPT2Config(**size_fields(size))
         shapes = jax.eval_shape(functools.partial(m.init_params, cfg), jax.random.PRNGKey(0))
         assert m.count_params(shapes) == n, size
 
 
 def test_config_validation_names_field():
     with pytest.raises(ValueError, match="n_embd=50 is not divisible by model.n_head=3"):
-        m.GPT2Config(n_embd=50, n_head=3).validate()
+        GPT2Config(n_embd=50, n_head=3).validate()
     with pytest.raises(ValueError, match="model.size"):
-        m.size_fields("gpt5")
+        size_fields("gpt5")
 
 
 def test_padded_training_head_equals_plain_logits_loss(params):
     ids = _ids()
     logits = m.GPT2(CFG).apply({"params": params}, ids)
     hidden = m.GPT2(CFG).apply({"params": params}, ids, return_hidden=True)
-    assert m.padded_vocab_size(CFG.vocab_size) == 128
-    plain = m.token_nll(logits, ids)
-    padded = m.hidden_token_nll(hidden, params["wte"]["embedding"], ids)
+    assert losses.padded_vocab_size(CFG.vocab_size) == 128
+    plain = losses.token_nll(logits, ids)
+    padded = losses.hidden_token_nll(hidden, params["wte"]["embedding"], ids)
     np.testing.assert_allclose(padded, plain, rtol=1e-5, atol=1e-5)
 
     def loss_plain(p):
-        return m.token_nll(m.GPT2(CFG).apply({"params": p}, ids), ids).mean()
+        return losses.token_nll(m.GPT2(CFG).apply({"params": p}, ids), ids).mean()
 
     def loss_padded(p):
         h = m.GPT2(CFG).apply({"params": p}, ids, return_hidden=True)
-        return m.hidden_token_nll(h, p["wte"]["embedding"], ids).mean()
+        return losses.hidden_token_nll(h, p["wte"]["embedding"], ids).mean()
 
     # jitted: one compile each instead of one per op of the eager backward pass.
     g1, g2 = jax.jit(jax.grad(loss_plain))(params), jax.jit(jax.grad(loss_padded))(params)
@@ -174,11 +176,11 @@ def test_chunked_training_loss_equals_the_plain_head(params, chunk):
 
     def plain(p):
         h = m.GPT2(CFG).apply({"params": p}, ids, return_hidden=True)
-        return m.hidden_token_nll(h, p["wte"]["embedding"], ids).mean()
+        return losses.hidden_token_nll(h, p["wte"]["embedding"], ids).mean()
 
     def chunked(p):
         h = m.GPT2(CFG).apply({"params": p}, ids, return_hidden=True)
-        return m.mean_token_nll(h, p["wte"]["embedding"], ids, chunk=chunk)
+        return losses.mean_token_nll(h, p["wte"]["embedding"], ids, chunk=chunk)
 
     (l1, g1), (l2, g2) = (jax.jit(jax.value_and_grad(f))(params) for f in (plain, chunked))
     np.testing.assert_allclose(l2, l1, rtol=1e-6)
@@ -191,8 +193,8 @@ def test_chunked_training_loss_equals_the_plain_head(params, chunk):
 def test_cudnn_attention_falls_back_where_cudnn_is_absent():
     # On a machine without cuDNN the fused path declines (None) instead of failing, and
     # the model never asks for it off GPU.
-    assert m._cudnn_attention(jnp.ones((1, 4, 12)), 2) is None
-    assert not m._use_cudnn(m.GPT2Config(dtype="bfloat16")) or jax.default_backend() == "gpu"
+    assert attention.cudnn_attention(jnp.ones((1, 4, 12)), 2) is None
+    assert not attention.use_cudnn(GPT2Config(dtype="bfloat16")) or jax.default_backend() == "gpu"
 
 
 def test_the_cudnn_branch_lays_out_heads_as_the_xla_attention_does():
@@ -200,14 +202,14 @@ def test_the_cudnn_branch_lays_out_heads_as_the_xla_attention_does():
     # XLA implementation (the CPU has no cuDNN) it must equal the model's own attention.
     # tests/test_gpu.py holds the real cuDNN kernel to it on a GPU.
     qkv = jax.random.normal(jax.random.PRNGKey(0), (2, 7, 3 * 3 * 4))
-    fused = m._cudnn_attention(qkv, 3, implementation="xla")
-    np.testing.assert_allclose(fused, m._xla_attention(qkv, 3), rtol=1e-5, atol=1e-6)
+    fused = attention.cudnn_attention(qkv, 3, implementation="xla")
+    np.testing.assert_allclose(fused, attention.xla_attention(qkv, 3), rtol=1e-5, atol=1e-6)
 
 
 @pytest.mark.parametrize("scan", [True, False])
 def test_packed_rows_score_as_separate_sequences(params, scan):
     """Three sequences in one row (own positions, a segment mask) give each one's logits."""
-    cfg = m.GPT2Config(**{**CFG.__dict__, "scan_layers": scan, "remat": scan})
+    cfg = GPT2Config(**{**CFG.__dict__, "scan_layers": scan, "remat": scan})
     p = params if scan else m.unstack_layers(params)
     a, b, c = _ids(1, 7, 2), _ids(1, 11, 3), _ids(1, 4, 4)
     row = jnp.concatenate([a, b, c, jnp.zeros((1, 2), a.dtype)], axis=1)  # + 2 padding
@@ -227,9 +229,31 @@ def test_blocked_attention_equals_the_plain_attention(T):
     after the value matmul) against the training one, with and without a segment mask."""
     qkv = jax.random.normal(jax.random.PRNGKey(T), (2, T, 3 * 48))
     segments = (jnp.arange(T)[None, :] >= jnp.asarray([[T // 3], [T // 2]])).astype(int)
-    for mask in (None, m.segment_mask(segments)):
-        want = m._xla_attention(qkv, 3, None, mask)
-        got = m._blocked_attention(qkv, 3, mask, block=128)
+    for mask in (None, attention.segment_mask(segments)):
+        want = attention.xla_attention(qkv, 3, None, mask)
+        got = attention.blocked_attention(qkv, 3, mask, block=128)
         np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
-    small = m._blocked_attention(qkv, 3, None, block=16)
-    np.testing.assert_allclose(small, m._xla_attention(qkv, 3), rtol=1e-5, atol=1e-6)
+    small = attention.blocked_attention(qkv, 3, None, block=16)
+    np.testing.assert_allclose(small, attention.xla_attention(qkv, 3), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("head_rows", [4, 6, 2048])  # chunks of 1, 2 and all 6 positions
+def test_scored_logprobs_equal_the_full_logits_head(params, head_rows):
+    """The harness's head (chosen positions and targets, chunked, never the [B, T, V]
+    logits) against log_softmax of the model's own logits, gathered."""
+    ids = _ids(B=3, T=16)
+    hidden = m.GPT2(CFG).apply({"params": params}, ids, return_hidden=True)  # [3, 16, 48]
+    logits = np.asarray(m.GPT2(CFG).apply({"params": params}, ids), np.float64)  # [3, 16, 97]
+    pos = np.asarray([[0, 3, 4, 9, 12, 15], [2, 2, 7, 8, 13, 14], [1, 5, 6, 10, 11, 0]], np.int32)
+    rows = np.arange(3)[:, None]
+    # Half the targets are the argmax, so both greedy outcomes are checked.
+    noise = np.asarray(_ids(B=3, T=6, seed=7))
+    targets = np.where(np.arange(6) % 2 == 0, logits[rows, pos].argmax(-1), noise).astype(np.int32)
+    wte = params["wte"]["embedding"]
+    logprob, greedy = losses.scored_logprobs(wte, hidden, pos, targets, head_rows)
+    assert logprob.shape == greedy.shape == (3, 6) and logprob.dtype == jnp.float32
+    log_softmax = logits - np.log(np.exp(logits).sum(-1, keepdims=True))
+    want = log_softmax[rows, pos, targets]
+    np.testing.assert_allclose(logprob, want, rtol=1e-6)
+    np.testing.assert_array_equal(greedy, logits[rows, pos].argmax(-1) == targets)
+    assert greedy.any() and not greedy.all()

@@ -9,7 +9,7 @@ Recomputation under ``remat`` is not counted: MFU measures useful work.
 
 from __future__ import annotations
 
-from gpt2_jax.model.gpt2 import GPT2Config
+from gpt2_jax.model.config import GPT2Config
 
 # Dense peak FLOP/s per device for the dtype the matmuls run in. float32 on NVIDIA GPUs is
 # JAX's default precision there, TF32 on tensor cores; TPUs run float32 matmuls as bf16

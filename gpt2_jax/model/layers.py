@@ -1,0 +1,60 @@
+"""The per-position layers of a GPT-2 block, with Hugging Face's parameter layout.
+
+``dense`` and ``layer_norm`` build the two parameterised layers in the config's compute
+and parameter dtypes; ``MLP`` is the block's feed-forward half. Both the linen modules
+(``model.attention``, ``model.gpt2``) and the KV-cache decoder (``model.decode``, which
+applies them to a layer's parameters directly) build their layers here, so the two
+forward passes cannot drift apart.
+"""
+
+from __future__ import annotations
+
+import math
+
+import flax.linen as nn
+import jax
+
+from gpt2_jax.model.config import DTYPES, GPT2Config
+
+
+def dense(model_cfg: GPT2Config, features: int, name: str | None, std: float) -> nn.Dense:
+    """[..., in] -> [..., features]; normal(std) kernel, zero bias."""
+    # HF Conv1D stores weights as (in, out): the same layout as a Dense kernel.
+    return nn.Dense(
+        features,
+        dtype=DTYPES[model_cfg.dtype],
+        param_dtype=DTYPES[model_cfg.param_dtype],
+        kernel_init=nn.initializers.normal(std),
+        bias_init=nn.initializers.zeros,
+        name=name,
+    )
+
+
+def layer_norm(model_cfg: GPT2Config, name: str | None) -> nn.LayerNorm:
+    """[..., C] -> [..., C], normalised over C."""
+    return nn.LayerNorm(
+        epsilon=model_cfg.layer_norm_epsilon,
+        dtype=DTYPES[model_cfg.dtype],
+        param_dtype=DTYPES[model_cfg.param_dtype],
+        name=name,
+    )
+
+
+def residual_std(model_cfg: GPT2Config) -> float:
+    """Init std of the projections into the residual stream (both ``c_proj``)."""
+    # Scaled by 1/sqrt(2 * n_layer), as in GPT-2 and HF's init: two residual adds per layer.
+    return model_cfg.initializer_range / math.sqrt(2 * model_cfg.n_layer)
+
+
+class MLP(nn.Module):
+    """The feed-forward half of a block: [B, T, C] -> [B, T, C] (width ``inner_dim``)."""
+
+    cfg: GPT2Config
+
+    @nn.compact
+    def __call__(self, x: jax.Array, deterministic: bool) -> jax.Array:
+        cfg = self.cfg
+        h = dense(cfg, cfg.inner_dim, "c_fc", cfg.initializer_range)(x)
+        h = jax.nn.gelu(h, approximate=True)  # HF "gelu_new"
+        h = dense(cfg, cfg.n_embd, "c_proj", residual_std(cfg))(h)
+        return nn.Dropout(cfg.resid_pdrop)(h, deterministic=deterministic)
