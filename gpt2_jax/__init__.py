@@ -23,7 +23,7 @@ import importlib
 # name -> the module that defines it
 _API = {
     "GPT2": "gpt2_jax.model.gpt2",
-    "GPT2Config": "gpt2_jax.model.gpt2",
+    "GPT2Config": "gpt2_jax.model.config",
     "load_pretrained": "gpt2_jax.weights.hf",
     "save_pretrained": "gpt2_jax.weights.hf",
     "generate": "gpt2_jax.evaluation.generate",

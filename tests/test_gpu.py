@@ -35,6 +35,7 @@ import numpy as np
 import pytest
 
 from gpt2_jax.config import base as config_lib
+from gpt2_jax.config import plan as plan_lib
 from gpt2_jax.evaluation import generate as gen
 from gpt2_jax.model import attention, flops
 from gpt2_jax.model import gpt2 as model_lib
@@ -273,8 +274,17 @@ def test_bf16_training_tracks_fp32(accel, record_property):
 GiB = 1024**3
 
 
+def _preflight(cfg, workdir) -> preflight.MemoryEstimate | None:
+    """What ``train.loop.train`` runs before it writes anything: the plan, the one step
+    build (the ahead-of-time compile) and the memory preflight of that compiled step."""
+    plan = plan_lib.training(cfg, workdir, jax.device_count())
+    plan = plan_lib.with_data(plan, cfg, steps_per_epoch=1)  # train.steps is set: unused
+    step = train_lib.build_step(cfg, plan)
+    return preflight.check_step(step.compiled, step.abstract_state, step.abstract_batch, cfg)
+
+
 def test_preflight_reads_the_device_limit_and_refuses_what_cannot_fit(
-    accel, capsys, record_property
+    accel, capsys, tmp_path, record_property
 ):
     budget, source = preflight.device_budget(accel.device, 1)
     if accel.dry:
@@ -284,13 +294,13 @@ def test_preflight_reads_the_device_limit_and_refuses_what_cannot_fit(
         assert budget == accel.device.memory_stats()["bytes_limit"]
         assert 1 * GiB < budget <= 200 * GiB, budget  # XLA's share of one card's memory
     # What fits: the tests' tiny config (1 sequence a device).
-    small = tiny_config(**{"train.batch_size": 1})
-    model_cfg = config_lib.validate(small, 1)
-    assert preflight.compile_train_step(small, model_cfg, total_steps=6) is not None
+    per_device = {"train.batch_size": jax.device_count()}
+    small = tiny_config(**per_device)
+    assert _preflight(small, tmp_path / "small") is not None
     assert "preflight: predicted peak" in capsys.readouterr().err
     # What cannot: parameters plus AdamW's two moments (12 bytes a parameter, in the step's
     # arguments, which no rematerialization can shrink) of 1.5 budgets. Layers scanned, so
-    # the compile does not grow with them, and one sequence of 128 tokens.
+    # the compile does not grow with them, and one sequence of 128 tokens a device.
     C = 4096 if not accel.dry else 2048
     n_params = 1.5 * budget / 12
     n_layer = math.ceil((n_params - 50257 * C) / (12 * C * C))
@@ -302,17 +312,17 @@ def test_preflight_reads_the_device_limit_and_refuses_what_cannot_fit(
             "model.n_positions": 128,
             "model.scan_layers": True,
             "data.block_size": 128,
-            "train.batch_size": 1,
+            **per_device,
         }
     )
-    model_cfg = config_lib.validate(big, 1)
     with pytest.raises(preflight.PreflightError) as e:
-        preflight.compile_train_step(big, model_cfg, total_steps=6)
+        _preflight(big, tmp_path / "big")
     msg = str(e.value)
     record_property("budget_bytes", budget)
     record_property("refused", f"{n_layer} layers x {C}: {msg}")
     # The figure's source: "(gpu bytes_limit)", or "(MemAvailable ...)" on the dry run.
     assert f"({source.split()[0]}" in msg and "exceeds" in msg, msg
+    assert not (tmp_path / "small").exists() and not (tmp_path / "big").exists()
 
 
 # ---------------------------------------------------------------- GPU vs a CPU process

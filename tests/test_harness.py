@@ -513,7 +513,7 @@ def test_bad_input_is_one_line_exit_2_and_writes_nothing(setup, tmp_path, extra,
 def test_without_lm_eval_the_command_says_how_to_install():
     code = (
         "import sys; sys.modules['lm_eval'] = None\n"
-        "from gpt2_jax import cli\n"
+        "from gpt2_jax.cli import main as cli\n"
         "sys.exit(cli.main(['lm-eval', '--init_from=hf:x', '--tasks=a']))\n"
     )
     import subprocess

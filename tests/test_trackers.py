@@ -66,7 +66,7 @@ def test_without_wandb_installed_one_line_before_anything_compiles(tmp_path):
     workdir = tmp_path / "run"
     code = (
         "import sys; sys.modules['wandb'] = None\n"
-        "from gpt2_jax import cli\n"
+        "from gpt2_jax.cli import main as cli\n"
         f"sys.exit(cli.main(['train', '--config={helpers.TINY}', '--workdir={workdir}', "
         "'--config.train.report_to=wandb']))\n"
     )

@@ -1,7 +1,8 @@
 """``gpt2-jax lm-eval`` against ``lm_eval --model hf``, whole commands, side by side.
 
     .venv/bin/python experiments/harness/bench.py                  # GPT-2 124M shape, fp32
-    .venv/bin/python experiments/harness/bench.py --quick          # tiny model, a smoke run
+    .venv/bin/python experiments/harness/bench.py --quick          # tiny model, few requests
+    .venv/bin/python experiments/harness/bench.py --smoke          # the least: make test's run
 
 Both commands score the same random GPT-2 (Hugging Face format, in a temporary directory)
 on the same two local tasks, built from WikiText-2's test split (../shared/data, or
@@ -171,7 +172,10 @@ def agree(a: dict, b: dict, rtol: float = 1e-4) -> float:
     return worst
 
 
-def main() -> None:
+TASKS = (("bench_lambada", "requests"), ("bench_wikitext", "documents"))
+
+
+def parse_args() -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--wiki", default=str(ROOT.parent / "shared/data/wikitext-2-raw/wiki.test.raw"))
     p.add_argument("--sentences", type=int, default=600)
@@ -179,50 +183,40 @@ def main() -> None:
     p.add_argument("--batch_size", type=int, default=16)
     p.add_argument("--repeats", type=int, default=2)
     p.add_argument("--quick", action="store_true", help="tiny model, few requests")
+    p.add_argument(
+        "--smoke", action="store_true",
+        help="the script end to end at the least cost (tests/test_experiments.py): --quick's "
+        "model, 8 requests of bench_lambada alone, no first-command run",
+    )  # fmt: skip
     p.add_argument("--out", default=str(ROOT / "experiments/harness/results"))
     a = p.parse_args()
-    if a.quick:
+    if a.quick or a.smoke:
         a.sentences, a.articles, a.repeats = 40, 2, 1
-    work = Path(tempfile.mkdtemp(prefix="harness_bench_"))
-    out = Path(a.out)
-    out.mkdir(parents=True, exist_ok=True)
-    write_tasks(work / "tasks", Path(a.wiki), a.sentences, a.articles)
-    shape = write_model(work / "model", a.quick)
-    rows = []
-    # gpt2-jax's first lm-eval command after an install builds its cache of lm-eval's task
-    # index (~9 s); every later one reads it. Timed once here, apart from the medians.
-    cache = work / "cache"
-    argv = command("jax", work / "model", work / "tasks", "bench_lambada", a.batch_size,
-                   work / "cold")  # fmt: skip
-    cold = run_timed(argv, work / "cold.log", cache)
-    print(f"bench_lambada jax, first command (empty cache): {cold:.1f} s", flush=True)
-    for task, unit in (("bench_lambada", "requests"), ("bench_wikitext", "documents")):
-        times: dict[str, list[float]] = {"jax": [], "hf": []}
-        for rep in range(a.repeats):
-            for backend in ("jax", "hf"):
-                run_out = work / f"{task}_{backend}_{rep}"
-                argv = command(backend, work / "model", work / "tasks", task, a.batch_size,
-                               run_out)  # fmt: skip
-                seconds = run_timed(argv, work / f"{task}_{backend}_{rep}.log", cache)
-                times[backend].append(seconds)
-                print(f"{task} {backend} run {rep + 1}: {seconds:.1f} s", flush=True)
-        worst = agree(samples(work / f"{task}_jax_0", task), samples(work / f"{task}_hf_0", task))
-        n = a.sentences if task == "bench_lambada" else a.articles
-        jax_s, hf_s = statistics.median(times["jax"]), statistics.median(times["hf"])
-        rows.append(dict(task=task, unit=unit, n=n, jax_seconds=times["jax"],
-                         hf_seconds=times["hf"], jax_median=jax_s, hf_median=hf_s,
-                         speedup=hf_s / jax_s, max_rel_diff=worst))  # fmt: skip
-    record = dict(
-        date=datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC"),
-        cpu=cpu_model(),
-        cores=os.cpu_count(),
-        model=shape,
-        batch_size=a.batch_size,
-        argv=sys.argv[1:],
-        jax_first_command_seconds=cold,
-        rows=rows,
-    )
-    (out / "results.json").write_text(json.dumps(record, indent=2) + "\n")
+    if a.smoke:
+        a.sentences, a.articles = 8, 1
+    return a
+
+
+def time_task(a, work: Path, task: str, unit: str, cache: Path) -> dict:
+    """``--repeats`` runs of each command on ``task``, alternating; their samples agree."""
+    times: dict[str, list[float]] = {"jax": [], "hf": []}
+    for rep in range(a.repeats):
+        for backend in ("jax", "hf"):
+            run_out = work / f"{task}_{backend}_{rep}"
+            argv = command(backend, work / "model", work / "tasks", task, a.batch_size, run_out)
+            seconds = run_timed(argv, work / f"{task}_{backend}_{rep}.log", cache)
+            times[backend].append(seconds)
+            print(f"{task} {backend} run {rep + 1}: {seconds:.1f} s", flush=True)
+    worst = agree(samples(work / f"{task}_jax_0", task), samples(work / f"{task}_hf_0", task))
+    n = a.sentences if task == "bench_lambada" else a.articles
+    jax_s, hf_s = statistics.median(times["jax"]), statistics.median(times["hf"])
+    return dict(task=task, unit=unit, n=n, jax_seconds=times["jax"], hf_seconds=times["hf"],
+                jax_median=jax_s, hf_median=hf_s, speedup=hf_s / jax_s,
+                max_rel_diff=worst)  # fmt: skip
+
+
+def markdown(record: dict, a) -> str:
+    shape, rows, cold = record["model"], record["rows"], record["jax_first_command_seconds"]
     lines = [
         f"{record['date']}, {record['cpu']}, {record['cores']} cores; GPT-2 "
         f"{shape['params'] / 1e6:.0f}M shape (n_positions {shape['n_positions']}), fp32, "
@@ -237,11 +231,43 @@ def main() -> None:
             f"| {r['task']} | {r['n']} {r['unit']} | {r['jax_median']:.1f} | "
             f"{r['hf_median']:.1f} | {r['speedup']:.2f}x | {r['max_rel_diff']:.1e} |"
         )
-    hf_lambada = rows[0]["hf_median"]
-    lines += ["", f"gpt2-jax's first command after an install (it builds the task-index "
-              f"cache), bench_lambada: {cold:.1f} s, {hf_lambada / cold:.2f}x"]  # fmt: skip
-    (out / "results.md").write_text("\n".join(lines) + "\n")
-    print("\n".join(lines))
+    if cold is not None:
+        hf_lambada = rows[0]["hf_median"]
+        lines += ["", f"gpt2-jax's first command after an install (it builds the task-index "
+                  f"cache), bench_lambada: {cold:.1f} s, {hf_lambada / cold:.2f}x"]  # fmt: skip
+    return "\n".join(lines) + "\n"
+
+
+def main() -> None:
+    a = parse_args()
+    work = Path(tempfile.mkdtemp(prefix="harness_bench_"))
+    out = Path(a.out)
+    out.mkdir(parents=True, exist_ok=True)
+    write_tasks(work / "tasks", Path(a.wiki), a.sentences, a.articles)
+    shape = write_model(work / "model", a.quick or a.smoke)
+    # gpt2-jax's first lm-eval command after an install builds its cache of lm-eval's task
+    # index (~9 s); every later one reads it. Timed once here, apart from the medians.
+    cache, cold = work / "cache", None
+    if not a.smoke:
+        argv = command("jax", work / "model", work / "tasks", "bench_lambada", a.batch_size,
+                       work / "cold")  # fmt: skip
+        cold = run_timed(argv, work / "cold.log", cache)
+        print(f"bench_lambada jax, first command (empty cache): {cold:.1f} s", flush=True)
+    rows = [time_task(a, work, task, unit, cache) for task, unit in TASKS[: 1 if a.smoke else 2]]
+    record = dict(
+        date=datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC"),
+        cpu=cpu_model(),
+        cores=os.cpu_count(),
+        model=shape,
+        batch_size=a.batch_size,
+        argv=sys.argv[1:],
+        jax_first_command_seconds=cold,
+        rows=rows,
+    )
+    (out / "results.json").write_text(json.dumps(record, indent=2) + "\n")
+    text = markdown(record, a)
+    (out / "results.md").write_text(text)
+    print(text, end="")
     shutil.rmtree(work)
 
 

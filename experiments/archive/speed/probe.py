@@ -1,8 +1,8 @@
 """Where a gpt2_jax train step spends its time: step time, and optionally an op profile.
 
-    .venv/bin/python experiments/speed/probe.py --batch=4 --seq=128            # step time
-    .venv/bin/python experiments/speed/probe.py --seq=128 --scan --profile     # + top ops
-    .venv/bin/python experiments/speed/probe.py --seq=128 --dtype=bfloat16
+    .venv/bin/python experiments/archive/speed/probe.py --batch=4 --seq=128            # step time
+    .venv/bin/python experiments/archive/speed/probe.py --seq=128 --scan --profile     # + top ops
+    .venv/bin/python experiments/archive/speed/probe.py --seq=128 --dtype=bfloat16
 
 GPT-2 124M shape, random weights, AdamW as configured by default, the jitted
 ``train.train_step`` with donated state; median of --steps timed steps after one warm-up.

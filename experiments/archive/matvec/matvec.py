@@ -1,6 +1,6 @@
 """Matrix-vector (1 and 8 rows) products of GPT-2 124M's head, XLA:CPU vs PyTorch.
 
-    .venv/bin/python experiments/generation/matvec.py
+    .venv/bin/python experiments/archive/matvec/matvec.py
 
 The decode step's bound: every weight is read once a step, so the bytes/s these products
 reach bound tokens/s (see README.md). Each product is jitted and called 50 times.

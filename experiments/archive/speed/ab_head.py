@@ -1,6 +1,6 @@
 """A/B of the training head in one process: chunked (model.mean_token_nll) vs plain autodiff.
 
-    .venv/bin/python experiments/speed/ab_head.py 12 12 768 4 512   # n_layer n_head n_embd B T
+    .venv/bin/python experiments/archive/speed/ab_head.py 12 12 768 4 512  # n_layer n_head C B T
 
 Both train steps are compiled first, then timed alternately (4 steps each, median), so a
 drift of the machine's speed hits both alike.

@@ -1,6 +1,7 @@
 """Training loss head: plain [B, T, 50257] logits vs the vocabulary padded to 50304 (masked).
 
-    .venv/bin/python experiments/padded_head/bench.py --n_layer=4 --n_embd=128 --batch=8 --seq=64
+    .venv/bin/python experiments/archive/padded_head/bench.py \
+        --n_layer=4 --n_embd=128 --batch=8 --seq=64
 
 Times value_and_grad of the whole model's mean next-token loss, both heads in one process
 (alternating, so load on a shared machine hits both alike). The padded head gives the same

@@ -1,6 +1,6 @@
 """Compile time and step time of the train step: layers scanned vs unrolled.
 
-    .venv/bin/python experiments/scan_vs_unrolled/bench.py --size=gpt2 --batch=4 --seq=256
+    .venv/bin/python experiments/archive/scan_vs_unrolled/bench.py --size=gpt2 --batch=4 --seq=256
 
 Each variant: time to lower + compile the step, one warm-up step, then the mean of --steps
 further steps (the jitted train_step of gpt2_jax.train, fp32, dropout 0.1, AdamW). Both variants run

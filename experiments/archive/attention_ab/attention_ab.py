@@ -5,7 +5,7 @@ B: ``model._blocked_attention`` (what every deterministic forward runs). Both ar
 compiled in one process and timed alternately (median and best of ``--repeats``), so the ratio is
 a same-run figure. Random weights and tokens: speed does not depend on their values.
 
-    .venv/bin/python experiments/benchmark/attention_ab.py [--shapes=4x512,2x1024]
+    .venv/bin/python experiments/archive/attention_ab/attention_ab.py [--shapes=4x512,2x1024]
 """
 
 from __future__ import annotations
