@@ -289,14 +289,23 @@ def torch_worker(task: dict) -> dict:
 # ------------------------------------------------------------------ the parent
 
 
+# The glibc variables that equal what gpt2_jax's CLI sets in-process (core/allocator.py's
+# tune(): one arena, no mmap, never trim); set from the start here, for either framework.
+GLIBC_TUNED = {
+    "MALLOC_ARENA_MAX": "1",
+    "MALLOC_MMAP_MAX_": "0",
+    "MALLOC_TRIM_THRESHOLD_": str(64 << 30),
+}
+
+
 def run_worker(framework: str, task: dict, threads: int, torch_malloc: str = "system") -> dict:
     from gpt2_jax.core import allocator
 
     env = dict(os.environ)
-    # gpt2_jax as its CLI runs (allocator.reexec); PyTorch as run_clm.py users run it, or
+    # gpt2_jax as its CLI runs (allocator.tune); PyTorch as run_clm.py users run it, or
     # with the same glibc settings (--torch_malloc=tuned)
     if allocator.skip_reason(env) is None and (framework == "jax" or torch_malloc == "tuned"):
-        env.update(allocator.TUNED_ENV)
+        env.update(GLIBC_TUNED)
     env.setdefault("PYTHONPATH", str(ROOT))
     env["OMP_NUM_THREADS"] = str(threads)
     cmd = [sys.executable, __file__, f"--worker={framework}", f"--task={json.dumps(task)}"]
@@ -310,7 +319,7 @@ def _jax_malloc() -> str:
     from gpt2_jax.core import allocator
 
     reason = allocator.skip_reason(os.environ)
-    return "tuned (gpt2_jax/allocator.py)" if reason is None else f"system ({reason})"
+    return "tuned (gpt2_jax/core/allocator.py)" if reason is None else f"system ({reason})"
 
 
 def plan(a) -> list[dict]:
@@ -511,7 +520,7 @@ def main(argv=None) -> int:
         choices=("system", "tuned"),
         default="system",
         help="system: PyTorch as run_clm.py users run it; tuned: with the glibc malloc "
-        "settings gpt2_jax applies to itself (gpt2_jax/allocator.py)",
+        "settings gpt2_jax applies to itself (gpt2_jax/core/allocator.py)",
     )
     p.add_argument("--out", default=str(ROOT / "experiments" / "benchmark" / "results"))
     a = p.parse_args(argv)
