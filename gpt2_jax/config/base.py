@@ -58,7 +58,7 @@ def _model_defaults() -> ml_collections.ConfigDict:
     m.dtype = "float32"  # compute dtype: float32 | bfloat16
     m.param_dtype = "float32"  # parameter and optimizer-state dtype
     # Unrolled layers (h_<i>) run 11-14% faster steps than scanned ones on CPU
-    # (experiments/speed); scan (params under h) compiles once for all layers: set it for
+    # (experiments/archive/speed); scan (params under h) compiles once for all layers: set it for
     # deep models, where unrolled compile time grows with every layer.
     m.scan_layers = False
     m.remat = False  # recompute activations in backward (less memory, ~1/3 more compute)

@@ -6,7 +6,7 @@ them at the end. glibc serves a request that large from ``mmap`` and gives it ba
 ``munmap`` on ``free``: worker threads use their own arenas, whose heaps top out at 64 MB,
 and those fall back to ``mmap`` whatever ``M_MMAP_MAX`` says. So every step the kernel
 maps, faults in and zeroes the whole temporary space again. Measured on 2 CPU cores
-(``experiments/speed/README.md``): 10 million page faults in 100 quickstart steps, a third
+(``experiments/archive/speed/README.md``): 10 million page faults in 100 quickstart steps, a third
 of the wall time in the kernel, and the GPT-2 124M step at B=4 T=512 with dropout took
 13.7 s instead of 10.2 s.
 

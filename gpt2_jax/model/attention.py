@@ -71,7 +71,7 @@ def xla_attention(qkv: jax.Array, nh: int, dropout=None, mask=None) -> jax.Array
     # Head-major once, right after the projection: both attention matmuls then
     # have their batch axes (B, nh) leading and contract in place (on the 2-core
     # CPU: -17% a gpt2 4 x 512 train step against [B, T, nh, hs] operands and
-    # jax.nn.dot_product_attention; experiments/speed).
+    # jax.nn.dot_product_attention; experiments/archive/speed).
     q, k, v = qkv.reshape(B, T, 3, nh, hs).transpose(2, 0, 3, 1, 4)  # (B, nh, T, hs)
     att = jnp.einsum("bnth,bnsh->bnts", q, k, preferred_element_type=jnp.float32)
     att = att / math.sqrt(hs)

@@ -83,7 +83,7 @@ def hidden_token_nll(hidden: jax.Array, wte: jax.Array, input_ids: jax.Array) ->
     hidden: [B, T, C] (``GPT2(..., return_hidden=True)``); wte: [V, C]; input_ids: [B, T]
     -> [B, T - 1] float32. The padded head gives the same numbers in matmul shapes that
     accelerators tile well; on this project's 2-core CPU it measured no faster than the
-    plain head (experiments/padded_head). The padding never leaves this module:
+    plain head (experiments/archive/padded_head). The padding never leaves this module:
     parameters and user-facing logits keep the real vocabulary.
     """
     w = _padded_head(wte, hidden.dtype)
@@ -105,12 +105,12 @@ def mean_token_nll(
     [chunk, V] fp32 logits instead of [B, T - 1, V]. The wte gradient is accumulated as
     [C, V] (hidden^T @ dlogits), which XLA:CPU reads in place; autodiff's
     dlogits^T @ hidden made it transpose the whole logits gradient first (1 s of a
-    2.9 s step for the quickstart model; experiments/speed). Same numbers as
+    2.9 s step for the quickstart model; experiments/archive/speed). Same numbers as
     ``hidden_token_nll`` (a test holds loss and gradients to it).
     """
     B, T, C = hidden.shape
     if B * (T - 1) <= chunk:
-        # One chunk: autodiff's plain head measured 4-11% faster here (experiments/speed).
+        # One chunk: autodiff's plain head measured 4-11% faster here (experiments/archive/speed).
         return hidden_token_nll(hidden, wte, input_ids).mean()
     h = hidden[:, :-1].reshape(-1, C)  # [N, C]
     targets = input_ids[:, 1:].reshape(-1).astype(jnp.int32)  # [N]

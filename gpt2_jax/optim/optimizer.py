@@ -88,7 +88,7 @@ def fused(
     arithmetic of optax's ``clip_by_global_norm``, ``scale_by_adam``,
     ``add_decayed_weights`` and ``scale_by_learning_rate``. XLA:CPU ran optax's chain
     with an extra pass per leaf for the clipped gradients; fused, a gpt2 124M step went
-    from 2164 to 2040 ms (XLA still makes three loops per leaf: experiments/speed). A
+    from 2164 to 2040 ms (XLA still makes three loops per leaf: experiments/archive/speed). A
     test holds it to ``chain`` over several steps.
     """
     b1, b2 = float(optim_cfg.b1), float(optim_cfg.b2)
