@@ -294,7 +294,7 @@ def test_no_recompile_within_a_bucket(odd):
 
 
 def test_executable_cache_is_bounded_and_recompiles_an_evicted_entry(odd, monkeypatch):
-    """At most ``EXECUTABLES_KEPT`` compiled programs: the least recently used goes, and
+    """At most ``DECODE_EXECUTABLES_KEPT`` compiled programs: the least recently used goes, and
     is compiled again (to the same tokens) when asked for again."""
     from gpt2_jax.core.cache import LRU
 

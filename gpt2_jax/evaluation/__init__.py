@@ -1,2 +1,1 @@
-"""Perplexity, the lm-evaluation-harness backend, and text generation.
-"""
+"""Perplexity, the lm-evaluation-harness backend, and text generation."""

@@ -17,7 +17,7 @@ The cache holds ``S`` slots, the power of two >= ``Pb + max_new_tokens`` (at mos
 ``n_positions``); ``Pb`` is the power of two >= the longest prompt (both from
 ``buckets.decode_buckets``). Executables are keyed by (batch, ``Pb``, ``S``, sampling
 settings), so a new prompt length or ``max_new_tokens`` in the same buckets compiles
-nothing; the last ``EXECUTABLES_KEPT`` used are kept (``core.cache.LRU``).
+nothing; the last ``DECODE_EXECUTABLES_KEPT`` used are kept (``core.cache.LRU``).
 """
 
 from __future__ import annotations
@@ -35,7 +35,7 @@ from gpt2_jax.core.cache import LRU
 from gpt2_jax.evaluation import buckets as bucket_lib
 from gpt2_jax.model import gpt2 as model_lib
 
-EXECUTABLES_KEPT = 32  # compiled prefill/decode programs kept (least recently used go)
+DECODE_EXECUTABLES_KEPT = 32  # compiled prefill/decode programs kept (least recently used go)
 
 
 # ---------------------------------------------------------------------------- sampling
@@ -142,7 +142,7 @@ def _sample(
 # ---------------------------------------------------------------------------- the loop
 
 
-class State(NamedTuple):
+class DecodeState(NamedTuple):
     """Decoding state, carried from call to call (donated: updated in place)."""
 
     cache: list  # model_lib.init_cache: per layer k [B*nh, hs, S], v [B*nh, S, hs]
@@ -155,8 +155,10 @@ class State(NamedTuple):
     stop: jax.Array  # int32 scalar: stop token, -1 = none
 
 
-def _prefill(params, prompt, key_start, seed, stop, *, model_cfg, sampling, cache_len) -> State:
-    """prompt: [B, Pb] int32 left-padded; key_start: [B] int32 -> State with the first
+def _prefill(
+    params, prompt, key_start, seed, stop, *, model_cfg, sampling, cache_len
+) -> DecodeState:
+    """prompt: [B, Pb] int32 left-padded; key_start: [B] int32 -> DecodeState with the first
     new token written at slot Pb."""
     B, Pb = prompt.shape
     positions = jnp.maximum(jnp.arange(Pb)[None, :] - key_start[:, None], 0)  # [B, Pb]
@@ -169,10 +171,10 @@ def _prefill(params, prompt, key_start, seed, stop, *, model_cfg, sampling, cach
     tokens = jnp.zeros((B, cache_len), jnp.int32)
     tokens = tokens.at[:, :Pb].set(prompt).at[:, Pb].set(first)
     Pb32 = jnp.int32(Pb)
-    return State(cache, tokens, Pb32, first == stop, key_start, row_keys, Pb32, stop)
+    return DecodeState(cache, tokens, Pb32, first == stop, key_start, row_keys, Pb32, stop)
 
 
-def _decode(params, state: State, n_steps, *, model_cfg, sampling) -> State:
+def _decode(params, state: DecodeState, n_steps, *, model_cfg, sampling) -> DecodeState:
     """Up to ``n_steps`` more tokens per row (fewer at the cache's end or when every
     row is done), in one ``lax.while_loop``."""
     S = state.tokens.shape[1]
@@ -203,7 +205,7 @@ def _decode(params, state: State, n_steps, *, model_cfg, sampling) -> State:
 # and bounded so that a long-lived process (a server, a notebook) does not keep every
 # executable it ever made. The placement is in the key: an executable compiled for params
 # on one device (or one mesh) refuses arrays placed elsewhere.
-_EXECUTABLES: LRU = LRU(EXECUTABLES_KEPT)
+_EXECUTABLES: LRU = LRU(DECODE_EXECUTABLES_KEPT)
 
 
 def _shapes(tree) -> tuple:
@@ -366,7 +368,7 @@ def stream_batch(
         state = _timed(exe, args, stats)
 
 
-def _timed(exe, args: tuple, stats: Stats) -> State:
+def _timed(exe, args: tuple, stats: Stats) -> DecodeState:
     t0 = time.perf_counter()
     out = jax.block_until_ready(exe(*args))
     stats.run_seconds += time.perf_counter() - t0
@@ -457,7 +459,7 @@ def generate(
     )[0]
 
 
-def _fetch(state: State) -> tuple[np.ndarray, int, np.ndarray]:
+def _fetch(state: DecodeState) -> tuple[np.ndarray, int, np.ndarray]:
     """(tokens [B, S], t, done [B]) on the host: one transfer, no eager jax op."""
     return np.asarray(state.tokens), int(state.t), np.asarray(state.done)
 
