@@ -591,6 +591,21 @@ def test_without_lm_eval_the_command_says_how_to_install():
     )
 
 
+def test_model_args_import_without_lm_eval():
+    """The CLI's --model_args help reads MODEL_ARGS without the [eval] extra."""
+    import subprocess
+
+    code = (
+        "import sys; sys.modules['lm_eval'] = None\n"
+        "from gpt2_jax.evaluation import harness_args\n"
+        "print(','.join(harness_args.MODEL_ARGS))\n"
+    )
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.strip().split(",") == list(harness.MODEL_ARGS)
+    assert "workdir" in harness.MODEL_ARGS and "init_from" in harness.MODEL_ARGS
+
+
 # ---------------------------------------------------------------------- during training
 
 

@@ -69,12 +69,12 @@ def _trunk(params: dict, ids, positions, segments, *, model_cfg) -> jax.Array:
     )
 
 
-@functools.cache
+@functools.lru_cache(maxsize=8)  # a jit wrapper per model shape (or mesh): few a process
 def _trunk_fn(model_cfg: model_lib.GPT2Config):
     return jax.jit(functools.partial(_trunk, model_cfg=model_cfg))
 
 
-@functools.cache
+@functools.lru_cache(maxsize=8)  # a jit wrapper per model shape (or mesh): few a process
 def _head_fn(mesh: Mesh):
     # Per-row results are tiny: replicated, so every process gets every row.
     return jax.jit(head_lib._head, out_shardings=NamedSharding(mesh, PartitionSpec()))

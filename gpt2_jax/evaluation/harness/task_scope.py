@@ -1,8 +1,9 @@
 """A TaskManager that indexes only the lm-eval task directories a command needs.
 
 lm-eval's ``TaskManager()`` parses all of its own ~14,000 task YAMLs before it can load
-one task (~9-13 s a command on this CPU; timings in tasks.py). A command that names its tasks needs only the
-directories that define them, and that is decided here with lm-eval's public API alone:
+one task (~9-13 s a command on this CPU; timings in tasks.py). A command that names its
+tasks needs only the directories that define them, decided here with lm-eval's public
+API alone:
 
 1. A cheap text scan (no YAML parsing): the top-level directories of ``lm_eval/tasks``
    whose YAML files mention the name as a token, or include (transitively) a file that
