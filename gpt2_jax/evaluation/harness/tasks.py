@@ -3,11 +3,11 @@ data loadable) before any model loads, and the one-line error of a task that can
 
 A command that names its tasks gets a TaskManager of only the lm-eval directories that
 define them (task_scope.py; the same entries as the full index). What that costs, measured
-back to back in fresh processes on this shared 2-core CPU (load average ~9), lm-eval
-0.4.13, ``HF_HUB_OFFLINE=1`` (the data check then fails alike in both): the old
-``task_manager()`` + ``check_tasks`` for ``lambada_openai`` took 18.0 s with a cold
-pickled index and 4.8 s warm; ``load_tasks`` takes 0.65-0.87 s (hellaswag 4.05 -> 0.61 s;
-an unknown name 2.2 -> 0.74 s). The full index alone: ~12.5 s.
+back to back in fresh processes on this shared 2-core CPU, lm-eval 0.4.13,
+``HF_HUB_OFFLINE=1`` (the data check then fails alike on both sides), for ``lambada_openai``
+(the old ``task_manager()`` + ``check_tasks`` with its pickled index -> ``load_tasks``):
+load average ~3: 8.3 s cold, 1.7-2.0 s warm -> 0.32-0.36 s (hellaswag 1.3 -> 0.25 s);
+load average ~9: 18.0 s cold, 4.8 s warm -> 0.65-0.87 s (an unknown name 2.2 -> 0.74 s).
 """
 
 from __future__ import annotations
