@@ -11,6 +11,7 @@ import pytest
 
 from gpt2_jax.cli import main as cli
 from gpt2_jax.data import tokenizer
+from gpt2_jax.evaluation import buckets as bucket_lib
 from gpt2_jax.evaluation import generate as g
 from gpt2_jax.model import gpt2 as m
 from gpt2_jax.weights import hf
@@ -278,7 +279,9 @@ jax.monitoring.register_event_duration_secs_listener(_count_compiles)
 def test_no_recompile_within_a_bucket(odd):
     cfg, params = hf.load_pretrained(odd[1])
     params = g.decode_params(cfg, params)
-    assert g.buckets(96, 3, 20) == (8, 32) and g.buckets(96, 5, 24) == (8, 32)
+    assert bucket_lib.decode_buckets(96, 3, 20) == (8, 32) and bucket_lib.decode_buckets(
+        96, 5, 24
+    ) == (8, 32)
     g.generate_batch(cfg, params, [[1, 2, 3], [4, 5]], 20, temperature=0.0)
     before = len(_COMPILES)
     for prompts, n in [([[1, 2, 3, 4, 5], [6]], 24), ([[7] * 8, [8, 9, 10]], 17)]:
@@ -287,7 +290,30 @@ def test_no_recompile_within_a_bucket(odd):
     g.generate_batch(cfg, params, [[1] * 9, [2]], 20, temperature=0.0)  # Pb 16: new bucket
     assert len(_COMPILES) > before  # the counter does see compiles
     # Near the context limit the prompt is not rounded up: the cache never exceeds it.
-    assert g.buckets(96, 40, 50) == (40, 96)
+    assert bucket_lib.decode_buckets(96, 40, 50) == (40, 96)
+
+
+def test_executable_cache_is_bounded_and_recompiles_an_evicted_entry(odd, monkeypatch):
+    """At most ``DECODE_EXECUTABLES_KEPT`` compiled programs: the least recently used goes, and
+    is compiled again (to the same tokens) when asked for again."""
+    from gpt2_jax.core.cache import LRU
+
+    cfg, params = hf.load_pretrained(odd[1])
+    params = g.decode_params(cfg, params)
+    monkeypatch.setattr(g, "_EXECUTABLES", LRU(2))  # one prefill and one decode
+
+    def run(prompts):
+        stats = g.Stats()
+        rows = list(g.stream_batch(cfg, params, prompts, 6, temperature=0.0, stats=stats))
+        return np.concatenate(rows, axis=1).tolist(), stats.compile_seconds
+
+    short, compiled = run([[1, 2, 3]])  # prompt bucket 8
+    assert compiled > 0 and len(g._EXECUTABLES) == 2
+    assert run([[1, 2, 3]]) == (short, 0.0)  # both kept
+    _, compiled = run([[1] * 9])  # prompt bucket 16: two new programs, the old two out
+    assert compiled > 0 and len(g._EXECUTABLES) == 2
+    again, compiled = run([[1, 2, 3]])
+    assert again == short and compiled > 0
 
 
 def test_params_placed_elsewhere_get_their_own_executable(odd):

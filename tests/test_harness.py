@@ -187,39 +187,88 @@ def test_rolling_documents_are_longer_than_the_context(ours, setup):
 # ---------------------------------------------------------------------- task index
 
 
-def test_task_index_cache_rebuilds_when_a_yaml_changes(tmp_path, monkeypatch):
-    import os
+def _closure_entries(manager, names) -> dict:
+    """The index entries of ``names`` and of everything they load (group members, tag
+    tasks), followed to the end."""
+    from gpt2_jax.evaluation.harness import task_scope
 
-    from lm_eval.tasks._index import TaskIndex
+    out, todo = {}, list(names)
+    while todo:
+        name = todo.pop()
+        if name in out:
+            continue
+        out[name] = manager.task_index.get(name)
+        if out[name] is not None:
+            todo += task_scope._members(out[name])
+    return out
+
+
+def test_scoped_task_manager_holds_the_full_index_entries(setup, tmp_path, monkeypatch):
+    """A task, a group and a tag of lm-eval's own, with --include_path: the entries the
+    command's manager holds for them (and for what they load) are the full index's, and
+    nothing is written under the cache root. (load_tasks then loads each task's data.)"""
+    from lm_eval.tasks import TaskManager
+
+    from gpt2_jax.evaluation.harness import task_scope
 
     monkeypatch.setenv("GPT2_JAX_CACHE", str(tmp_path / "cache"))
-    own = tmp_path / "tasks"
-    shutil.copytree(TASK_DIR, own)
-    calls = []
-
-    def build(paths, resolve_includes=True):
-        calls.append(list(paths))
-        return TaskIndex.build(paths, resolve_includes=resolve_includes)
-
-    first = harness._load_or_build(own, build)
-    assert calls == [[own]] and set(TASKS) - {"tiny_greedy"} <= set(first)
-    assert len(list((tmp_path / "cache").glob("lm_eval_tasks_*.pkl"))) == 1
-    assert harness._load_or_build(own, build) == first and len(calls) == 1  # from the cache
-    y = own / "tiny_mc.yaml"
-    os.utime(y, ns=(y.stat().st_atime_ns, y.stat().st_mtime_ns + 10**9))
-    assert harness._load_or_build(own, build) == first and len(calls) == 2  # rebuilt
-
-
-def test_cached_task_manager_is_lm_evals(setup):
-    from lm_eval.tasks import TaskManager, _index
-
-    before = _index.TaskIndex.__dict__["build"]
-    harness.task_manager(str(setup["tasks"]))  # builds the cache (if no test did yet)
-    ours = harness.task_manager(str(setup["tasks"]))  # reads it
     theirs = TaskManager(include_path=[str(setup["tasks"])])
-    assert ours.task_index == theirs.task_index
-    assert ours.all_tasks == theirs.all_tasks and "lambada_openai" in ours.all_tasks
-    assert _index.TaskIndex.__dict__["build"] is before  # lm-eval's own build, restored
+    scope = task_scope.Scope([str(setup["tasks"])])
+    for names in (["lambada_openai", "tiny_mc"], ["lambada"], ["ai2_arc", "tiny_gen"]):
+        ours = scope.manager_for(names)  # (their data is on the hub: not loaded here)
+        assert len(ours.all_tasks) < len(theirs.all_tasks) / 10  # a few directories
+        assert _closure_entries(ours, names) == _closure_entries(theirs, names), names
+    assert len(_closure_entries(theirs, ["lambada"])) == 3  # the group and its 2 tasks
+    assert not (tmp_path / "cache").exists()
+
+
+def test_unknown_task_is_named_without_the_full_index(setup, monkeypatch):
+    from lm_eval.tasks import manager as lm_manager
+
+    def full(*args, **kwargs):
+        if kwargs.get("include_defaults", True):
+            raise AssertionError("the full index was built")
+        return real(*args, **kwargs)
+
+    real = lm_manager.TaskManager
+    from gpt2_jax.evaluation.harness import task_scope, tasks
+
+    monkeypatch.setattr(tasks, "TaskManager", full)
+    monkeypatch.setattr(task_scope, "TaskManager", full)
+    with pytest.raises(harness.HarnessError, match="unknown task 'tiny_mcc'; did you mean tiny_mc"):
+        harness.load_tasks("tiny_mcc", str(setup["tasks"]))
+    with pytest.raises(harness.HarnessError, match="did you mean lambada_openai"):
+        harness.load_tasks("lambada_opnai", "")
+
+
+def test_include_scan_follows_scalar_flow_and_block_includes(tmp_path):
+    from gpt2_jax.evaluation.harness import task_scope
+
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    (tmp_path / "b" / "_t.yaml").write_text("task: shared_name\n")
+    (tmp_path / "a" / "x.yaml").write_text("include: ../b/_t.yaml\ntask: x\n")
+    (tmp_path / "a" / "y.yaml").write_text("include: ['../b/_t.yaml']\n")
+    (tmp_path / "a" / "z.yaml").write_text("include:\n  - ../b/_t.yaml\n  - other\ntask: z\n")
+    scan = task_scope._Scan(tmp_path)
+    assert scan.dirs_mentioning("shared_name") == {tmp_path / "a", tmp_path / "b"}
+    assert scan.dirs_mentioning("x") == {tmp_path / "a"}
+    assert scan.dirs_mentioning("shared") == set()  # tokens, not substrings
+    (tmp_path / "top.yaml").write_text("task: x\n")
+    assert task_scope._Scan(tmp_path).dirs_mentioning("x") is None  # no directory to narrow to
+
+
+def test_bootstrap_switch_is_scoped_to_the_call(monkeypatch):
+    import multiprocessing
+    import os
+
+    from gpt2_jax.evaluation.harness import results
+
+    monkeypatch.delenv("DISABLE_MULTIPROC", raising=False)
+    forks = multiprocessing.get_start_method(allow_none=True) in (None, "fork")
+    with results._bootstrap_in_process():
+        assert os.environ.get("DISABLE_MULTIPROC") == ("1" if forks else None)
+    assert "DISABLE_MULTIPROC" not in os.environ
 
 
 # ---------------------------------------------------------------------- compiles
@@ -264,7 +313,7 @@ def test_same_buckets_compile_nothing_new(setup):
         out = []
         for n in lengths:
             ids = rng.integers(0, 50257, n + 1).tolist()
-            out.append(harness._Row(tuple(ids[:-1]), tuple(ids[-3:])))
+            out.append(harness.Row(tuple(ids[:-1]), tuple(ids[-3:])))
         return out
 
     # Packed into rows of at most 80 tokens (PACK capped at n_positions): 79 | 60+9+5 |
@@ -281,6 +330,22 @@ def test_same_buckets_compile_nothing_new(setup):
     lm.score(rows([10, 3]))
     assert lm.stats.compiles == compiles
     assert all(lp < 0 for lp, _ in first)
+
+
+def test_bounded_executables_evict_the_oldest_and_recompile_it(setup, monkeypatch):
+    from gpt2_jax.evaluation.harness import scoring
+
+    monkeypatch.setattr(scoring, "SCORING_EXECUTABLES_KEPT", 2)  # one trunk and one head
+    cfg, params = hf.load_pretrained(setup["model"])
+    lm = harness.GPT2JaxLM(cfg, params, batch_size=4, progress=False)
+    short = [harness.Row(tuple(range(1, 6)), (7, 8))]  # T 16
+    longer = [harness.Row(tuple(range(1, 41)), (7, 8))]  # T 48
+    first = lm.score(short)
+    assert lm.stats.compiles == 2 and len(lm.scorer._exes) == 2
+    assert lm.score(short) == first and lm.stats.compiles == 2  # kept
+    lm.score(longer)
+    assert lm.stats.compiles == 4 and len(lm.scorer._exes) == 2  # the short ones evicted
+    assert lm.score(short) == first and lm.stats.compiles == 6  # compiled again, same result
 
 
 def test_scanned_layers_score_as_unrolled(setup, ours):
@@ -524,6 +589,21 @@ def test_without_lm_eval_the_command_says_how_to_install():
         "gpt2-jax lm-eval: error: lm-eval needs EleutherAI's lm-evaluation-harness: "
         "pip install 'gpt2_jax[eval]'"
     )
+
+
+def test_model_args_import_without_lm_eval():
+    """The CLI's --model_args help reads MODEL_ARGS without the [eval] extra."""
+    import subprocess
+
+    code = (
+        "import sys; sys.modules['lm_eval'] = None\n"
+        "from gpt2_jax.evaluation import harness_args\n"
+        "print(','.join(harness_args.MODEL_ARGS))\n"
+    )
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.strip().split(",") == list(harness.MODEL_ARGS)
+    assert "workdir" in harness.MODEL_ARGS and "init_from" in harness.MODEL_ARGS
 
 
 # ---------------------------------------------------------------------- during training

@@ -14,9 +14,10 @@ sampler loop):
    an argument, so the CLI runs the same executable in chunks to stream text.
 
 The cache holds ``S`` slots, the power of two >= ``Pb + max_new_tokens`` (at most
-``n_positions``); ``Pb`` is the power of two >= the longest prompt. Executables are
-keyed by (batch, ``Pb``, ``S``, sampling settings), so a new prompt length or
-``max_new_tokens`` in the same buckets compiles nothing.
+``n_positions``); ``Pb`` is the power of two >= the longest prompt (both from
+``buckets.decode_buckets``). Executables are keyed by (batch, ``Pb``, ``S``, sampling
+settings), so a new prompt length or ``max_new_tokens`` in the same buckets compiles
+nothing; the last ``DECODE_EXECUTABLES_KEPT`` used are kept (``core.cache.LRU``).
 """
 
 from __future__ import annotations
@@ -24,15 +25,17 @@ from __future__ import annotations
 import dataclasses
 import time
 from collections.abc import Iterator
-from typing import Any, NamedTuple
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+from gpt2_jax.core.cache import LRU
+from gpt2_jax.evaluation import buckets as bucket_lib
 from gpt2_jax.model import gpt2 as model_lib
 
-MIN_BUCKET = 8  # smallest prompt bucket: tiny prompts share one executable
+DECODE_EXECUTABLES_KEPT = 32  # compiled prefill/decode programs kept (least recently used go)
 
 
 # ---------------------------------------------------------------------------- sampling
@@ -139,7 +142,7 @@ def _sample(
 # ---------------------------------------------------------------------------- the loop
 
 
-class State(NamedTuple):
+class DecodeState(NamedTuple):
     """Decoding state, carried from call to call (donated: updated in place)."""
 
     cache: list  # model_lib.init_cache: per layer k [B*nh, hs, S], v [B*nh, S, hs]
@@ -152,13 +155,15 @@ class State(NamedTuple):
     stop: jax.Array  # int32 scalar: stop token, -1 = none
 
 
-def _prefill(params, prompt, key_start, seed, stop, *, cfg, sampling, cache_len) -> State:
-    """prompt: [B, Pb] int32 left-padded; key_start: [B] int32 -> State with the first
+def _prefill(
+    params, prompt, key_start, seed, stop, *, model_cfg, sampling, cache_len
+) -> DecodeState:
+    """prompt: [B, Pb] int32 left-padded; key_start: [B] int32 -> DecodeState with the first
     new token written at slot Pb."""
     B, Pb = prompt.shape
     positions = jnp.maximum(jnp.arange(Pb)[None, :] - key_start[:, None], 0)  # [B, Pb]
-    cache = model_lib.init_cache(cfg, B, cache_len)
-    logits, cache = model_lib.decode(cfg, params, prompt, positions, cache, 0, key_start)
+    cache = model_lib.init_cache(model_cfg, B, cache_len)
+    logits, cache = model_lib.decode(model_cfg, params, prompt, positions, cache, 0, key_start)
     row_keys = jax.vmap(jax.random.fold_in, in_axes=(None, 0))(
         jax.random.PRNGKey(seed), jnp.arange(B)
     )
@@ -166,10 +171,10 @@ def _prefill(params, prompt, key_start, seed, stop, *, cfg, sampling, cache_len)
     tokens = jnp.zeros((B, cache_len), jnp.int32)
     tokens = tokens.at[:, :Pb].set(prompt).at[:, Pb].set(first)
     Pb32 = jnp.int32(Pb)
-    return State(cache, tokens, Pb32, first == stop, key_start, row_keys, Pb32, stop)
+    return DecodeState(cache, tokens, Pb32, first == stop, key_start, row_keys, Pb32, stop)
 
 
-def _decode(params, state: State, n_steps, *, cfg, sampling) -> State:
+def _decode(params, state: DecodeState, n_steps, *, model_cfg, sampling) -> DecodeState:
     """Up to ``n_steps`` more tokens per row (fewer at the cache's end or when every
     row is done), in one ``lax.while_loop``."""
     S = state.tokens.shape[1]
@@ -182,7 +187,7 @@ def _decode(params, state: State, n_steps, *, cfg, sampling) -> State:
         i, st = carry
         tok = jax.lax.dynamic_slice_in_dim(st.tokens, st.t, 1, axis=1)  # [B, 1]
         pos = (st.t - st.key_start)[:, None]  # [B, 1] per-row learned position
-        logits, cache = model_lib.decode(cfg, params, tok, pos, st.cache, st.t, st.key_start)
+        logits, cache = model_lib.decode(model_cfg, params, tok, pos, st.cache, st.t, st.key_start)
         index = st.t + 1 - st.first_new
         nxt = _sample(logits[:, 0], st.row_keys, index, sampling, st.tokens, st.key_start, st.t)
         nxt = jnp.where(st.done, st.stop, nxt)  # finished rows repeat the stop token
@@ -193,32 +198,14 @@ def _decode(params, state: State, n_steps, *, cfg, sampling) -> State:
     return jax.lax.while_loop(cond, body, (jnp.int32(0), state))[1]
 
 
-# ---------------------------------------------------------------------------- buckets
-
-
-def _pow2(n: int) -> int:
-    return 1 << max(n - 1, 0).bit_length()
-
-
-def buckets(n_positions: int, prompt_len: int, max_new_tokens: int) -> tuple[int, int]:
-    """(prompt bucket Pb, cache length S) for the longest prompt and ``max_new_tokens``.
-
-    Powers of two, so that nearby lengths share executables. Near the context limit,
-    where the rounded-up prompt would leave too little room, Pb is the exact length.
-    """
-    Pb = max(_pow2(prompt_len), MIN_BUCKET)
-    if Pb + max_new_tokens > n_positions:
-        Pb = prompt_len
-    return Pb, min(_pow2(Pb + max_new_tokens), n_positions)
-
-
 # ---------------------------------------------------------------------------- executables
 
-# (name, cfg, sampling, treedef, shapes and placements) -> compiled executable. Our own
-# cache rather than jax.jit's so that compile time is measured apart from decode time. The
-# placement is in the key: an executable compiled for params on one device (or one mesh)
-# refuses arrays placed elsewhere.
-_EXECUTABLES: dict[tuple, Any] = {}
+# (name, model_cfg, sampling, treedef, shapes and placements) -> compiled executable. Our
+# own cache rather than jax.jit's so that compile time is measured apart from decode time,
+# and bounded so that a long-lived process (a server, a notebook) does not keep every
+# executable it ever made. The placement is in the key: an executable compiled for params
+# on one device (or one mesh) refuses arrays placed elsewhere.
+_EXECUTABLES: LRU = LRU(DECODE_EXECUTABLES_KEPT)
 
 
 def _shapes(tree) -> tuple:
@@ -230,15 +217,16 @@ def _shapes(tree) -> tuple:
 
 def _executable(name: str, fn, args: tuple, static: dict, donate: tuple = (), stats=None):
     key = (name, tuple(sorted(static.items())), jax.tree.structure(args), _shapes(args))
-    exe = _EXECUTABLES.get(key)
-    if exe is None:
+
+    def compile_it():
         t0 = time.perf_counter()
         jitted = jax.jit(lambda *a: fn(*a, **static), donate_argnums=donate)
         exe = jitted.lower(*args).compile()
-        _EXECUTABLES[key] = exe
         if stats is not None:
             stats.compile_seconds += time.perf_counter() - t0
-    return exe
+        return exe
+
+    return _EXECUTABLES.get(key, compile_it)[0]
 
 
 @dataclasses.dataclass
@@ -283,7 +271,7 @@ def check_sampling(
 
 
 def check_request(
-    cfg: model_lib.GPT2Config,
+    model_cfg: model_lib.GPT2Config,
     prompts: list[list[int]],
     max_new_tokens: int,
     temperature: float,
@@ -301,18 +289,18 @@ def check_request(
         name = names[i] if names else f"prompt {i}"
         if len(ids) == 0:
             raise ValueError(f"{name} is empty: give at least one token")
-        if len(ids) + max_new_tokens > cfg.n_positions:
+        if len(ids) + max_new_tokens > model_cfg.n_positions:
             raise ValueError(
                 f"{name} has {len(ids)} tokens: with max_new_tokens={max_new_tokens} "
-                f"that is {len(ids) + max_new_tokens} > n_positions={cfg.n_positions}; "
+                f"that is {len(ids) + max_new_tokens} > n_positions={model_cfg.n_positions}; "
                 f"shorten the prompt or lower max_new_tokens"
             )
-        bad = [t for t in ids if not 0 <= t < cfg.vocab_size]
+        bad = [t for t in ids if not 0 <= t < model_cfg.vocab_size]
         if bad:
-            raise ValueError(f"{name} has token ids outside [0, {cfg.vocab_size}): {bad[:5]}")
+            raise ValueError(f"{name} has token ids outside [0, {model_cfg.vocab_size}): {bad[:5]}")
 
 
-def decode_params(cfg: model_lib.GPT2Config, params) -> dict:
+def decode_params(model_cfg: model_lib.GPT2Config, params) -> dict:
     """Params on device in the unrolled layout (``h_<i>``), which the decode loop reads
     without slicing a stacked array every layer and step. Do it once, reuse the result."""
     if "h" in params:
@@ -322,7 +310,7 @@ def decode_params(cfg: model_lib.GPT2Config, params) -> dict:
 
 
 def stream_batch(
-    cfg: model_lib.GPT2Config,
+    model_cfg: model_lib.GPT2Config,
     params,
     prompts: list[list[int]],
     max_new_tokens: int,
@@ -339,17 +327,19 @@ def stream_batch(
     of every row, n <= ``chunk_size`` (None: all at once). A row that has produced
     ``stop_token`` repeats it; the stream ends early when every row has.
 
-    ``params``: either layout; ``decode_params(cfg, params)`` output is used as is.
+    ``params``: either layout; ``decode_params(model_cfg, params)`` output is used as is.
     ``repetition_penalty`` > 1 makes every token already in a row (prompt included) less
     likely, as ``transformers``' argument of that name does; 1 is off.
     """
-    check_request(cfg, prompts, max_new_tokens, temperature, top_k, top_p, repetition_penalty)
+    check_request(model_cfg, prompts, max_new_tokens, temperature, top_k, top_p, repetition_penalty)
     stats = stats if stats is not None else Stats()
     if "h" in params or not isinstance(jax.tree.leaves(params)[0], jax.Array):
-        params = decode_params(cfg, params)
+        params = decode_params(model_cfg, params)
     sampling = Sampling(float(temperature), int(top_k), float(top_p), float(repetition_penalty))
     B = len(prompts)
-    Pb, S = buckets(cfg.n_positions, max(len(p) for p in prompts), max_new_tokens)
+    Pb, S = bucket_lib.decode_buckets(
+        model_cfg.n_positions, max(len(p) for p in prompts), max_new_tokens
+    )
     prompt = np.zeros((B, Pb), np.int32)
     for b, ids in enumerate(prompts):
         prompt[b, Pb - len(ids) :] = ids
@@ -358,7 +348,7 @@ def stream_batch(
     stats.prompt_tokens += sum(len(p) for p in prompts)
 
     args = (params, prompt, key_start, np.int32(seed), stop)
-    static = dict(cfg=cfg, sampling=sampling, cache_len=S)
+    static = dict(model_cfg=model_cfg, sampling=sampling, cache_len=S)
     state = _timed(_executable("prefill", _prefill, args, static, stats=stats), args, stats)
     last = Pb - 1  # slot of the last token yielded
     finished = np.zeros(B, bool)
@@ -373,12 +363,12 @@ def stream_batch(
             return
         n = remaining if chunk_size is None else min(chunk_size, remaining)
         args = (params, state, np.int32(n))
-        static = dict(cfg=cfg, sampling=sampling)
+        static = dict(model_cfg=model_cfg, sampling=sampling)
         exe = _executable("decode", _decode, args, static, donate=(1,), stats=stats)
         state = _timed(exe, args, stats)
 
 
-def _timed(exe, args: tuple, stats: Stats) -> State:
+def _timed(exe, args: tuple, stats: Stats) -> DecodeState:
     t0 = time.perf_counter()
     out = jax.block_until_ready(exe(*args))
     stats.run_seconds += time.perf_counter() - t0
@@ -402,7 +392,7 @@ def _count_new(chunk: np.ndarray, finished: np.ndarray, stop_token: int | None) 
 
 
 def generate_batch(
-    cfg: model_lib.GPT2Config,
+    model_cfg: model_lib.GPT2Config,
     params,
     prompts: list[list[int]],
     max_new_tokens: int,
@@ -416,9 +406,9 @@ def generate_batch(
     """New ids for each prompt (prompts may differ in length), each row as if decoded
     alone; a row ends after ``stop_token`` (included). ``temperature=0`` is greedy.
     Raises ValueError for an empty prompt or one with no room for ``max_new_tokens``
-    below ``cfg.n_positions``."""
+    below ``model_cfg.n_positions``."""
     stream = stream_batch(
-        cfg,
+        model_cfg,
         params,
         prompts,
         max_new_tokens,
@@ -441,7 +431,7 @@ def _until_stop(row: np.ndarray, stop_token: int | None) -> list[int]:
 
 
 def generate(
-    cfg: model_lib.GPT2Config,
+    model_cfg: model_lib.GPT2Config,
     params,
     prompt_ids: list[int],
     max_new_tokens: int,
@@ -456,7 +446,7 @@ def generate(
     (ending with ``stop_token`` if it came). ``temperature=0`` is greedy. Equals row 0 of
     ``generate_batch`` with the same arguments."""
     return generate_batch(
-        cfg,
+        model_cfg,
         params,
         [list(prompt_ids)],
         max_new_tokens,
@@ -469,7 +459,7 @@ def generate(
     )[0]
 
 
-def _fetch(state: State) -> tuple[np.ndarray, int, np.ndarray]:
+def _fetch(state: DecodeState) -> tuple[np.ndarray, int, np.ndarray]:
     """(tokens [B, S], t, done [B]) on the host: one transfer, no eager jax op."""
     return np.asarray(state.tokens), int(state.t), np.asarray(state.done)
 
@@ -477,16 +467,12 @@ def _fetch(state: State) -> tuple[np.ndarray, int, np.ndarray]:
 def command_config(config_path: str | None, workdir: str | None, init_from: str, overrides):
     """``gpt2-jax generate``'s config: ``--config`` or ``--workdir``'s saved one, or with
     only ``--init_from=hf:...`` the defaults; ``init_from`` set (``weights.resolve`` then
-    reads the shape from those weights)."""
+    reads the shape from those weights). Built by the config layer's one override path."""
     from gpt2_jax.config import base as config_lib
 
-    if init_from and not config_path and not workdir:
-        cfg = config_lib.base_config()
-        cfg.lock()
-        config_lib.apply_overrides(cfg, overrides)
-    else:
+    if config_path or not (workdir or init_from):  # for_command names what is missing
         cfg = config_lib.for_command(config_path, workdir, overrides)
-    if init_from:
-        with cfg.unlocked():
-            cfg.init_from = init_from
-    return cfg
+        if init_from:
+            config_lib.apply_overrides(cfg, {"init_from": init_from})
+        return cfg
+    return config_lib.for_weights(workdir, init_from, overrides)

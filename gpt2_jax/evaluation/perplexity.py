@@ -23,22 +23,22 @@ from gpt2_jax.model.gpt2 import GPT2, GPT2Config, token_nll
 # ------------------------------------------------------------------ jitted pieces
 
 
-@functools.partial(jax.jit, static_argnames="cfg")
+@functools.partial(jax.jit, static_argnames="model_cfg")
 def _blocks_nll_sum(
-    cfg: GPT2Config, params: dict, input_ids: jax.Array, weights: jax.Array
+    model_cfg: GPT2Config, params: dict, input_ids: jax.Array, weights: jax.Array
 ) -> jax.Array:
     """input_ids: [B, T] int32, weights: [B] float32 (0 = padding) -> float32 scalar.
 
     The weighted sum of the B * (T - 1) shifted next-token NLLs.
     """
-    logits = GPT2(cfg).apply({"params": params}, input_ids)  # [B, T, V]
+    logits = GPT2(model_cfg).apply({"params": params}, input_ids)  # [B, T, V]
     nll = token_nll(logits, input_ids)  # [B, T - 1]
     return jnp.sum(nll.sum(axis=-1) * weights)
 
 
-@functools.partial(jax.jit, static_argnames="cfg")
+@functools.partial(jax.jit, static_argnames="model_cfg")
 def _windows_nll(
-    cfg: GPT2Config,
+    model_cfg: GPT2Config,
     params: dict,
     input_ids: jax.Array,
     target_mask: jax.Array,
@@ -51,7 +51,7 @@ def _windows_nll(
     mean NLL in Hugging Face's reference (0 for padding windows).
     Returns float32 scalars (sum of scored NLLs, sum of hf_weights * window mean NLL).
     """
-    logits = GPT2(cfg).apply({"params": params}, input_ids)  # [B, L, V]
+    logits = GPT2(model_cfg).apply({"params": params}, input_ids)  # [B, L, V]
     nll = token_nll(logits, input_ids) * target_mask  # [B, L - 1]
     window_sum = nll.sum(axis=-1)  # [B]
     window_mean = window_sum / jnp.maximum(target_mask.sum(axis=-1), 1.0)
@@ -147,7 +147,7 @@ def _result(nll_sum: float, tokens: int) -> dict:
 
 
 def eval_blocks(
-    cfg: GPT2Config,
+    model_cfg: GPT2Config,
     params: dict,
     blocks,
     batch_size: int,
@@ -169,8 +169,10 @@ def eval_blocks(
     if n == 0:
         raise ValueError("eval_blocks got no blocks (too little evaluation data?)")
     T = int(np.asarray(blocks[np.arange(1)]).shape[1])
-    if not 2 <= T <= cfg.n_positions:
-        raise ValueError(f"block length {T} must be in [2, model.n_positions={cfg.n_positions}]")
+    if not 2 <= T <= model_cfg.n_positions:
+        raise ValueError(
+            f"block length {T} must be in [2, model.n_positions={model_cfg.n_positions}]"
+        )
     put = _placer(batch_size, batch_sharding)
     params = _place_params(params, batch_sharding)
     n_batches = -(-n // batch_size)
@@ -185,7 +187,7 @@ def eval_blocks(
             ids = np.asarray(blocks[idx], dtype=np.int32)
             yield put(ids), put(weights)
 
-    step = functools.partial(_blocks_nll_sum, cfg, params)
+    step = functools.partial(_blocks_nll_sum, model_cfg, params)
     sums = _run(step, batches(), n_batches, progress, "eval")
     return _result(math.fsum(float(s) for s in sums), n * (T - 1))
 
@@ -240,7 +242,7 @@ def _window_batch(
 
 
 def eval_sliding_window(
-    cfg: GPT2Config,
+    model_cfg: GPT2Config,
     params: dict,
     tokens_1d,
     max_length: int,
@@ -270,9 +272,9 @@ def eval_sliding_window(
     "exact_loss", "scored_tokens", "windows"}``.
     """
     tokens = np.asarray(tokens_1d).reshape(-1)
-    if not 2 <= max_length <= cfg.n_positions:
+    if not 2 <= max_length <= model_cfg.n_positions:
         raise ValueError(
-            f"max_length={max_length} must be in [2, model.n_positions={cfg.n_positions}]"
+            f"max_length={max_length} must be in [2, model.n_positions={model_cfg.n_positions}]"
         )
     plan = window_plan(len(tokens), max_length, stride)
     put = _placer(batch_size, batch_sharding)
@@ -289,7 +291,7 @@ def eval_sliding_window(
                 put(x) for x in _window_batch(tokens, np.concatenate([rows, pad]), max_length)
             )
 
-    step = functools.partial(_windows_nll, cfg, params)
+    step = functools.partial(_windows_nll, model_cfg, params)
     out = _run(step, batches(), n_batches, progress, "eval (sliding window)")
     exact_sum = math.fsum(float(s) for s, _ in out)
     hf_sum = math.fsum(float(w) for _, w in out)
