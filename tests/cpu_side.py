@@ -34,9 +34,10 @@ def load_tree(path) -> dict:
 
 
 def model_config(fields: dict):
-    from gpt2_jax.model import gpt2 as model_lib
 
-    return model_lib.GPT2Config(**fields)
+    from gpt2_jax.model import config as gpt2_config
+
+    return gpt2_config.GPT2Config(**fields)
 
 
 def config_fields(cfg) -> dict:

@@ -29,6 +29,7 @@ from gpt2_jax.config import base as config_lib
 from gpt2_jax.config import plan as plan_lib
 from gpt2_jax.data import tokenizer
 from gpt2_jax.evaluation.perplexity import evaluate_splits
+from gpt2_jax.model import config as gpt2_config
 from gpt2_jax.model import gpt2 as model
 from gpt2_jax.parallel import sharding
 from gpt2_jax.weights import checkpoint as ckpt_lib
@@ -354,7 +355,7 @@ def test_export_loads_in_transformers_with_the_same_logits(run, exported, capfd)
     ids = np.random.default_rng(0).integers(0, SHAPE["vocab_size"], (2, BLOCK))
     with torch.no_grad():
         theirs = loaded.eval()(torch.as_tensor(ids)).logits.numpy()
-    ours = model.GPT2(model.GPT2Config(**SHAPE)).apply(
+    ours = model.GPT2(gpt2_config.GPT2Config(**SHAPE)).apply(
         {"params": checkpoint_params(run["workdir"])}, ids.astype(np.int32)
     )
     np.testing.assert_allclose(np.asarray(ours), theirs, rtol=0, atol=1e-4)

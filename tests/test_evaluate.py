@@ -85,8 +85,9 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from gpt2_jax.evaluation import perplexity as evaluate
 from gpt2_jax.model import gpt2 as model
 
+from gpt2_jax.model import config as gpt2_config
 assert jax.device_count() == 2, jax.devices()
-cfg = model.GPT2Config(**json.loads(sys.argv[1]))
+cfg = gpt2_config.GPT2Config(**json.loads(sys.argv[1]))
 params = model.init_params(cfg, jax.random.PRNGKey(0))
 ids = np.load(sys.argv[2])
 seen = []

@@ -15,6 +15,7 @@ import pytest
 
 from gpt2_jax.cli import main as cli
 from gpt2_jax.train import loop as train_lib
+from gpt2_jax.train import monitor
 from gpt2_jax.weights import checkpoint as ckpt_lib
 
 from . import helpers
@@ -116,7 +117,7 @@ def test_nonfinite_skip_leaves_the_state_bit_identical_and_counts_it(tmp_path, m
 def test_nonfinite_skip_stops_after_max_in_a_row(tmp_path, monkeypatch):
     helpers.poison_step(monkeypatch, 2)
     cfg = tiny_config(**{"train.nonfinite": "skip", "train.max_nonfinite": 1})
-    with pytest.raises(train_lib.TrainingError, match="1 non-finite steps in a row .* step 2"):
+    with pytest.raises(monitor.TrainingError, match="1 non-finite steps in a row .* step 2"):
         train_lib.train(cfg, tmp_path)
 
 

@@ -13,6 +13,7 @@ from gpt2_jax.cli import main as cli
 from gpt2_jax.data import tokenizer
 from gpt2_jax.evaluation import buckets as bucket_lib
 from gpt2_jax.evaluation import generate as g
+from gpt2_jax.model import decode as decode_lib
 from gpt2_jax.model import gpt2 as m
 from gpt2_jax.weights import hf
 
@@ -88,8 +89,10 @@ def test_cached_logits_equal_full_forward_at_every_position(odd, scan_layers):
         prompt[b, Pb - n :] = seq[:n]
     key_start = jnp.asarray([Pb - n for n in prompt_lens], jnp.int32)
     positions = jnp.maximum(jnp.arange(Pb)[None] - key_start[:, None], 0)
-    step = jax.jit(lambda p, ids, pos, c, t, ks: m.decode(cfg, p, ids, pos, c, t, ks))
-    logits, cache = step(params, prompt, positions, m.init_cache(cfg, 2, S), 0, key_start)
+    step = jax.jit(
+        lambda p, ids, pos, c, t, ks: decode_lib.cached_forward(cfg, p, ids, pos, c, t, ks)
+    )
+    logits, cache = step(params, prompt, positions, decode_lib.init_cache(cfg, 2, S), 0, key_start)
     got = [[np.asarray(logits[b, Pb - n :])] for b, n in enumerate(prompt_lens)]
     for i in range(steps):
         tok = jnp.asarray([[seq[n + i]] for seq, n in zip(seqs, prompt_lens, strict=True)])

@@ -38,6 +38,8 @@ from gpt2_jax.config import base as config_lib
 from gpt2_jax.config import plan as plan_lib
 from gpt2_jax.evaluation import generate as gen
 from gpt2_jax.model import attention, flops
+from gpt2_jax.model import attention as attention_lib
+from gpt2_jax.model import config as gpt2_config
 from gpt2_jax.model import gpt2 as model_lib
 from gpt2_jax.optim import optimizer as optim
 from gpt2_jax.train import loop as train_lib
@@ -92,12 +94,12 @@ def _rel(a, b) -> float:
 def _fused(accel: Accel):
     """cuDNN's attention on the GPU; on the dry run the same call through jax's XLA one."""
     impl = "xla" if accel.dry else "cudnn"
-    return functools.partial(model_lib._cudnn_attention, implementation=impl)
+    return functools.partial(attention_lib.cudnn_attention, implementation=impl)
 
 
-def _cfg(**fields) -> model_lib.GPT2Config:
+def _cfg(**fields) -> gpt2_config.GPT2Config:
     no_dropout = dict(resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
-    return model_lib.GPT2Config(**{**no_dropout, **fields})
+    return gpt2_config.GPT2Config(**{**no_dropout, **fields})
 
 
 # ---------------------------------------------------------------- cuDNN attention
@@ -118,7 +120,7 @@ def test_cudnn_attention_matches_xla_forward_and_gradients(accel, record_propert
     fused = _fused(accel)
 
     def xla(x):
-        return model_lib._xla_attention(x, nh)
+        return attention_lib.xla_attention(x, nh)
 
     def fused_nh(x):
         return fused(x, nh)
@@ -203,8 +205,8 @@ def test_cudnn_declines_and_the_model_falls_back(accel, monkeypatch):
     # Refused while tracing, forward and backward: a head size that is no multiple of 8,
     # and float32 operands (cuDNN's fused attention takes fp16/bf16 only). On the dry
     # run's CPU there is no cuDNN at all: refused too.
-    assert model_lib._cudnn_attention(jnp.ones((1, 16, 3 * 2 * 12), jnp.bfloat16), 2) is None
-    assert model_lib._cudnn_attention(jnp.ones((1, 16, 3 * 2 * 64), jnp.float32), 2) is None
+    assert attention_lib.cudnn_attention(jnp.ones((1, 16, 3 * 2 * 12), jnp.bfloat16), 2) is None
+    assert attention_lib.cudnn_attention(jnp.ones((1, 16, 3 * 2 * 64), jnp.float32), 2) is None
     cfg = _cfg(n_layer=1, n_head=2, n_embd=24, n_positions=32, vocab_size=512, dtype="bfloat16")
     params = model_lib.init_params(cfg, jax.random.PRNGKey(0))
     ids = jnp.asarray(np.random.default_rng(0).integers(0, 512, (2, 32)), jnp.int32)
@@ -279,7 +281,7 @@ def _preflight(cfg, workdir) -> preflight.MemoryEstimate | None:
     build (the ahead-of-time compile) and the memory preflight of that compiled step."""
     plan = plan_lib.training(cfg, workdir, jax.device_count())
     plan = plan_lib.with_data(plan, cfg, steps_per_epoch=1)  # train.steps is set: unused
-    step = train_lib.build_step(cfg, plan)
+    step = step_lib.build_step(cfg, plan)
     return preflight.check_step(step.compiled, step.abstract_state, step.abstract_batch, cfg)
 
 

@@ -56,9 +56,10 @@ def _check_bench(results: dict, tasks: set) -> None:
 
 
 def _dry_model():
-    from gpt2_jax.model import gpt2 as model_lib
 
-    return model_lib.GPT2Config(n_layer=2, n_head=2, n_embd=64, n_positions=128)
+    from gpt2_jax.model import config as gpt2_config
+
+    return gpt2_config.GPT2Config(n_layer=2, n_head=2, n_embd=64, n_positions=128)
 
 
 def test_dry_run_checks_and_measures_on_the_cpu_and_writes_the_results(tmp_path):

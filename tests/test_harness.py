@@ -15,6 +15,7 @@ import pytest
 
 from gpt2_jax.data import tokenizer
 from gpt2_jax.evaluation import harness
+from gpt2_jax.model import losses as losses_lib
 from gpt2_jax.weights import hf
 
 from . import helpers
@@ -358,7 +359,8 @@ def test_scanned_layers_score_as_unrolled(setup, ours):
 
 
 def test_head_holds_only_a_chunk_of_logits():
-    """The head's temporaries grow with HEAD_ROWS, not with batch x positions x vocab."""
+    """The head's temporaries grow with its head_rows (losses.SCORE_CHUNK), not with
+    batch x positions x vocab."""
     B, T, C, E, V = 4, 64, 64, 16, 50257
     args = (
         jax.ShapeDtypeStruct((V, E), np.float32),
@@ -369,7 +371,7 @@ def test_head_holds_only_a_chunk_of_logits():
     full = B * C * V * 4
 
     def temp_bytes(rows):
-        head = functools.partial(harness._head, head_rows=rows)
+        head = functools.partial(losses_lib.scored_logprobs, head_rows=rows)
         return jax.jit(head).lower(*args).compile().memory_analysis().temp_size_in_bytes
 
     assert temp_bytes(B * C) >= full  # all scored positions at once
@@ -398,7 +400,7 @@ def test_head_scores_as_log_softmax(setup):
         greedy_want.append(bool(np.all(logits[b, pos].argmax(-1) == ids[b, pos + 1])))
     targets[2, 0] = logits[2, 18].argmax()  # a row that is greedy
     want[2], greedy_want[2] = logp[2, 18, targets[2, 0]], True
-    got, greedy = harness._head(params["wte"]["embedding"], hidden, positions, targets)
+    got, greedy = losses_lib.scored_logprobs(params["wte"]["embedding"], hidden, positions, targets)
     got, greedy = np.asarray(got), np.asarray(greedy)
     scored = np.arange(32)[None, :] < n[:, None]  # positions beyond n: padding
     np.testing.assert_allclose(np.where(scored, got, 0).sum(-1), want, rtol=1e-5)

@@ -15,6 +15,7 @@ import transformers
 from safetensors.numpy import load_file, save_file
 
 from gpt2_jax.data import tokenizer
+from gpt2_jax.model import config as gpt2_config
 from gpt2_jax.model import gpt2 as model
 from gpt2_jax.weights import hf
 
@@ -216,7 +217,7 @@ def test_export_refuses_non_empty_dir(small, tmp_path):
 
 def test_export_wrong_params_writes_nothing(small, tmp_path):
     cfg, params = hf.load_pretrained(small["dirs"]["safetensors"])
-    wrong = model.GPT2Config(**{**SMALL, "n_inner": 128})
+    wrong = gpt2_config.GPT2Config(**{**SMALL, "n_inner": 128})
     with pytest.raises(ValueError, match="mlp/c_fc/kernel"):
         hf.save_pretrained(wrong, params, tmp_path / "out")
     assert list(tmp_path.iterdir()) == []
@@ -250,7 +251,7 @@ def test_corrupted_checkpoint_lists_every_problem(small, tmp_path):
     assert str(path) in msg
     assert "h.1.mlp.c_fc.weight: checkpoint (96, 64), config wants (64, 96)" in msg
     assert "12 missing tensors" in msg
-    for name in hf.expected_shapes(model.GPT2Config(**SMALL)):
+    for name in hf.expected_shapes(gpt2_config.GPT2Config(**SMALL)):
         if name.startswith("h.2."):
             assert name in msg
     assert "1 unexpected tensors" in msg and "h.0.attn.rotary.weight" in msg

@@ -10,7 +10,7 @@ import pytest
 from gpt2_jax.config import base as config_lib
 from gpt2_jax.config import plan as plan_lib
 from gpt2_jax.config import sections as sections_lib
-from gpt2_jax.model import gpt2 as model_lib
+from gpt2_jax.model import config as gpt2_config
 
 from .helpers import tiny_config
 
@@ -43,7 +43,7 @@ def test_the_plan_records_the_resolved_shape_without_writing_it_back(tmp_path):
     assert plan.record["model"]["n_layer"] == plan.model.n_layer == cfg.model.n_layer
     assert plan.record["train"]["fresh"] is False and plan.record["train"]["resume_step"] == -1
     assert plan.train.fresh is True  # this run still moves the old one aside
-    assert isinstance(plan.model, model_lib.GPT2Config)
+    assert isinstance(plan.model, gpt2_config.GPT2Config)
 
 
 def test_a_section_error_names_its_key():

@@ -87,10 +87,11 @@ def test_mfu_from_a_given_peak(tmp_path):
 
 
 def test_flops_per_token_counts_every_parameter_but_the_position_table():
+    from gpt2_jax.model import config as gpt2_config
     from gpt2_jax.model import flops
     from gpt2_jax.model import gpt2 as model_lib
 
-    cfg = model_lib.GPT2Config(n_layer=3, n_head=3, n_embd=48, n_inner=80, n_positions=96)
+    cfg = gpt2_config.GPT2Config(n_layer=3, n_head=3, n_embd=48, n_inner=80, n_positions=96)
     n = model_lib.count_params(model_lib.init_params(cfg, jax.random.PRNGKey(0))) - 96 * 48
     assert flops.flops_per_token(cfg, 10) == 6 * n + 12 * 3 * 10 * 48
     assert flops.peak_flops("NVIDIA H100 80GB HBM3", "bfloat16") == 989e12

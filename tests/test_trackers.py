@@ -8,6 +8,7 @@ import sys
 
 import pytest
 
+from gpt2_jax.core import workdir as wd
 from gpt2_jax.train import trackers
 
 from . import helpers
@@ -29,7 +30,7 @@ def test_wandb_offline_holds_the_train_losses_and_a_resume_continues_the_run(tmp
     flags = ["--config.train.report_to=tensorboard,wandb", "--config.train.wandb.tags=a,b"]
     r = _train(workdir, *flags)
     assert r.returncode == 0, r.stderr[-2000:]
-    run_id = (workdir / trackers.WANDB_RUN_ID).read_text().strip()
+    run_id = (workdir / wd.WANDB_RUN_ID).read_text().strip()
     (first,) = _runs(workdir)
     assert first.name == f"run-{run_id}.wandb"
     history = helpers.wandb_history(first)
@@ -45,7 +46,7 @@ def test_wandb_offline_holds_the_train_losses_and_a_resume_continues_the_run(tmp
     # Resume to step 9: the same W&B run id, and its new steps logged.
     r = _train(workdir, *flags, "--config.train.steps=9")
     assert r.returncode == 0, r.stderr[-2000:]
-    assert (workdir / trackers.WANDB_RUN_ID).read_text().strip() == run_id
+    assert (workdir / wd.WANDB_RUN_ID).read_text().strip() == run_id
     second = [p for p in _runs(workdir) if p != first]
     assert len(second) == 1 and second[0].name == f"run-{run_id}.wandb"
     resumed = {h["_step"]: h["train/loss"] for h in helpers.wandb_history(second[0])

@@ -15,6 +15,7 @@ import pytest
 from gpt2_jax import data as data_lib
 from gpt2_jax.config import base as config_lib
 from gpt2_jax.train import loop as train_lib
+from gpt2_jax.train import monitor
 from gpt2_jax.weights import checkpoint as ckpt_lib
 
 from .helpers import ROOT, TINY, run_cli, tiny_config, train_losses
@@ -87,7 +88,7 @@ def test_gradient_accumulation_matches_one_big_batch(tmp_path):
 def test_non_finite_loss_stops_the_run_without_checkpointing_it(tmp_path):
     # log_every=6 > checkpoint_every=3: the check also runs at checkpoint steps.
     cfg = tiny_config(**{"optim.learning_rate": 1e12, "optim.grad_clip": 0, "train.log_every": 6})
-    with pytest.raises(train_lib.TrainingError, match="loss is (nan|inf) at step 3"):
+    with pytest.raises(monitor.TrainingError, match="loss is (nan|inf) at step 3"):
         train_lib.train(cfg, tmp_path)
     assert ckpt_lib.Checkpointer(tmp_path / "checkpoints", read_only=True).latest_step() is None
 

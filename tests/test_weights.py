@@ -13,6 +13,7 @@ from gpt2_jax.cli import main as cli
 from gpt2_jax.config import base as config_lib
 from gpt2_jax.config import plan as plan_lib
 from gpt2_jax.evaluation.perplexity import evaluate_splits
+from gpt2_jax.model import config as gpt2_config
 from gpt2_jax.model import gpt2 as model_lib
 from gpt2_jax.parallel import sharding
 from gpt2_jax.train import loop as train_lib
@@ -44,22 +45,22 @@ def resumable_copy(src, dst):
 
 
 def test_shape_fields_are_listed_once():
-    assert config_lib.SHAPE_KEYS == model_lib.SHAPE_FIELDS
+    assert config_lib.SHAPE_KEYS == gpt2_config.SHAPE_FIELDS
     from gpt2_jax.weights import hf
 
-    assert hf.OVERRIDABLE == {*model_lib.RUNTIME_FIELDS, "initializer_range"}
-    assert set(model_lib.SHAPE_FIELDS) <= set(hf._HF_FIELDS)
-    assert set(config_lib.runtime_fields(tiny_config())) == set(model_lib.RUNTIME_FIELDS)
+    assert hf.OVERRIDABLE == {*gpt2_config.RUNTIME_FIELDS, "initializer_range"}
+    assert set(gpt2_config.SHAPE_FIELDS) <= set(hf._HF_FIELDS)
+    assert set(config_lib.runtime_fields(tiny_config())) == set(gpt2_config.RUNTIME_FIELDS)
 
 
 def test_shape_diff_and_runtime_changes_name_each_key():
-    a = model_lib.GPT2Config(n_layer=1, n_head=2, n_embd=32)
-    b = model_lib.GPT2Config(n_layer=3, n_head=2, n_embd=32, n_inner=64, remat=True)
+    a = gpt2_config.GPT2Config(n_layer=1, n_head=2, n_embd=32)
+    b = gpt2_config.GPT2Config(n_layer=3, n_head=2, n_embd=32, n_inner=64, remat=True)
     assert weights.shape_diff(a, b) == [
         "model.n_layer: saved 1, requested 3",
         "model.n_inner: saved None, requested 64",
     ]
-    c = model_lib.GPT2Config(
+    c = gpt2_config.GPT2Config(
         n_layer=1, n_head=2, n_embd=32, remat=True, resid_pdrop=0, embd_pdrop=0, attn_pdrop=0
     )
     assert weights.runtime_changes(a, c) == [
@@ -74,7 +75,7 @@ def test_parse_step(text, want):
 
 
 def test_relayout_round_trip_covers_optimizer_state():
-    cfg = model_lib.GPT2Config(
+    cfg = gpt2_config.GPT2Config(
         n_layer=2, n_head=2, n_embd=16, vocab_size=64, n_positions=8, scan_layers=True
     )
     params = model_lib.init_params(cfg, jax.random.PRNGKey(0))

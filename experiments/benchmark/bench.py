@@ -79,9 +79,11 @@ def jax_worker(task: dict) -> dict:
     import numpy as np
 
     from gpt2_jax.config import base as config_lib
+    from gpt2_jax.model import config as gpt2_config
     from gpt2_jax.model import gpt2 as model_lib
+    from gpt2_jax.model import losses as losses_lib
     from gpt2_jax.optim import optimizer as optim
-    from gpt2_jax.train import loop as train_lib
+    from gpt2_jax.train import step as step_lib
 
     kind = task["kind"]
     if kind == "matmul":
@@ -110,7 +112,7 @@ def jax_worker(task: dict) -> dict:
     L, H, C = SIZES[task["size"]]
     B, T = task["batch"], task["seq"]
     drop = task.get("dropout", 0.0)
-    cfg = model_lib.GPT2Config(
+    cfg = gpt2_config.GPT2Config(
         n_layer=L, n_head=H, n_embd=C, n_positions=max(1024, T),
         resid_pdrop=drop, embd_pdrop=drop, attn_pdrop=drop,
     )  # fmt: skip
@@ -119,9 +121,9 @@ def jax_worker(task: dict) -> dict:
     if kind == "train":
         ocfg = config_lib.base_config().optim
         tx, _ = optim.make_optimizer(ocfg, 1000)
-        state = train_lib.init_state(jax.random.PRNGKey(0), model_cfg=cfg, tx=tx, params=params)
+        state = step_lib.init_state(jax.random.PRNGKey(0), model_cfg=cfg, tx=tx, params=params)
         step = jax.jit(
-            functools.partial(train_lib.train_step, model_cfg=cfg, tx=tx), donate_argnums=0
+            functools.partial(step_lib.train_step, model_cfg=cfg, tx=tx), donate_argnums=0
         )
         batch = jnp.asarray(rng.integers(0, VOCAB, (1, B, T)), jnp.int32)
         t0 = time.perf_counter()
@@ -137,7 +139,7 @@ def jax_worker(task: dict) -> dict:
         return {"first_s": first, "step_s": _median_time(run, task["steps"])}
     if kind == "eval":
         fn = jax.jit(
-            lambda p, ids: model_lib.token_nll(
+            lambda p, ids: losses_lib.token_nll(
                 model_lib.GPT2(cfg).apply({"params": p}, ids), ids
             ).mean()
         )

@@ -80,10 +80,11 @@ def _median_rate(run, units: float, reps: int) -> tuple[float, list[float]]:
 
 
 def _jax_cfg(shape: dict, dropout: float = 0.0, param_dtype: str = "float32"):
-    from gpt2_jax.model import gpt2 as model_lib
+
+    from gpt2_jax.model import config as gpt2_config
 
     L, H, C = shape["model"]
-    return model_lib.GPT2Config(
+    return gpt2_config.GPT2Config(
         n_layer=L, n_head=H, n_embd=C, n_positions=shape["n_positions"], vocab_size=VOCAB,
         resid_pdrop=dropout, embd_pdrop=dropout, attn_pdrop=dropout,
         dtype="bfloat16", param_dtype=param_dtype,
@@ -107,15 +108,15 @@ def jax_train(shape: dict, dropout: float = 0.0) -> dict:
 
     from gpt2_jax.config import base as config_lib
     from gpt2_jax.optim import optimizer as optim
-    from gpt2_jax.train import loop as train_lib
+    from gpt2_jax.train import step as step_lib
 
     cfg = _jax_cfg(shape, dropout)
     B, T = shape["batch"], shape["seq"]
     ocfg = config_lib.base_config().optim  # AdamW, clip 1.0, no weight decay, as torch's
     tx, _ = optim.make_optimizer(ocfg, 1000)
-    init = jax.jit(functools.partial(train_lib.init_state, model_cfg=cfg, tx=tx))
+    init = jax.jit(functools.partial(step_lib.init_state, model_cfg=cfg, tx=tx))
     state = init(jax.random.PRNGKey(0))
-    step = jax.jit(functools.partial(train_lib.train_step, model_cfg=cfg, tx=tx), donate_argnums=0)
+    step = jax.jit(functools.partial(step_lib.train_step, model_cfg=cfg, tx=tx), donate_argnums=0)
     batch = jax.device_put(np.random.default_rng(0).integers(0, VOCAB, (1, B, T)).astype(np.int32))
     t0 = time.perf_counter()
     compiled = step.lower(state, batch).compile()

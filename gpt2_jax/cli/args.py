@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 
 from gpt2_jax.errors import UserError
+from gpt2_jax.evaluation import harness_args  # lm-eval-free: the CLI runs without [eval]
 
 COMMANDS = ("train", "eval", "generate", "export", "lm-eval", "plot", "launch")
 
@@ -133,12 +134,10 @@ def _lm_eval_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--log_samples", action="store_true", help="also write every sample")
     p.add_argument("--seed", default=None, help="one int, or python,numpy,torch,fewshot")
     p.add_argument("--gen_kwargs", default="", help="k=v,... for generate_until tasks")
-    p.add_argument("--model_args", default="", help="k=v,...: " + ", ".join(_MODEL_ARGS))
+    p.add_argument(
+        "--model_args", default="", help="k=v,...: " + ", ".join(harness_args.MODEL_ARGS)
+    )
     p.add_argument("--progress", action=argparse.BooleanOptionalAction, default=True)
-
-
-# gpt2_jax.harness.MODEL_ARGS (not imported here: lm-eval is an optional extra).
-_MODEL_ARGS = ("init_from", "workdir", "step", "batch_size", "dtype", "max_gen_toks", "seed")
 
 
 def step_flag(text: str):

@@ -20,7 +20,7 @@ from gpt2_jax.config import sections as sections_lib
 from gpt2_jax.core import workdir as wd
 from gpt2_jax.data.config import DataConfig
 from gpt2_jax.errors import ConfigError, require  # defined there for the modules below; used here
-from gpt2_jax.model import gpt2 as model_lib
+from gpt2_jax.model import config as gpt2_config
 from gpt2_jax.optim.config import OptimConfig
 from gpt2_jax.parallel.config import DistributedConfig, MeshConfig
 
@@ -323,10 +323,10 @@ def split_override_args(argv: list[str]) -> tuple[list[str], dict[str, str]]:
 # -------------------------------------------------------------------------- the model
 
 
-def model_config(cfg: ml_collections.ConfigDict) -> model_lib.GPT2Config:
+def model_config(cfg: ml_collections.ConfigDict) -> gpt2_config.GPT2Config:
     """The frozen model config from ``cfg.model`` (``size`` first, explicit fields win)."""
     try:
-        return model_lib.config_from_section(cfg.model)
+        return gpt2_config.config_from_section(cfg.model)
     except ValueError as e:
         raise ConfigError(str(e)) from None
 
@@ -334,14 +334,14 @@ def model_config(cfg: ml_collections.ConfigDict) -> model_lib.GPT2Config:
 def runtime_fields(cfg: ml_collections.ConfigDict) -> dict:
     """The GPT2Config fields that say how to run a model, not what it is (HF import keeps
     a checkpoint's shape and takes these from the experiment config)."""
-    return model_lib.runtime_from_section(cfg.model)
+    return gpt2_config.runtime_from_section(cfg.model)
 
 
 # What the weights decide (as opposed to how to compute with them).
-SHAPE_KEYS = model_lib.SHAPE_FIELDS
+SHAPE_KEYS = gpt2_config.SHAPE_FIELDS
 
 
-def resolved_record(cfg: ml_collections.ConfigDict, model_cfg: model_lib.GPT2Config) -> dict:
+def resolved_record(cfg: ml_collections.ConfigDict, model_cfg: gpt2_config.GPT2Config) -> dict:
     """What a run records as its config (config.json, each checkpoint, the trackers):
     ``cfg`` as a dict, with the shape the weights fixed (``model_cfg``) in its ``model``
     section and the one-time actions (``train.fresh``, ``train.resume_step``) cleared, so
@@ -413,8 +413,8 @@ def sections(cfg: ml_collections.ConfigDict) -> Sections:
 def validate(
     cfg: ml_collections.ConfigDict,
     num_devices: int,
-    model_cfg: model_lib.GPT2Config | None = None,
-) -> model_lib.GPT2Config:
+    model_cfg: gpt2_config.GPT2Config | None = None,
+) -> gpt2_config.GPT2Config:
     """Checks everything that can be checked before data loads or anything compiles: each
     section beside its definition, then what spans sections. ``model_cfg``: the model that
     will run when the weights fixed it (else the config's own). Returns the model config.

@@ -17,7 +17,7 @@ from gpt2_jax.config import base as config_lib
 from gpt2_jax.config.sections import EvalConfig, TrainConfig
 from gpt2_jax.data.config import DataConfig
 from gpt2_jax.errors import ConfigError
-from gpt2_jax.model import gpt2 as model_lib
+from gpt2_jax.model import config as gpt2_config
 from gpt2_jax.optim.config import OptimConfig
 from gpt2_jax.parallel.config import DistributedConfig, MeshConfig
 from gpt2_jax.weights import resolve as weights
@@ -25,7 +25,7 @@ from gpt2_jax.weights import resolve as weights
 
 @dataclasses.dataclass(frozen=True)
 class Plan:
-    model: model_lib.GPT2Config  # what runs: the weights' shape with the user's runtime fields
+    model: gpt2_config.GPT2Config  # what runs: the weights' shape with the user's runtime fields
     source: weights.Source  # checkpoint | hf | scratch
     mesh_shape: tuple[int, int]  # (data, fsdp)
     micro_batch: int  # sequences per microbatch (global): train.batch_size / accumulation
@@ -123,7 +123,7 @@ def with_data(plan: Plan, steps_per_epoch: int) -> Plan:
     return dataclasses.replace(plan, total_steps=total)
 
 
-def for_params(cfg, model_cfg: model_lib.GPT2Config, num_devices: int) -> Plan:
+def for_params(cfg, model_cfg: gpt2_config.GPT2Config, num_devices: int) -> Plan:
     """The plan of evaluating params already in hand (the Python API): ``cfg`` validated
     with ``model_cfg`` as the model that runs."""
     config_lib.validate(cfg, num_devices, model_cfg)

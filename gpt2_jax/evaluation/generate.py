@@ -33,6 +33,8 @@ import numpy as np
 
 from gpt2_jax.core.cache import LRU
 from gpt2_jax.evaluation import buckets as bucket_lib
+from gpt2_jax.model import config as gpt2_config
+from gpt2_jax.model import decode as decode_lib
 from gpt2_jax.model import gpt2 as model_lib
 
 DECODE_EXECUTABLES_KEPT = 32  # compiled prefill/decode programs kept (least recently used go)
@@ -145,7 +147,7 @@ def _sample(
 class DecodeState(NamedTuple):
     """Decoding state, carried from call to call (donated: updated in place)."""
 
-    cache: list  # model_lib.init_cache: per layer k [B*nh, hs, S], v [B*nh, S, hs]
+    cache: list  # decode_lib.init_cache: per layer k [B*nh, hs, S], v [B*nh, S, hs]
     tokens: jax.Array  # [B, S] int32: padded prompt, then the new tokens
     t: jax.Array  # int32 scalar: slot of the last token written
     done: jax.Array  # [B] bool: the row has produced the stop token
@@ -162,8 +164,10 @@ def _prefill(
     new token written at slot Pb."""
     B, Pb = prompt.shape
     positions = jnp.maximum(jnp.arange(Pb)[None, :] - key_start[:, None], 0)  # [B, Pb]
-    cache = model_lib.init_cache(model_cfg, B, cache_len)
-    logits, cache = model_lib.decode(model_cfg, params, prompt, positions, cache, 0, key_start)
+    cache = decode_lib.init_cache(model_cfg, B, cache_len)
+    logits, cache = decode_lib.cached_forward(
+        model_cfg, params, prompt, positions, cache, 0, key_start
+    )
     row_keys = jax.vmap(jax.random.fold_in, in_axes=(None, 0))(
         jax.random.PRNGKey(seed), jnp.arange(B)
     )
@@ -187,7 +191,9 @@ def _decode(params, state: DecodeState, n_steps, *, model_cfg, sampling) -> Deco
         i, st = carry
         tok = jax.lax.dynamic_slice_in_dim(st.tokens, st.t, 1, axis=1)  # [B, 1]
         pos = (st.t - st.key_start)[:, None]  # [B, 1] per-row learned position
-        logits, cache = model_lib.decode(model_cfg, params, tok, pos, st.cache, st.t, st.key_start)
+        logits, cache = decode_lib.cached_forward(
+            model_cfg, params, tok, pos, st.cache, st.t, st.key_start
+        )
         index = st.t + 1 - st.first_new
         nxt = _sample(logits[:, 0], st.row_keys, index, sampling, st.tokens, st.key_start, st.t)
         nxt = jnp.where(st.done, st.stop, nxt)  # finished rows repeat the stop token
@@ -271,7 +277,7 @@ def check_sampling(
 
 
 def check_request(
-    model_cfg: model_lib.GPT2Config,
+    model_cfg: gpt2_config.GPT2Config,
     prompts: list[list[int]],
     max_new_tokens: int,
     temperature: float,
@@ -300,7 +306,7 @@ def check_request(
             raise ValueError(f"{name} has token ids outside [0, {model_cfg.vocab_size}): {bad[:5]}")
 
 
-def decode_params(model_cfg: model_lib.GPT2Config, params) -> dict:
+def decode_params(model_cfg: gpt2_config.GPT2Config, params) -> dict:
     """Params on device in the unrolled layout (``h_<i>``), which the decode loop reads
     without slicing a stacked array every layer and step. Do it once, reuse the result."""
     if "h" in params:
@@ -310,7 +316,7 @@ def decode_params(model_cfg: model_lib.GPT2Config, params) -> dict:
 
 
 def stream_batch(
-    model_cfg: model_lib.GPT2Config,
+    model_cfg: gpt2_config.GPT2Config,
     params,
     prompts: list[list[int]],
     max_new_tokens: int,
@@ -392,7 +398,7 @@ def _count_new(chunk: np.ndarray, finished: np.ndarray, stop_token: int | None) 
 
 
 def generate_batch(
-    model_cfg: model_lib.GPT2Config,
+    model_cfg: gpt2_config.GPT2Config,
     params,
     prompts: list[list[int]],
     max_new_tokens: int,
@@ -431,7 +437,7 @@ def _until_stop(row: np.ndarray, stop_token: int | None) -> list[int]:
 
 
 def generate(
-    model_cfg: model_lib.GPT2Config,
+    model_cfg: gpt2_config.GPT2Config,
     params,
     prompt_ids: list[int],
     max_new_tokens: int,

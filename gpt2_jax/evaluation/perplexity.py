@@ -18,7 +18,9 @@ import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec
 from tqdm import tqdm
 
-from gpt2_jax.model.gpt2 import GPT2, GPT2Config, token_nll
+from gpt2_jax.model.config import GPT2Config
+from gpt2_jax.model.gpt2 import GPT2
+from gpt2_jax.model.losses import token_nll
 
 # ------------------------------------------------------------------ jitted pieces
 

@@ -144,14 +144,14 @@ class Attention(nn.Module):
     ``mask``: [B, 1, T, T] bool (``segment_mask``) or None (causal only).
     """
 
-    cfg: GPT2Config
+    model_cfg: GPT2Config
 
     @nn.compact
     def __call__(self, x: jax.Array, deterministic: bool, mask=None) -> jax.Array:
-        cfg = self.cfg
+        model_cfg = self.model_cfg
         C = x.shape[-1]
-        qkv = dense(cfg, 3 * C, "c_attn", cfg.initializer_range)(x)  # (B, T, 3C)
-        dropout = lambda a: nn.Dropout(cfg.attn_pdrop)(a, deterministic=deterministic)  # noqa: E731
-        y = attend(qkv, cfg, deterministic, mask, dropout)
-        y = dense(cfg, C, "c_proj", residual_std(cfg))(y)
-        return nn.Dropout(cfg.resid_pdrop)(y, deterministic=deterministic)
+        qkv = dense(model_cfg, 3 * C, "c_attn", model_cfg.initializer_range)(x)  # (B, T, 3C)
+        dropout = lambda a: nn.Dropout(model_cfg.attn_pdrop)(a, deterministic=deterministic)  # noqa: E731
+        y = attend(qkv, model_cfg, deterministic, mask, dropout)
+        y = dense(model_cfg, C, "c_proj", residual_std(model_cfg))(y)
+        return nn.Dropout(model_cfg.resid_pdrop)(y, deterministic=deterministic)

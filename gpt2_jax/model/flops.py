@@ -37,14 +37,14 @@ PEAK_FLOPS = (
 )
 
 
-def flops_per_token(cfg: GPT2Config, seq_len: int) -> float:
-    """Training FLOPs per token (forward + backward) of ``cfg`` at context ``seq_len``."""
-    C, L = cfg.n_embd, cfg.n_layer
-    inner = cfg.inner_dim
+def flops_per_token(model_cfg: GPT2Config, seq_len: int) -> float:
+    """Training FLOPs per token (forward + backward) of ``model_cfg`` at context ``seq_len``."""
+    C, L = model_cfg.n_embd, model_cfg.n_layer
+    inner = model_cfg.inner_dim
     attn = (C * 3 * C + 3 * C) + (C * C + C)  # c_attn, c_proj (weights + biases)
     mlp = (C * inner + inner) + (inner * C + C)  # c_fc, c_proj
     block = attn + mlp + 4 * C  # + two LayerNorms
-    n = cfg.vocab_size * C + L * block + 2 * C
+    n = model_cfg.vocab_size * C + L * block + 2 * C
     return 6.0 * n + 12.0 * L * seq_len * C
 
 

@@ -27,14 +27,16 @@ class Block(nn.Module):
     """One pre-LayerNorm transformer block: [B, T, C] -> [B, T, C] (``mask`` as
     ``Attention``'s)."""
 
-    cfg: GPT2Config
+    model_cfg: GPT2Config
     scanned: bool = False  # nn.scan wants a (carry, out) pair back
 
     @nn.compact
     def __call__(self, x: jax.Array, deterministic: bool, mask=None):
-        h = layer_norm(self.cfg, "ln_1")(x)
-        x = x + Attention(self.cfg, name="attn")(h, deterministic, mask)
-        x = x + MLP(self.cfg, name="mlp")(layer_norm(self.cfg, "ln_2")(x), deterministic)
+        h = layer_norm(self.model_cfg, "ln_1")(x)
+        x = x + Attention(self.model_cfg, name="attn")(h, deterministic, mask)
+        x = x + MLP(self.model_cfg, name="mlp")(
+            layer_norm(self.model_cfg, "ln_2")(x), deterministic
+        )
         return (x, None) if self.scanned else x
 
 
@@ -49,7 +51,7 @@ class GPT2(nn.Module):
     token attends only to earlier tokens of its own segment.
     """
 
-    cfg: GPT2Config
+    model_cfg: GPT2Config
 
     @nn.compact
     def __call__(
@@ -60,24 +62,26 @@ class GPT2(nn.Module):
         positions: jax.Array | None = None,
         segment_ids: jax.Array | None = None,
     ) -> jax.Array:
-        cfg = self.cfg
-        dtype, param_dtype = DTYPES[cfg.dtype], DTYPES[cfg.param_dtype]
+        model_cfg = self.model_cfg
+        dtype, param_dtype = DTYPES[model_cfg.dtype], DTYPES[model_cfg.param_dtype]
         B, T = input_ids.shape
-        if T > cfg.n_positions:
-            raise ValueError(f"sequence length {T} exceeds model.n_positions={cfg.n_positions}")
+        if T > model_cfg.n_positions:
+            raise ValueError(
+                f"sequence length {T} exceeds model.n_positions={model_cfg.n_positions}"
+            )
 
-        init = nn.initializers.normal(cfg.initializer_range)
+        init = nn.initializers.normal(model_cfg.initializer_range)
         wte = nn.Embed(
-            cfg.vocab_size,
-            cfg.n_embd,
+            model_cfg.vocab_size,
+            model_cfg.n_embd,
             dtype=dtype,
             param_dtype=param_dtype,
             embedding_init=init,
             name="wte",
         )
         wpe = nn.Embed(
-            cfg.n_positions,
-            cfg.n_embd,
+            model_cfg.n_positions,
+            model_cfg.n_embd,
             dtype=dtype,
             param_dtype=param_dtype,
             embedding_init=init,
@@ -85,22 +89,22 @@ class GPT2(nn.Module):
         )
         x = wte(input_ids) + wpe(jnp.arange(T)[None, :] if positions is None else positions)
         mask = None if segment_ids is None else segment_mask(segment_ids)
-        x = nn.Dropout(cfg.embd_pdrop)(x, deterministic=deterministic)
+        x = nn.Dropout(model_cfg.embd_pdrop)(x, deterministic=deterministic)
 
-        block = nn.remat(Block, static_argnums=(2,)) if cfg.remat else Block
-        if cfg.scan_layers:
+        block = nn.remat(Block, static_argnums=(2,)) if model_cfg.remat else Block
+        if model_cfg.scan_layers:
             x, _ = nn.scan(
                 block,
                 variable_axes={"params": 0},
                 split_rngs={"params": True, "dropout": True},
                 in_axes=(nn.broadcast, nn.broadcast),
-                length=cfg.n_layer,
-            )(cfg, scanned=True, name="h")(x, deterministic, mask)
+                length=model_cfg.n_layer,
+            )(model_cfg, scanned=True, name="h")(x, deterministic, mask)
         else:
-            for i in range(cfg.n_layer):
-                x = block(cfg, name=f"h_{i}")(x, deterministic, mask)
+            for i in range(model_cfg.n_layer):
+                x = block(model_cfg, name=f"h_{i}")(x, deterministic, mask)
 
-        x = layer_norm(cfg, "ln_f")(x)  # (B, T, C)
+        x = layer_norm(model_cfg, "ln_f")(x)  # (B, T, C)
         if return_hidden:
             return x
         # Tied head; logits accumulate in float32 whatever the compute dtype.
@@ -137,27 +141,3 @@ def unstack_layers(params: dict) -> dict:
 def count_params(params: dict) -> int:
     """Number of scalars in a parameter tree (either layout)."""
     return sum(int(x.size) for x in jax.tree.leaves(params))
-
-
-# ------------------------------------------------------------ re-exports
-# Names that moved out of this module, re-exported until callers import them from their
-# new modules (the lead rewrites the callers and deletes this block at the merge).
-# GPT2Config, DTYPES, MLP, Attention and segment_mask are imported above.
-# fmt: off
-from gpt2_jax.model.attention import blocked_attention as _blocked_attention  # noqa: E402, F401  re-exported until callers move (merge)
-from gpt2_jax.model.attention import cudnn_attention as _cudnn_attention  # noqa: E402, F401  re-exported until callers move (merge)
-from gpt2_jax.model.attention import use_cudnn as _use_cudnn  # noqa: E402, F401  re-exported until callers move (merge)
-from gpt2_jax.model.attention import xla_attention as _xla_attention  # noqa: E402, F401  re-exported until callers move (merge)
-from gpt2_jax.model.config import RUNTIME_FIELDS as RUNTIME_FIELDS  # noqa: E402  re-exported until callers move (merge)
-from gpt2_jax.model.config import SHAPE_FIELDS as SHAPE_FIELDS  # noqa: E402  re-exported until callers move (merge)
-from gpt2_jax.model.config import SIZES as SIZES  # noqa: E402  re-exported until callers move (merge)
-from gpt2_jax.model.config import config_from_section as config_from_section  # noqa: E402  re-exported until callers move (merge)
-from gpt2_jax.model.config import runtime_from_section as runtime_from_section  # noqa: E402  re-exported until callers move (merge)
-from gpt2_jax.model.config import size_fields as size_fields  # noqa: E402  re-exported until callers move (merge)
-from gpt2_jax.model.decode import cached_forward as decode  # noqa: E402, F401  re-exported until callers move (merge)
-from gpt2_jax.model.decode import init_cache as init_cache  # noqa: E402  re-exported until callers move (merge)
-from gpt2_jax.model.losses import hidden_token_nll as hidden_token_nll  # noqa: E402  re-exported until callers move (merge)
-from gpt2_jax.model.losses import mean_token_nll as mean_token_nll  # noqa: E402  re-exported until callers move (merge)
-from gpt2_jax.model.losses import padded_vocab_size as padded_vocab_size  # noqa: E402  re-exported until callers move (merge)
-from gpt2_jax.model.losses import token_nll as token_nll  # noqa: E402  re-exported until callers move (merge)
-# fmt: on

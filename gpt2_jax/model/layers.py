@@ -49,12 +49,12 @@ def residual_std(model_cfg: GPT2Config) -> float:
 class MLP(nn.Module):
     """The feed-forward half of a block: [B, T, C] -> [B, T, C] (width ``inner_dim``)."""
 
-    cfg: GPT2Config
+    model_cfg: GPT2Config
 
     @nn.compact
     def __call__(self, x: jax.Array, deterministic: bool) -> jax.Array:
-        cfg = self.cfg
-        h = dense(cfg, cfg.inner_dim, "c_fc", cfg.initializer_range)(x)
+        model_cfg = self.model_cfg
+        h = dense(model_cfg, model_cfg.inner_dim, "c_fc", model_cfg.initializer_range)(x)
         h = jax.nn.gelu(h, approximate=True)  # HF "gelu_new"
-        h = dense(cfg, cfg.n_embd, "c_proj", residual_std(cfg))(h)
-        return nn.Dropout(cfg.resid_pdrop)(h, deterministic=deterministic)
+        h = dense(model_cfg, model_cfg.n_embd, "c_proj", residual_std(model_cfg))(h)
+        return nn.Dropout(model_cfg.resid_pdrop)(h, deterministic=deterministic)

@@ -18,7 +18,9 @@ import numpy as np
 import optax
 
 from gpt2_jax.config import plan as plan_lib
+from gpt2_jax.model import config as gpt2_config
 from gpt2_jax.model import gpt2 as model_lib
+from gpt2_jax.model import losses as losses_lib
 from gpt2_jax.optim import optimizer as optim
 from gpt2_jax.parallel import sharding
 
@@ -31,7 +33,7 @@ TrainState = dict[str, Any]  # {"step": int32[], "params": ..., "opt_state": ...
 def init_state(
     rng: jax.Array,
     *,
-    model_cfg: model_lib.GPT2Config,
+    model_cfg: gpt2_config.GPT2Config,
     tx: optax.GradientTransformation,
     params=None,
 ) -> TrainState:
@@ -52,7 +54,7 @@ def loss_fn(
     batch: jax.Array,
     dropout_rng: jax.Array,
     *,
-    model_cfg: model_lib.GPT2Config,
+    model_cfg: gpt2_config.GPT2Config,
     deterministic: bool = False,
 ) -> jax.Array:
     """Mean next-token cross-entropy over a batch [B, T] (each block's T-1 predictions)."""
@@ -63,14 +65,14 @@ def loss_fn(
         return_hidden=True,
         rngs={"dropout": dropout_rng},
     )
-    return model_lib.mean_token_nll(hidden, params["wte"]["embedding"], batch)
+    return losses_lib.mean_token_nll(hidden, params["wte"]["embedding"], batch)
 
 
 def train_step(
     state: TrainState,
     batch: jax.Array,
     *,
-    model_cfg: model_lib.GPT2Config,
+    model_cfg: gpt2_config.GPT2Config,
     tx: optax.GradientTransformation,
     skip_nonfinite: bool = False,
 ) -> tuple[TrainState, dict]:

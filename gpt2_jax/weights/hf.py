@@ -27,7 +27,7 @@ import jax
 import numpy as np
 
 from gpt2_jax.data import tokenizer as tokenizer_lib
-from gpt2_jax.model.gpt2 import DTYPES, RUNTIME_FIELDS, SHAPE_FIELDS, GPT2Config
+from gpt2_jax.model.config import DTYPES, RUNTIME_FIELDS, SHAPE_FIELDS, GPT2Config
 from gpt2_jax.weights import hf_files
 from gpt2_jax.weights.hf_files import (  # noqa: F401 (hf.HFImportError, hf.checkpoint_dir, ...)
     HFImportError,
@@ -47,9 +47,9 @@ _IGNORED = re.compile(r"^h\.\d+\.attn\.(bias|masked_bias)$")
 # ------------------------------------------------------------------ name <-> path map
 
 
-def _block_leaves(cfg: GPT2Config) -> list[tuple[str, tuple[str, ...], tuple[int, ...]]]:
+def _block_leaves(model_cfg: GPT2Config) -> list[tuple[str, tuple[str, ...], tuple[int, ...]]]:
     """(HF name inside block ``h.<i>``, our path inside a block, shape) for every leaf."""
-    C, I = cfg.n_embd, cfg.inner_dim
+    C, I = model_cfg.n_embd, model_cfg.inner_dim
     return [
         ("ln_1.weight", ("ln_1", "scale"), (C,)),
         ("ln_1.bias", ("ln_1", "bias"), (C,)),
@@ -66,21 +66,21 @@ def _block_leaves(cfg: GPT2Config) -> list[tuple[str, tuple[str, ...], tuple[int
     ]
 
 
-def _top_leaves(cfg: GPT2Config) -> list[tuple[str, tuple[str, ...], tuple[int, ...]]]:
+def _top_leaves(model_cfg: GPT2Config) -> list[tuple[str, tuple[str, ...], tuple[int, ...]]]:
     """(HF name without ``transformer.``, our path, shape) for the non-block leaves."""
     return [
-        ("wte.weight", ("wte", "embedding"), (cfg.vocab_size, cfg.n_embd)),
-        ("wpe.weight", ("wpe", "embedding"), (cfg.n_positions, cfg.n_embd)),
-        ("ln_f.weight", ("ln_f", "scale"), (cfg.n_embd,)),
-        ("ln_f.bias", ("ln_f", "bias"), (cfg.n_embd,)),
+        ("wte.weight", ("wte", "embedding"), (model_cfg.vocab_size, model_cfg.n_embd)),
+        ("wpe.weight", ("wpe", "embedding"), (model_cfg.n_positions, model_cfg.n_embd)),
+        ("ln_f.weight", ("ln_f", "scale"), (model_cfg.n_embd,)),
+        ("ln_f.bias", ("ln_f", "bias"), (model_cfg.n_embd,)),
     ]
 
 
-def expected_shapes(cfg: GPT2Config) -> dict[str, tuple[int, ...]]:
-    """HF tensor name (without ``transformer.``) -> shape, for every parameter of ``cfg``."""
-    shapes = {name: shape for name, _, shape in _top_leaves(cfg)}
-    for i in range(cfg.n_layer):
-        shapes.update({f"h.{i}.{name}": shape for name, _, shape in _block_leaves(cfg)})
+def expected_shapes(model_cfg: GPT2Config) -> dict[str, tuple[int, ...]]:
+    """HF tensor name (without ``transformer.``) -> shape, for every parameter of ``model_cfg``."""
+    shapes = {name: shape for name, _, shape in _top_leaves(model_cfg)}
+    for i in range(model_cfg.n_layer):
+        shapes.update({f"h.{i}.{name}": shape for name, _, shape in _block_leaves(model_cfg)})
     return shapes
 
 
@@ -129,41 +129,41 @@ def config_from_hf(hf: dict, source: str = "config.json", **overrides: Any) -> G
             f"model; overridable fields are {sorted(OVERRIDABLE)}"
         )
     fields = {k: hf[k] for k in _HF_FIELDS if k in hf}
-    cfg = GPT2Config(**{**fields, **overrides})
+    model_cfg = GPT2Config(**{**fields, **overrides})
     try:
-        cfg.validate()
+        model_cfg.validate()
     except ValueError as e:
         raise HFImportError(f"{source}: {e}") from e
-    return cfg
+    return model_cfg
 
 
-def config_to_hf(cfg: GPT2Config, dtype: str) -> dict:
+def config_to_hf(model_cfg: GPT2Config, dtype: str) -> dict:
     """GPT2Config -> the ``config.json`` dict transformers' GPT2LMHeadModel writes."""
     # GPT-2's <|endoftext|>; a smaller (test) vocabulary does not contain it.
-    eot = tokenizer_lib.EOT_ID if cfg.vocab_size > tokenizer_lib.EOT_ID else None
+    eot = tokenizer_lib.EOT_ID if model_cfg.vocab_size > tokenizer_lib.EOT_ID else None
     return {
         "activation_function": "gelu_new",
         "architectures": ["GPT2LMHeadModel"],
-        "attn_pdrop": cfg.attn_pdrop,
+        "attn_pdrop": model_cfg.attn_pdrop,
         "bos_token_id": eot,
         "dtype": dtype,
-        "embd_pdrop": cfg.embd_pdrop,
+        "embd_pdrop": model_cfg.embd_pdrop,
         "eos_token_id": eot,
-        "initializer_range": cfg.initializer_range,
-        "layer_norm_epsilon": cfg.layer_norm_epsilon,
+        "initializer_range": model_cfg.initializer_range,
+        "layer_norm_epsilon": model_cfg.layer_norm_epsilon,
         "model_type": "gpt2",
-        "n_embd": cfg.n_embd,
-        "n_head": cfg.n_head,
-        "n_inner": cfg.n_inner,
-        "n_layer": cfg.n_layer,
-        "n_positions": cfg.n_positions,
+        "n_embd": model_cfg.n_embd,
+        "n_head": model_cfg.n_head,
+        "n_inner": model_cfg.n_inner,
+        "n_layer": model_cfg.n_layer,
+        "n_positions": model_cfg.n_positions,
         "reorder_and_upcast_attn": False,
-        "resid_pdrop": cfg.resid_pdrop,
+        "resid_pdrop": model_cfg.resid_pdrop,
         "scale_attn_by_inverse_layer_idx": False,
         "scale_attn_weights": True,
         "tie_word_embeddings": True,
         "use_cache": True,
-        "vocab_size": cfg.vocab_size,
+        "vocab_size": model_cfg.vocab_size,
     }
 
 
@@ -173,12 +173,12 @@ def config_to_hf(cfg: GPT2Config, dtype: str) -> dict:
 # ------------------------------------------------------------------ import
 
 
-def _check_weights(src: hf_files.Reader, cfg: GPT2Config, tied: bool) -> None:
+def _check_weights(src: hf_files.Reader, model_cfg: GPT2Config, tied: bool) -> None:
     """Raises one HFImportError listing every missing, unexpected or misshapen tensor.
 
     ``tied``: config.json's tie_word_embeddings; untied needs an lm_head equal to wte.
     """
-    want = expected_shapes(cfg)
+    want = expected_shapes(model_cfg)
     have = src.shapes
     missing = sorted(set(want) - set(have))
     unexpected = sorted(
@@ -211,18 +211,19 @@ def _check_weights(src: hf_files.Reader, cfg: GPT2Config, tied: bool) -> None:
     ]
     if parts:
         raise HFImportError(
-            f"{src.location} does not match its config.json (n_layer={cfg.n_layer}, "
-            f"n_embd={cfg.n_embd}, n_inner={cfg.n_inner}, vocab_size={cfg.vocab_size}, "
-            f"n_positions={cfg.n_positions}; tensor names shown without 'transformer.'):\n"
+            f"{src.location} does not match its config.json (n_layer={model_cfg.n_layer}, "
+            f"n_embd={model_cfg.n_embd}, n_inner={model_cfg.n_inner}, "
+            f"vocab_size={model_cfg.vocab_size}, "
+            f"n_positions={model_cfg.n_positions}; tensor names shown without 'transformer.'):\n"
             + "\n".join(parts)
         )
 
 
-def _convert(src: hf_files.Reader, cfg: GPT2Config) -> dict:
-    """Reads every tensor once into a params tree in ``cfg``'s layout and param_dtype."""
-    dtype = np.dtype(DTYPES[cfg.param_dtype])
+def _convert(src: hf_files.Reader, model_cfg: GPT2Config) -> dict:
+    """Reads every tensor once into a params tree in ``model_cfg``'s layout and param_dtype."""
+    dtype = np.dtype(DTYPES[model_cfg.param_dtype])
     params: dict = {}
-    for name, path, _ in _top_leaves(cfg):
+    for name, path, _ in _top_leaves(model_cfg):
         tensor = src.pop(name)
         if name == "wte.weight" and "lm_head.weight" in src.raw:
             # Our head is always tied to wte: a different lm_head would be silently dropped.
@@ -234,15 +235,15 @@ def _convert(src: hf_files.Reader, cfg: GPT2Config) -> dict:
         # copy=True: params own writable memory, not a read-only buffer or a torch mmap.
         _set(params, path, np.array(tensor, dtype=dtype, copy=True))
         del tensor
-    for name, path, shape in _block_leaves(cfg):
-        if cfg.scan_layers:
+    for name, path, shape in _block_leaves(model_cfg):
+        if model_cfg.scan_layers:
             # Preallocate the stacked [L, ...] leaf and fill it: no list of L copies to stack.
-            stacked = np.empty((cfg.n_layer, *shape), dtype=dtype)
-            for i in range(cfg.n_layer):
+            stacked = np.empty((model_cfg.n_layer, *shape), dtype=dtype)
+            for i in range(model_cfg.n_layer):
                 stacked[i] = src.pop(f"h.{i}.{name}")
             _set(params, ("h", *path), stacked)
         else:
-            for i in range(cfg.n_layer):
+            for i in range(model_cfg.n_layer):
                 tensor = src.pop(f"h.{i}.{name}")
                 _set(params, (f"h_{i}", *path), np.array(tensor, dtype=dtype, copy=True))
     return params
@@ -256,7 +257,7 @@ def load_pretrained(path_or_hub_id: str | os.PathLike, **overrides: Any) -> tupl
     (fetched online, or found in the HF cache offline). ``overrides``: GPT2Config fields
     in ``OVERRIDABLE`` (dtype, param_dtype, scan_layers, remat, dropout probabilities).
 
-    Params are host numpy arrays in ``cfg.param_dtype``, laid out as ``cfg.scan_layers``
+    Params are host numpy arrays in ``model_cfg.param_dtype``, laid out as ``model_cfg.scan_layers``
     says (``h`` with a leading layer axis, or ``h_0 .. h_{L-1}``). Raises HFImportError
     listing every missing / unexpected / misshapen tensor, or an unsupported config field.
     """
@@ -265,33 +266,33 @@ def load_pretrained(path_or_hub_id: str | os.PathLike, **overrides: Any) -> tupl
     if not config_path.is_file():
         raise HFImportError(f"{directory} has no config.json (a Hugging Face model directory?)")
     hf_config = json.loads(config_path.read_text())
-    cfg = config_from_hf(hf_config, str(config_path), **overrides)
+    model_cfg = config_from_hf(hf_config, str(config_path), **overrides)
     kind, files = hf_files.weight_files(directory)
     with contextlib.ExitStack() as stack:
         if kind == "safetensors":
             src: hf_files.Reader = hf_files.SafetensorsReader(directory, files, stack)
         else:
             src = hf_files.TorchReader(directory, files)
-        _check_weights(src, cfg, tied=bool(hf_config.get("tie_word_embeddings", True)))
-        params = _convert(src, cfg)
-    return cfg, params
+        _check_weights(src, model_cfg, tied=bool(hf_config.get("tie_word_embeddings", True)))
+        params = _convert(src, model_cfg)
+    return model_cfg, params
 
 
 # ------------------------------------------------------------------ export
 
 
-def _hf_tensors(cfg: GPT2Config, params: dict) -> Iterator[tuple[str, np.ndarray]]:
+def _hf_tensors(model_cfg: GPT2Config, params: dict) -> Iterator[tuple[str, np.ndarray]]:
     """(``transformer.*`` name, host array) for every parameter; either params layout."""
     scanned = "h" in params
-    for name, path, shape in _top_leaves(cfg):
+    for name, path, shape in _top_leaves(model_cfg):
         yield hf_files.KEY_PREFIX + name, _host(params, path, shape)
-    for name, path, shape in _block_leaves(cfg):
+    for name, path, shape in _block_leaves(model_cfg):
         if scanned:
-            stacked = _host(params, ("h", *path), (cfg.n_layer, *shape))
-            for i in range(cfg.n_layer):
+            stacked = _host(params, ("h", *path), (model_cfg.n_layer, *shape))
+            for i in range(model_cfg.n_layer):
                 yield f"{hf_files.KEY_PREFIX}h.{i}.{name}", stacked[i]
         else:
-            for i in range(cfg.n_layer):
+            for i in range(model_cfg.n_layer):
                 yield f"{hf_files.KEY_PREFIX}h.{i}.{name}", _host(params, (f"h_{i}", *path), shape)
 
 
@@ -331,17 +332,17 @@ def _write_json(path: Path, obj: dict) -> None:
     path.write_text(json.dumps(obj, indent=2, sort_keys=True) + "\n")
 
 
-def _write_model(directory: Path, cfg: GPT2Config, params: dict) -> None:
+def _write_model(directory: Path, model_cfg: GPT2Config, params: dict) -> None:
     from safetensors.numpy import save_file
 
-    tensors = dict(_hf_tensors(cfg, params))  # views into one host copy per leaf
+    tensors = dict(_hf_tensors(model_cfg, params))  # views into one host copy per leaf
     dtypes = {str(t.dtype) for t in tensors.values()}
     if len(dtypes) != 1 or dtypes - set(DTYPES):
         raise ValueError(f"params must share one dtype of {list(DTYPES)}, got {sorted(dtypes)}")
     # transformers 5 saves tied GPT-2 without lm_head.weight (it re-ties on load), with
     # metadata format=pt; we write the same so from_pretrained reports nothing missing.
     save_file(tensors, str(directory / "model.safetensors"), metadata={"format": "pt"})
-    hf_config = config_to_hf(cfg, dtypes.pop())
+    hf_config = config_to_hf(model_cfg, dtypes.pop())
     _write_json(directory / "config.json", hf_config)
     # What transformers derives from the model config; writing it spares a log message.
     _write_json(
@@ -361,7 +362,7 @@ def _umask() -> int:
 
 
 def save_pretrained(
-    cfg: GPT2Config, params: dict, out_dir: str | os.PathLike, *, overwrite: bool = False
+    model_cfg: GPT2Config, params: dict, out_dir: str | os.PathLike, *, overwrite: bool = False
 ) -> Path:
     """Writes ``params`` as a Hugging Face GPT-2 directory (model and tokenizer).
 
@@ -382,8 +383,8 @@ def save_pretrained(
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
     try:
         os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp makes it private (0700)
-        _write_model(tmp, cfg, params)
-        _write_tokenizer(tmp, cfg.n_positions)
+        _write_model(tmp, model_cfg, params)
+        _write_tokenizer(tmp, model_cfg.n_positions)
         if out.is_dir():
             old = out.with_name(f".{out.name}.old-{uuid.uuid4().hex[:8]}")
             out.rename(old)

@@ -28,6 +28,7 @@ import numpy as np
 
 from gpt2_jax.core import workdir as wd
 from gpt2_jax.errors import ConfigError
+from gpt2_jax.model import config as gpt2_config
 from gpt2_jax.model import gpt2 as model_lib
 from gpt2_jax.weights import checkpoint as ckpt_lib
 
@@ -47,7 +48,7 @@ class Request:
 
     hf_spec: str | None = None
     runtime: dict = dataclasses.field(default_factory=dict)
-    requested: model_lib.GPT2Config | None = None
+    requested: gpt2_config.GPT2Config | None = None
     fresh: bool = False
 
 
@@ -61,10 +62,10 @@ class Source:
     """
 
     kind: str  # "checkpoint" | "hf" | "scratch" | "given" (params passed in by the caller)
-    model_cfg: model_lib.GPT2Config
+    model_cfg: gpt2_config.GPT2Config
     step: int | None = None
     path: Path | None = None  # the checkpoints directory, or the HF directory
-    saved_cfg: model_lib.GPT2Config | None = None
+    saved_cfg: gpt2_config.GPT2Config | None = None
 
     def describe(self) -> str:
         if self.kind == "checkpoint":
@@ -91,19 +92,19 @@ def parse_step(text: str) -> int | str | None:
     return step
 
 
-def shape_diff(saved: model_lib.GPT2Config, requested: model_lib.GPT2Config) -> list[str]:
+def shape_diff(saved: gpt2_config.GPT2Config, requested: gpt2_config.GPT2Config) -> list[str]:
     """``model.KEY: saved X, requested Y`` for each shape field that differs."""
     return [
         f"model.{k}: saved {getattr(saved, k)}, requested {getattr(requested, k)}"
-        for k in model_lib.SHAPE_FIELDS
+        for k in gpt2_config.SHAPE_FIELDS
         if getattr(saved, k) != getattr(requested, k)
     ]
 
 
-def runtime_changes(saved: model_lib.GPT2Config, now: model_lib.GPT2Config) -> list[str]:
+def runtime_changes(saved: gpt2_config.GPT2Config, now: gpt2_config.GPT2Config) -> list[str]:
     """``model.KEY: X -> Y`` for each runtime field this run changes (dropout once)."""
     out = {}
-    for k in model_lib.RUNTIME_FIELDS:
+    for k in gpt2_config.RUNTIME_FIELDS:
         if getattr(saved, k) != getattr(now, k):
             out[_CONFIG_KEY.get(k, k)] = f"{getattr(saved, k)!r} -> {getattr(now, k)!r}"
     return [f"model.{k}: {v}" for k, v in out.items()]
@@ -193,11 +194,11 @@ def _pick_step(ckpt: ckpt_lib.Checkpointer, step: int | str | None) -> int:
     return step
 
 
-def _saved_model_cfg(ckpt, step: int, flag: str) -> model_lib.GPT2Config:
+def _saved_model_cfg(ckpt, step: int, flag: str) -> gpt2_config.GPT2Config:
     try:
         saved = ckpt.restore_config(step)  # the run's config: a dict (JSON text before)
         saved = json.loads(saved) if isinstance(saved, str) else saved
-        return model_lib.config_from_section(saved["model"])
+        return gpt2_config.config_from_section(saved["model"])
     except Exception as e:  # unreadable config item: as corrupt as a bad array
         raise unreadable(ckpt.directory, step, ckpt.all_steps(), e, flag) from e
 

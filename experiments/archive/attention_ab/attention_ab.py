@@ -21,24 +21,29 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
+from gpt2_jax.model import attention as attention_lib  # noqa: E402
+from gpt2_jax.model import config as gpt2_config  # noqa: E402
 from gpt2_jax.model import gpt2 as m  # noqa: E402
+from gpt2_jax.model import losses as losses_lib  # noqa: E402
 
 
 def _plain(qkv, nh, mask=None, block=None):
-    return m._xla_attention(qkv, nh, None, mask)
+    return attention_lib.xla_attention(qkv, nh, None, mask)
 
 
 def _eval_fn(cfg, attention):
     """The jitted eval forward + mean loss, traced with ``attention`` in place."""
-    fn = jax.jit(lambda p, ids: m.token_nll(m.GPT2(cfg).apply({"params": p}, ids), ids).mean())
+    fn = jax.jit(
+        lambda p, ids: losses_lib.token_nll(m.GPT2(cfg).apply({"params": p}, ids), ids).mean()
+    )
 
     def run(params, ids):
-        original = m._blocked_attention
-        m._blocked_attention = attention  # read when the first call traces
+        original = attention_lib.blocked_attention
+        attention_lib.blocked_attention = attention  # read when the first call traces
         try:
             return fn(params, ids).block_until_ready()
         finally:
-            m._blocked_attention = original
+            attention_lib.blocked_attention = original
 
     return run
 
@@ -49,13 +54,16 @@ def main() -> None:
     p.add_argument("--shapes", default="4x512,2x1024", help="BxT,BxT,...")
     p.add_argument("--repeats", type=int, default=3)
     a = p.parse_args()
-    cfg = m.GPT2Config(**m.size_fields(a.size))
+    cfg = gpt2_config.GPT2Config(**gpt2_config.size_fields(a.size))
     params = m.init_params(cfg, jax.random.key(0))
     rng = np.random.default_rng(0)
     for shape in a.shapes.split(","):
         B, T = (int(x) for x in shape.split("x"))
         ids = jnp.asarray(rng.integers(0, cfg.vocab_size, (B, T)), jnp.int32)
-        fns = {"plain": _eval_fn(cfg, _plain), "blocked": _eval_fn(cfg, m._blocked_attention)}
+        fns = {
+            "plain": _eval_fn(cfg, _plain),
+            "blocked": _eval_fn(cfg, attention_lib.blocked_attention),
+        }
         for fn in fns.values():
             fn(params, ids)  # compile
         times = {name: [] for name in fns}

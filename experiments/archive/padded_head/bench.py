@@ -17,16 +17,18 @@ import time
 import jax
 import jax.numpy as jnp
 
+from gpt2_jax.model import config as gpt2_config
 from gpt2_jax.model import gpt2 as m
+from gpt2_jax.model import losses as losses_lib
 
 
 def plain(params, ids, cfg):
-    return m.token_nll(m.GPT2(cfg).apply({"params": params}, ids), ids).mean()
+    return losses_lib.token_nll(m.GPT2(cfg).apply({"params": params}, ids), ids).mean()
 
 
 def padded(params, ids, cfg):
     h = m.GPT2(cfg).apply({"params": params}, ids, return_hidden=True)
-    return m.hidden_token_nll(h, params["wte"]["embedding"], ids).mean()
+    return losses_lib.hidden_token_nll(h, params["wte"]["embedding"], ids).mean()
 
 
 def main():
@@ -38,7 +40,9 @@ def main():
     p.add_argument("--seq", type=int, default=64)
     p.add_argument("--rounds", type=int, default=5)
     a = p.parse_args()
-    cfg = m.GPT2Config(n_layer=a.n_layer, n_head=a.n_head, n_embd=a.n_embd, n_positions=a.seq)
+    cfg = gpt2_config.GPT2Config(
+        n_layer=a.n_layer, n_head=a.n_head, n_embd=a.n_embd, n_positions=a.seq
+    )
     params = m.init_params(cfg, jax.random.PRNGKey(0))
     ids = jax.random.randint(jax.random.PRNGKey(1), (a.batch, a.seq), 0, cfg.vocab_size)
     fns = {

@@ -16,9 +16,9 @@ import time
 import jax
 
 from gpt2_jax.config import base as config
-from gpt2_jax.model import gpt2 as model_lib
+from gpt2_jax.model import config as gpt2_config
 from gpt2_jax.optim import optimizer as optim
-from gpt2_jax.train import loop as train
+from gpt2_jax.train import step as train
 
 
 def bench(model_cfg, batch, seq, steps):
@@ -59,7 +59,7 @@ def main():
         "machine": f"{platform.machine()}, {jax.device_count()} CPU device(s)",
     }
     for scan in (True, False):
-        cfg = model_lib.GPT2Config(**model_lib.size_fields(a.size), scan_layers=scan)
+        cfg = gpt2_config.GPT2Config(**gpt2_config.size_fields(a.size), scan_layers=scan)
         compile_s, step = bench(cfg, a.batch, a.seq, a.steps)
         key = "scan" if scan else "unrolled"
         out[key] = {"compile_s": round(compile_s, 2), "step_s": round(step, 3)}

@@ -15,29 +15,30 @@ import jax.numpy as jnp
 import numpy as np
 
 from gpt2_jax.config import base as config_lib
-from gpt2_jax.model import gpt2 as model_lib
+from gpt2_jax.model import config as gpt2_config
+from gpt2_jax.model import losses as losses_lib
 from gpt2_jax.optim import optimizer as optim
-from gpt2_jax.train import loop as train_lib
+from gpt2_jax.train import step as step_lib
 
 
 def plain(h, w, ids):
-    return model_lib.hidden_token_nll(h, w, ids).mean()
+    return losses_lib.hidden_token_nll(h, w, ids).mean()
 
 
 def main() -> None:
     L, H, C, B, T = map(int, sys.argv[1:6])
-    cfg = model_lib.GPT2Config(
+    cfg = gpt2_config.GPT2Config(
         n_layer=L, n_head=H, n_embd=C, n_positions=1024, resid_pdrop=0, embd_pdrop=0,
         attn_pdrop=0,
     )  # fmt: skip
     tx, _ = optim.make_optimizer(config_lib.base_config().optim, 1000)
     batch = jnp.asarray(np.random.default_rng(0).integers(0, 50257, (1, B, T)), jnp.int32)
     steps = {}
-    for name, fn in (("chunked", model_lib.mean_token_nll), ("plain", plain)):
-        model_lib.mean_token_nll = fn  # train.loss_fn looks it up at trace time
-        state = train_lib.init_state(jax.random.PRNGKey(0), model_cfg=cfg, tx=tx)
+    for name, fn in (("chunked", losses_lib.mean_token_nll), ("plain", plain)):
+        losses_lib.mean_token_nll = fn  # train.loss_fn looks it up at trace time
+        state = step_lib.init_state(jax.random.PRNGKey(0), model_cfg=cfg, tx=tx)
         step = jax.jit(
-            functools.partial(train_lib.train_step, model_cfg=cfg, tx=tx), donate_argnums=0
+            functools.partial(step_lib.train_step, model_cfg=cfg, tx=tx), donate_argnums=0
         )
         state, m = step(state, batch)
         jax.block_until_ready(m)

@@ -28,13 +28,13 @@ import numpy as np
 
 from gpt2_jax.config import base as config_lib
 from gpt2_jax.core import allocator
-from gpt2_jax.model import gpt2 as model_lib
+from gpt2_jax.model import config as gpt2_config
 from gpt2_jax.optim import optimizer as optim
-from gpt2_jax.train import loop as train_lib
+from gpt2_jax.train import step as step_lib
 
 
 def main() -> None:
-    allocator.reexec()  # as the CLI does (GPT2_JAX_MALLOC=system for glibc's defaults)
+    allocator.tune()  # as the CLI does (GPT2_JAX_MALLOC=system for glibc's defaults)
     ap = argparse.ArgumentParser()
     ap.add_argument("--batch", type=int, default=4)
     ap.add_argument("--seq", type=int, default=128)
@@ -48,15 +48,15 @@ def main() -> None:
     )
     a = ap.parse_args()
     d = a.dropout
-    cfg = model_lib.GPT2Config(
+    cfg = gpt2_config.GPT2Config(
         **dict(zip(("n_layer", "n_head", "n_embd"), map(int, a.shape.split(",")), strict=True)),
         n_positions=1024, resid_pdrop=d, embd_pdrop=d,
         attn_pdrop=d, scan_layers=a.scan, dtype=a.dtype,
     )  # fmt: skip
     tx, _ = optim.make_optimizer(config_lib.base_config().optim, 1000)
-    state = train_lib.init_state(jax.random.PRNGKey(0), model_cfg=cfg, tx=tx)
+    state = step_lib.init_state(jax.random.PRNGKey(0), model_cfg=cfg, tx=tx)
     batch = jnp.asarray(np.random.default_rng(0).integers(0, 50257, (1, a.batch, a.seq)), jnp.int32)
-    step = jax.jit(functools.partial(train_lib.train_step, model_cfg=cfg, tx=tx), donate_argnums=0)
+    step = jax.jit(functools.partial(step_lib.train_step, model_cfg=cfg, tx=tx), donate_argnums=0)
     t0 = time.perf_counter()
     state, m = step(state, batch)
     jax.block_until_ready(m)

@@ -29,7 +29,6 @@ The buckets and ``pack`` are in ``evaluation/buckets.py``; the model arguments a
 
 from gpt2_jax.evaluation.buckets import length_bucket, pack
 from gpt2_jax.evaluation.harness.command import evaluate_command
-from gpt2_jax.evaluation.harness.head import HEAD_ROWS, _chunk_rows, _head
 from gpt2_jax.evaluation.harness.hook import TrainingHook
 from gpt2_jax.evaluation.harness.lm import GPT2JaxLM
 from gpt2_jax.evaluation.harness.loading import check_weights, load_weights
@@ -45,8 +44,8 @@ from gpt2_jax.evaluation.harness.tasks import check_tasks, load_tasks, task_mana
 from gpt2_jax.evaluation.harness_args import MODEL_ARGS, HarnessError, parse_seed
 
 __all__ = [
-    "GPT2JaxLM", "HEAD_ROWS", "HarnessError", "MODEL_ARGS", "Row", "ScoringStats",
-    "TrainingHook", "_chunk_rows", "_head", "check_tasks", "check_weights",
+    "GPT2JaxLM", "HarnessError", "MODEL_ARGS", "Row", "ScoringStats",
+    "TrainingHook", "check_tasks", "check_weights",
     "evaluate_command", "length_bucket", "load_tasks", "load_weights", "pack", "parse_seed",
     "results_path", "run", "scalars", "table", "task_manager", "write_results",
 ]  # fmt: skip

@@ -12,7 +12,7 @@ from lm_eval.models.utils import (
 from gpt2_jax.data import tokenizer as tok_lib
 from gpt2_jax.evaluation import generate as gen_lib
 from gpt2_jax.evaluation.harness_args import HarnessError
-from gpt2_jax.model import gpt2 as model_lib
+from gpt2_jax.model import config as gpt2_config
 
 SUPPORTED = "until, max_gen_toks, do_sample, temperature, top_k, top_p"
 
@@ -49,7 +49,7 @@ def settings(gen_kwargs: dict, eos: str, max_gen_toks: int, max_length: int) -> 
 
 
 def decode_texts(
-    model_cfg: model_lib.GPT2Config,
+    model_cfg: gpt2_config.GPT2Config,
     decode_params: dict,
     prompts: list[list[int]],
     s: dict,

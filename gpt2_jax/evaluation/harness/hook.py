@@ -12,7 +12,7 @@ from gpt2_jax.core import workdir as wd
 from gpt2_jax.evaluation.harness import results
 from gpt2_jax.evaluation.harness import tasks as tasks_lib
 from gpt2_jax.evaluation.harness.lm import GPT2JaxLM
-from gpt2_jax.model import gpt2 as model_lib
+from gpt2_jax.model import config as gpt2_config
 
 
 class TrainingHook:
@@ -25,7 +25,7 @@ class TrainingHook:
     executables compile once) and gets each step's params.
     """
 
-    def __init__(self, cfg, model_cfg: model_lib.GPT2Config, workdir):
+    def __init__(self, cfg, model_cfg: gpt2_config.GPT2Config, workdir):
         e = cfg.eval
         self.model_cfg = model_cfg
         self.workdir = Path(workdir)

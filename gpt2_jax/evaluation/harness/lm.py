@@ -32,6 +32,7 @@ from gpt2_jax.evaluation import generate as gen_lib
 from gpt2_jax.evaluation import harness_args
 from gpt2_jax.evaluation.harness import generation, loading, scoring
 from gpt2_jax.evaluation.harness_args import HarnessError
+from gpt2_jax.model import config as gpt2_config
 from gpt2_jax.model import gpt2 as model_lib
 
 
@@ -47,7 +48,7 @@ class GPT2JaxLM(TemplateLM):
 
     def __init__(
         self,
-        model_cfg: model_lib.GPT2Config,
+        model_cfg: gpt2_config.GPT2Config,
         params: dict,
         *,
         batch_size: int = 16,

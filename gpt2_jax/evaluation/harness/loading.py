@@ -14,6 +14,7 @@ from gpt2_jax.config import base as config_lib
 from gpt2_jax.config import plan as plan_lib
 from gpt2_jax.core import workdir as wd
 from gpt2_jax.evaluation import harness_args
+from gpt2_jax.model import config as gpt2_config
 from gpt2_jax.model import gpt2 as model_lib
 from gpt2_jax.weights import resolve as weights
 
@@ -28,9 +29,9 @@ def weights_config(workdir, init_from: str, dtype: str | None):
         )
     overrides = {"model.dropout": "0.0"}
     if dtype:
-        if dtype not in model_lib.DTYPES:
+        if dtype not in gpt2_config.DTYPES:
             raise harness_args.HarnessError(
-                f"dtype={dtype!r} is not one of {list(model_lib.DTYPES)}"
+                f"dtype={dtype!r} is not one of {list(gpt2_config.DTYPES)}"
             )
         overrides["model.dtype"] = dtype
     return config_lib.for_weights(workdir or None, init_from, overrides)
@@ -38,7 +39,7 @@ def weights_config(workdir, init_from: str, dtype: str | None):
 
 def load_weights(
     workdir=None, step=None, init_from: str = "", dtype: str | None = None
-) -> tuple[model_lib.GPT2Config, dict, Any]:
+) -> tuple[gpt2_config.GPT2Config, dict, Any]:
     """(model config, params, weights.Source) of a workdir's checkpoint or of ``hf:``
     weights, through the one resolver every command uses."""
     cfg = weights_config(workdir, init_from, dtype)

@@ -11,8 +11,9 @@ bounded-cache executables per batch (the model's trunk and the head).
   last batch is padded to the power of two >= its rows.
 - Two executables per batch: the trunk for ``[batch, T]`` (hidden states stay on the
   device), and the head for ``(T, C)``, where ``C`` bounds the scored positions of each row
-  (a power of two, at least ``MIN_SCORED``; head.py). Each is compiled once per bucket
-  and kept in a bounded cache (``core.cache.LRU``, ``SCORING_EXECUTABLES_KEPT``).
+  (a power of two, at least ``MIN_SCORED``; model/losses.py: ``scored_logprobs``). Each is
+  compiled once per bucket and kept in a bounded cache (``core.cache.LRU``,
+  ``SCORING_EXECUTABLES_KEPT``).
 - The batch axis is split over every device; under ``gpt2-jax launch`` each process puts
   its rows of each batch on its devices, and the per-row results come back replicated.
 """
@@ -30,8 +31,9 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from gpt2_jax.core.cache import LRU
 from gpt2_jax.evaluation import buckets as bucket_lib
 from gpt2_jax.evaluation import perplexity
-from gpt2_jax.evaluation.harness import head as head_lib
+from gpt2_jax.model import config as gpt2_config
 from gpt2_jax.model import gpt2 as model_lib
+from gpt2_jax.model import losses as losses_lib
 from gpt2_jax.parallel import sharding
 
 MIN_SCORED = 8  # fewest scored positions per row in a head bucket
@@ -70,21 +72,21 @@ def _trunk(params: dict, ids, positions, segments, *, model_cfg) -> jax.Array:
 
 
 @functools.lru_cache(maxsize=8)  # a jit wrapper per model shape (or mesh): few a process
-def _trunk_fn(model_cfg: model_lib.GPT2Config):
+def _trunk_fn(model_cfg: gpt2_config.GPT2Config):
     return jax.jit(functools.partial(_trunk, model_cfg=model_cfg))
 
 
 @functools.lru_cache(maxsize=8)  # a jit wrapper per model shape (or mesh): few a process
 def _head_fn(mesh: Mesh):
     # Per-row results are tiny: replicated, so every process gets every row.
-    return jax.jit(head_lib._head, out_shardings=NamedSharding(mesh, PartitionSpec()))
+    return jax.jit(losses_lib.scored_logprobs, out_shardings=NamedSharding(mesh, PartitionSpec()))
 
 
 class Scorer:
     """Scores ``Row``s with ``model_cfg`` (unrolled layers) on ``mesh``: at most
     ``batch_size`` rows a batch (a multiple of the device count)."""
 
-    def __init__(self, model_cfg: model_lib.GPT2Config, mesh: Mesh, batch_size: int):
+    def __init__(self, model_cfg: gpt2_config.GPT2Config, mesh: Mesh, batch_size: int):
         self.model_cfg, self.mesh, self.batch_size = model_cfg, mesh, batch_size
         self.stats = ScoringStats()
         self._exes: LRU = LRU(SCORING_EXECUTABLES_KEPT)
