@@ -31,16 +31,17 @@ def test_detected_cluster_sees_a_slurm_job(monkeypatch):
     assert sharding.detected_cluster() == "SlurmCluster"
 
 
-def test_arrow_files_sees_whole_files_and_selections(tmp_path):
+def test_dataset_indices_tell_a_selection_from_whole_files(tmp_path):
     import datasets
 
     from gpt2_jax.data import sources
 
     path = tmp_path / "rows.txt"
     path.write_text("".join(f"line {i}\n" for i in range(10)))
-    ds = datasets.load_dataset("text", data_files=str(path), split="train",
-                               cache_dir=str(tmp_path / "cache"))  # fmt: skip
-    assert hasattr(ds, "_indices")
-    files = sources.arrow_files(ds)
-    assert files and all(f.endswith(".arrow") for f in files)
-    assert sources.arrow_files(ds.select([0, 2])) is None  # a selection: not whole files
+    ds = sources.load_files("text", "train", [str(path)], "train_files",
+                            cache_dir=str(tmp_path / "cache"))["train"]  # fmt: skip
+    assert isinstance(ds, datasets.Dataset)
+    assert ds._indices is None  # as loaded: its files' rows, in order
+    selected = ds.select([0, 2])
+    assert selected._indices is not None
+    assert sources.arrow_files(selected) is None  # never read as whole files
