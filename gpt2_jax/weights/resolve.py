@@ -207,7 +207,7 @@ def _pick_step(ckpt: ckpt_lib.Checkpointer, step: int | str | None) -> int:
 
 def _saved_model_cfg(ckpt, step: int, flag: str) -> model_lib.GPT2Config:
     try:
-        return model_lib.config_from_section(json.loads(ckpt.restore_config(step))["model"])
+        return model_lib.config_from_section(ckpt.restore_config(step)["model"])
     except Exception as e:  # unreadable config item: as corrupt as a bad array
         raise unreadable(ckpt.directory, step, ckpt.all_steps(), e, flag) from e
 
