@@ -6,7 +6,7 @@ import tempfile
 import pytest
 
 # ROOT and run_cli live in tests/helpers.py; re-exported for `from .conftest import ...`.
-from .helpers import ROOT, run_cli, shared_data  # noqa: F401
+from .helpers import ROOT, isolation_env, run_cli, shared_data, train_shared  # noqa: F401
 
 SHARED_DATA = shared_data()  # only for `slow` tests; see helpers.require_shared_file
 
@@ -47,11 +47,26 @@ def pytest_unconfigure(config):
 
 @pytest.fixture(autouse=True)
 def _isolated_caches(tmp_path_factory, monkeypatch):
-    # Token caches and HF caches of one test never leak into another's (or the user's).
-    cache = tmp_path_factory.getbasetemp() / "gpt2_jax_cache"
-    monkeypatch.setenv("GPT2_JAX_CACHE", str(cache))
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    # Token caches and HF caches of the tests never leak into the user's.
+    for key, value in isolation_env(tmp_path_factory.getbasetemp()).items():
+        monkeypatch.setenv(key, value)
+
+
+# ---------------------------------------------------------------------- shared runs
+# Runs several files train alike, trained once a session (each ~15 s of a 2-core box).
+# Read-only for the tests: one that resumes, corrupts or prunes works on helpers.copy_run.
+
+
+@pytest.fixture(scope="session")
+def tiny_run(tmp_path_factory):
+    """The tiny config as it is: 6 steps, dropout 0, checkpoints at 3 and 6."""
+    return train_shared(tmp_path_factory, "tiny_run")
+
+
+@pytest.fixture(scope="session")
+def tiny_dropout_run(tmp_path_factory):
+    """The tiny config with dropout 0.1 (a resume must replay the dropout rng too)."""
+    return train_shared(tmp_path_factory, "tiny_dropout_run", **{"model.dropout": 0.1})
 
 
 @pytest.fixture(scope="module")
