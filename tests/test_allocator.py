@@ -1,4 +1,4 @@
-"""gpt2_jax.allocator: freed step temporaries are reused, not mapped and zeroed again."""
+"""gpt2_jax.core.allocator: freed step temporaries are reused, not mapped and zeroed again."""
 
 import os
 import subprocess
@@ -59,7 +59,7 @@ def test_tuned_malloc_reuses_freed_memory_across_rounds():
 def test_reexec_runs_the_same_command_once_with_the_settings():
     script = (
         "import os, sys\n"
-        "from gpt2_jax import allocator\n"
+        "from gpt2_jax.core import allocator\n"
         "print(os.getpid(), os.environ.get('MALLOC_TRIM_THRESHOLD_'), sys.argv[1:], flush=True)\n"
         "allocator.reexec()\n"
         "print(allocator.tune())\n"
