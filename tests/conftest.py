@@ -1,20 +1,72 @@
 import os
+import shutil
+import sys
+import tempfile
 
 import pytest
 
 # ROOT and run_cli live in tests/helpers.py; re-exported for `from .conftest import ...`.
-from .helpers import ROOT, run_cli, shared_data  # noqa: F401
+from .helpers import ROOT, isolation_env, run_cli, shared_data, train_shared  # noqa: F401
 
 SHARED_DATA = shared_data()  # only for `slow` tests; see helpers.require_shared_file
 
 
+# ---------------------------------------------------------------------- compilation cache
+# Most of the suite's time is XLA compiling the same few tiny programs again, in this process
+# and in every `python -m gpt2_jax` the tests start. One persistent cache for the session
+# (a fresh directory: nothing from an earlier session or the user's cache is reused) lets
+# each program compile once. Set as environment variables, so that the processes the tests
+# start inherit it, and before the first jax array exists: one created earlier leaves the
+# cache off for the process (jax #25768). The two thresholds are lowered because the tiny
+# programs compile in well under jax's default 1 s and would never be cached (jax #21908).
+# A cached executable is the same XLA binary, so results stay bit-identical (test_train.py
+# checks a run's losses with the cache cold and warm).
+COMPILATION_CACHE_ENV = {
+    "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0",
+    "JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES": "-1",
+}
+_CACHE_DIR = pytest.StashKey[str]()
+
+
+def pytest_configure(config):
+    cache_dir = tempfile.mkdtemp(prefix="gpt2_jax_test_xla_cache_")
+    config.stash[_CACHE_DIR] = cache_dir
+    os.environ.update(COMPILATION_CACHE_ENV, JAX_COMPILATION_CACHE_DIR=cache_dir)
+    if "jax" in sys.modules:  # imported by a plugin: the variables were read already
+        import jax
+
+        jax.config.update("jax_compilation_cache_dir", cache_dir)
+        jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
+        jax.config.update("jax_persistent_cache_min_entry_size_bytes", -1)
+
+
+def pytest_unconfigure(config):
+    if _CACHE_DIR in config.stash:
+        shutil.rmtree(config.stash[_CACHE_DIR], ignore_errors=True)
+
+
 @pytest.fixture(autouse=True)
 def _isolated_caches(tmp_path_factory, monkeypatch):
-    # Token caches and HF caches of one test never leak into another's (or the user's).
-    cache = tmp_path_factory.getbasetemp() / "gpt2_jax_cache"
-    monkeypatch.setenv("GPT2_JAX_CACHE", str(cache))
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    # Token caches and HF caches of the tests never leak into the user's.
+    for key, value in isolation_env(tmp_path_factory.getbasetemp()).items():
+        monkeypatch.setenv(key, value)
+
+
+# ---------------------------------------------------------------------- shared runs
+# Runs several files train alike, trained once a session (each ~15 s of a 2-core box).
+# Read-only for the tests: one that resumes, corrupts or prunes works on helpers.copy_run.
+
+
+@pytest.fixture(scope="session")
+def tiny_run(tmp_path_factory):
+    """The tiny config as it is: 6 steps, dropout 0, checkpoints at 3 and 6."""
+    return train_shared(tmp_path_factory, "tiny_run")
+
+
+@pytest.fixture(scope="session")
+def tiny_dropout_run(tmp_path_factory):
+    """The tiny config with dropout 0.1 (a resume must replay the dropout rng too)."""
+    return train_shared(tmp_path_factory, "tiny_dropout_run", **{"model.dropout": 0.1})
 
 
 @pytest.fixture(scope="module")

@@ -6,8 +6,12 @@ which never touch PyTorch do not pay for importing it.
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import functools
+import io
 import os
+import shutil
 import subprocess
 import sys
 from itertools import chain
@@ -33,6 +37,53 @@ def tiny_config(**overrides):
     cfg = config_lib.load_config_file(TINY)
     config_lib.apply_overrides(cfg, {k: str(v) for k, v in overrides.items()})
     return cfg
+
+
+def isolation_env(basetemp) -> dict[str, str]:
+    """The environment every test runs under: token and HF caches inside the session's
+    temporary directory (never the user's), the Hugging Face hub offline."""
+    return {
+        "GPT2_JAX_CACHE": str(Path(basetemp) / "gpt2_jax_cache"),
+        "HF_HUB_OFFLINE": "1",
+        "HF_DATASETS_OFFLINE": "1",
+    }
+
+
+@contextlib.contextmanager
+def isolated(basetemp):
+    """``isolation_env`` for a module- or session-scoped fixture (conftest's autouse
+    fixture sets it per test only)."""
+    with pytest.MonkeyPatch.context() as mp:
+        for key, value in isolation_env(basetemp).items():
+            mp.setenv(key, value)
+        yield
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainedRun:
+    """A finished training run that several tests read: never write into ``workdir``,
+    ``copy_run`` it first."""
+
+    workdir: Path
+    results: dict  # what train() returned: {split: {"loss", "perplexity", "tokens"}}
+    stdout: str  # what it printed: the start and end summaries (progress bar off)
+
+
+def train_shared(tmp_path_factory, name: str, **overrides) -> TrainedRun:
+    """``train()`` of ``tiny_config(**overrides)`` into a directory of its own, for a
+    module- or session-scoped fixture."""
+    from gpt2_jax.train import loop as train_lib
+
+    workdir = tmp_path_factory.mktemp(name) / "run"
+    out = io.StringIO()
+    with isolated(tmp_path_factory.getbasetemp()), contextlib.redirect_stdout(out):
+        results = train_lib.train(tiny_config(**overrides), workdir)
+    return TrainedRun(workdir, results, out.getvalue())
+
+
+def copy_run(run: TrainedRun, dst) -> Path:
+    """A private copy of a shared run's workdir (to resume, corrupt or prune)."""
+    return Path(shutil.copytree(run.workdir, dst))
 
 
 def train_losses(workdir) -> dict:
@@ -188,6 +239,30 @@ def run_cli(args, devices: int = 1, timeout: int = 600, env_extra=None, cwd=ROOT
         text=True,
         timeout=timeout,
     )
+
+
+@dataclasses.dataclass
+class CliResult:
+    """What the tests read of a finished command (as of a subprocess.CompletedProcess)."""
+
+    returncode: int
+    stdout: str
+    stderr: str
+
+
+def cli_in_process(args) -> CliResult:
+    """``gpt2_jax.cli.main(ARGS)`` in this process, stdout and stderr captured.
+
+    The same code as ``run_cli`` after start-up, without a new Python and jax: for tests
+    of what a command computes. Exit codes as a process sees them, signals and device
+    counts need ``run_cli``.
+    """
+    from gpt2_jax.cli import main as cli
+
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        code = cli.main([str(a) for a in args])
+    return CliResult(code, out.getvalue(), err.getvalue())
 
 
 # ---------------------------------------------------------------------- W&B files

@@ -1,4 +1,8 @@
-"""The `gpt2-jax` command line end to end, as a new user runs it (`python -m gpt2_jax ...`).
+"""The `gpt2-jax` command line end to end, as a new user runs it.
+
+What a command computes is checked through ``cli.main`` in this process (the code behind
+``python -m gpt2_jax`` after start-up); what only a process shows (exit codes, nothing on
+stderr but the one error line, the console script) through ``python -m gpt2_jax``.
 
 A tiny random Hugging Face GPT-2 (2 layers, n_embd 32, the full 50257 vocabulary) is the
 starting point; PyTorch's GPT2LMHeadModel is the reference for every number checked:
@@ -36,7 +40,7 @@ from gpt2_jax.weights import checkpoint as ckpt_lib
 from gpt2_jax.weights import hf
 
 from . import helpers
-from .helpers import ROOT, run_cli, snapshot, torch_sliding_window
+from .helpers import ROOT, cli_in_process, run_cli, snapshot, torch_sliding_window
 
 CONFIG = f"{ROOT / 'configs' / 'gpt2_wikitext2.py'}:local"
 SHAPE = dict(n_layer=2, n_head=2, n_embd=32, n_positions=64, vocab_size=50257)
@@ -122,6 +126,8 @@ def env(tmp_path_factory):
 
 
 def cli_run(args, env, **kw):
+    """A command in a process of its own: for what only a process shows (its exit code,
+    nothing printed but the one error line)."""
     return run_cli([str(a) for a in args], env_extra=env, **kw)
 
 
@@ -129,6 +135,15 @@ def cli_runs(arg_lists, env):
     """Several independent commands, two at a time (most of each is Python/JAX start-up)."""
     with ThreadPoolExecutor(2) as pool:
         return list(pool.map(lambda args: cli_run(args, env), arg_lists))
+
+
+def cli_main(args, env):
+    """A command through cli.main in this process (what it computes, without the start-up),
+    under ``env`` (module-scoped fixtures run outside conftest's per-test environment)."""
+    with pytest.MonkeyPatch.context() as mp:
+        for key, value in env.items():
+            mp.setenv(key, value)
+        return cli_in_process(args)
 
 
 @pytest.fixture(scope="module")
@@ -217,7 +232,7 @@ def run(tmp_path_factory, hf_model, texts, env):
     hf_copy = root / "hf_for_training"
     shutil.copytree(hf_model[1], hf_copy)
     workdir = root / "workdir"
-    proc = cli_run(train_args(workdir, hf_copy, texts, steps=2), env)
+    proc = cli_main(train_args(workdir, hf_copy, texts, steps=2), env)
     assert proc.returncode == 0, proc.stderr[-3000:]
     return {"workdir": workdir, "hf": hf_copy, "proc": proc}
 
@@ -225,7 +240,7 @@ def run(tmp_path_factory, hf_model, texts, env):
 @pytest.fixture(scope="module")
 def exported(run, env, tmp_path_factory):
     out = tmp_path_factory.mktemp("export") / "hf_out"
-    proc = cli_run(["export", f"--workdir={run['workdir']}", f"--out={out}"], env)
+    proc = cli_main(["export", f"--workdir={run['workdir']}", f"--out={out}"], env)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert f"wrote {out}" in proc.stdout
     return out
@@ -237,9 +252,8 @@ def exported(run, env, tmp_path_factory):
 def test_eval_init_from_hf_matches_pytorch(hf_model, texts, env, hf_tokenizer):
     m, hf_dir = hf_model
     base = ["eval", f"--config={CONFIG}", f"--config.init_from=hf:{hf_dir}", *data_args(texts)]
-    blocks_run, window_run = cli_runs(
-        [[*base, "--config.train.progress=false"], [*base, "--config.eval.stride=32"]], env
-    )
+    blocks_run = cli_main([*base, "--config.train.progress=false"], env)
+    window_run = cli_main([*base, "--config.eval.stride=32"], env)
     for proc in (blocks_run, window_run):
         assert proc.returncode == 0, proc.stderr[-3000:]
 
@@ -321,7 +335,7 @@ def test_train_rerun_resumes_without_the_hf_weights(run, texts, env, tmp_path):
     hidden = run["hf"].with_name("hf_moved_away")
     run["hf"].rename(hidden)  # the same command must not need (or reload) them
     try:
-        proc = cli_run(train_args(workdir, run["hf"], texts, steps=3), env)
+        proc = cli_main(train_args(workdir, run["hf"], texts, steps=3), env)
     finally:
         hidden.rename(run["hf"])
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -367,11 +381,11 @@ def test_export_loads_in_transformers_with_the_same_logits(run, exported, capfd)
 def test_export_refuses_a_non_empty_dir_unless_overwrite(run, exported, env):
     before = snapshot(exported)
     args = ["export", f"--workdir={run['workdir']}", f"--out={exported}"]
-    refused = cli_run(args, env)
+    refused = cli_main(args, env)
     assert_user_error(refused, "export", str(exported), "--overwrite")
     assert snapshot(exported) == before
     assert sorted(p.name for p in exported.parent.iterdir()) == [exported.name]  # no temp dir
-    again = cli_run([*args, "--overwrite"], env)
+    again = cli_main([*args, "--overwrite"], env)
     assert again.returncode == 0, again.stderr[-3000:]
     after = snapshot(exported)
     assert sorted(after) == sorted(before)
@@ -381,7 +395,7 @@ def test_export_refuses_a_non_empty_dir_unless_overwrite(run, exported, env):
 
 
 def test_eval_of_the_run_matches_its_export(run, exported, texts, env, hf_tokenizer):
-    proc = cli_run(
+    proc = cli_main(
         [
             "eval",
             f"--workdir={run['workdir']}",
@@ -403,13 +417,13 @@ def test_eval_of_the_run_matches_its_export(run, exported, texts, env, hf_tokeni
 
 def test_generate_greedy_from_workdir_and_hf(run, exported, hf_model, env):
     greedy = ["--prompt=Hello", "--max_new_tokens=5", "--temperature=0"]
-    first, second, from_hf = cli_runs(
-        [
+    first, second, from_hf = (
+        cli_main(args, env)
+        for args in (
             ["generate", f"--workdir={run['workdir']}", *greedy],
             ["generate", f"--workdir={run['workdir']}", *greedy],
             ["generate", f"--init_from=hf:{hf_model[1]}", *greedy],
-        ],
-        env,
+        )
     )
     for proc in (first, second, from_hf):
         assert proc.returncode == 0, proc.stderr[-3000:]
@@ -432,8 +446,8 @@ def test_generate_seed_controls_sampling(hf_model, env):
         "--temperature=1",
         "--top_k=0",
     ]
-    a, a_again, b = cli_runs(
-        [[*sample, "--seed=0"], [*sample, "--seed=0"], [*sample, "--seed=1"]], env
+    a, a_again, b = (
+        cli_main([*sample, seed], env) for seed in ("--seed=0", "--seed=0", "--seed=1")
     )
     for proc in (a, a_again, b):
         assert proc.returncode == 0, proc.stderr[-3000:]

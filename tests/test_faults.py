@@ -2,7 +2,6 @@
 steps; and the checkpoint kept for its eval loss (train.keep_best)."""
 
 import json
-import shutil
 import signal
 import subprocess
 import sys
@@ -39,11 +38,11 @@ def error_line(capsys, command="train") -> str:
 # ---------------------------------------------------------------------- corrupt checkpoint
 
 
-def test_truncated_newest_step_is_named_then_resume_step_reproduces_the_run(tmp_path, capsys):
-    full = tmp_path / "full"
-    train_lib.train(tiny_config(), full)  # checkpoints at 3 and 6
-    work = tmp_path / "broken"
-    shutil.copytree(full, work)
+def test_truncated_newest_step_is_named_then_resume_step_reproduces_the_run(
+    tiny_run, tmp_path, capsys
+):
+    full = tiny_run.workdir  # checkpoints at 3 and 6
+    work = helpers.copy_run(tiny_run, tmp_path / "broken")
     biggest = max((work / "checkpoints" / "6").rglob("d/*"), key=lambda p: p.stat().st_size)
     with biggest.open("r+b") as f:
         f.truncate(100)
@@ -62,9 +61,9 @@ def test_truncated_newest_step_is_named_then_resume_step_reproduces_the_run(tmp_
     assert (aside / biggest.relative_to(work / "checkpoints" / "6")).stat().st_size == 100
 
 
-def test_resume_step_that_was_never_saved_is_an_error(tmp_path, capsys):
-    train_lib.train(tiny_config(), tmp_path)
-    argv = ["train", f"--config={TINY}", f"--workdir={tmp_path}", "--config.train.resume_step=4"]
+def test_resume_step_that_was_never_saved_is_an_error(tiny_run, tmp_path, capsys):
+    work = helpers.copy_run(tiny_run, tmp_path / "run")
+    argv = ["train", f"--config={TINY}", f"--workdir={work}", "--config.train.resume_step=4"]
     assert cli.main(argv) == 2
     line = error_line(capsys)
     assert "step 4 is not saved" in line and "[3, 6]" in line

@@ -14,8 +14,7 @@ import pytest
 from gpt2_jax.config import base as config_lib
 from gpt2_jax.parallel import sharding
 
-from .conftest import ROOT, run_cli
-from .helpers import TINY
+from .helpers import ROOT, TINY, cli_in_process, run_cli
 
 
 def _launch(args, processes, devices, timeout=600):
@@ -81,9 +80,9 @@ def test_launch_matches_one_process_and_checkpoints_move_between_meshes(tmp_path
         [got[s] for s in range(1, 7)], [want[s] for s in range(1, 7)], rtol=1e-5
     )
 
-    # 2 processes x 2 devices (fsdp=4) -> 1 device, from step 2
+    # 2 processes x 2 devices (fsdp=4) -> 1 device (this process's), from step 2
     _drop_checkpoints_after(run, 2)
-    one = run_cli([*common, f"--workdir={run}", "--config.mesh.fsdp=1"], devices=1)
+    one = cli_in_process([*common, f"--workdir={run}", "--config.mesh.fsdp=1"])
     assert one.returncode == 0, one.stderr[-3000:]
     assert f"resumed from {run / 'checkpoints' / '2'}" in one.stdout
     assert "'data': 1, 'fsdp': 1" in one.stdout
@@ -107,7 +106,9 @@ def test_launch_matches_one_process_and_checkpoints_move_between_meshes(tmp_path
 
 def test_eval_sharded_over_two_processes_equals_one(tmp_path):
     workdir = tmp_path / "run"
-    r = run_cli(["train", f"--config={TINY}", f"--workdir={workdir}", "--config.train.steps=2"])
+    r = cli_in_process(
+        ["train", f"--config={TINY}", f"--workdir={workdir}", "--config.train.steps=2"]
+    )
     assert r.returncode == 0, r.stderr[-3000:]
     # batch 6 over 2 processes: 3 rows each, the last batch padded (the split is not a
     # multiple of 6), so both processes run the same number of steps.
@@ -119,7 +120,7 @@ def test_eval_sharded_over_two_processes_equals_one(tmp_path):
             "--config.eval.batch_size=6",
             *extra,
         ]
-        one = run_cli(args)
+        one = cli_in_process(args)  # 1 device, as this process has
         two = _launch(args, 2, 1)
         assert one.returncode == 0, one.stderr[-3000:]
         assert two.returncode == 0, two.stderr[-3000:]

@@ -8,24 +8,22 @@ import pytest
 
 from gpt2_jax.cli import main as cli
 from gpt2_jax.cli import plot
-from gpt2_jax.config import base as config_lib
 from gpt2_jax.train import loop as train_lib
 
-from .helpers import TINY
+from .helpers import copy_run, isolated, tiny_config
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
 
 @pytest.fixture(scope="module")
-def two_runs(tmp_path_factory):
-    """Two tiny real runs (different seeds and lengths), each with train and eval lines."""
+def two_runs(tmp_path_factory, tiny_run):
+    """Two tiny real runs (different seeds and lengths), each with train and eval lines:
+    4 steps of seed 1, and a copy of the session's 6 steps of seed 0 (plot writes into it)."""
     root = tmp_path_factory.mktemp("runs")
-    for name, seed, steps in (("run_a", 0, 4), ("run_b", 1, 6)):
-        cfg = config_lib.load_config_file(TINY)
-        overrides = {"train.seed": seed, "train.steps": steps, "train.checkpoint_every": 0}
-        config_lib.apply_overrides(cfg, {k: str(v) for k, v in overrides.items()})
-        train_lib.train(cfg, root / name)
-    return root / "run_a", root / "run_b"
+    overrides = {"train.seed": 1, "train.steps": 4, "train.checkpoint_every": 0}
+    with isolated(tmp_path_factory.getbasetemp()):
+        train_lib.train(tiny_config(**overrides), root / "run_a")
+    return root / "run_a", copy_run(tiny_run, root / "run_b")
 
 
 def test_two_runs_give_one_valid_png(two_runs, tmp_path, capsys):

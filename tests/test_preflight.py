@@ -16,8 +16,7 @@ from gpt2_jax.train import loop as train_lib
 from gpt2_jax.train import preflight
 from gpt2_jax.train import step as step_lib
 
-from .conftest import ROOT, run_cli
-from .helpers import tiny_config
+from .helpers import ROOT, cli_in_process, tiny_config
 
 GiB = 1024**3
 
@@ -125,7 +124,7 @@ def _mem_available() -> int:
 )
 def test_oversized_124m_run_is_refused_before_anything_is_written(tmp_path):
     workdir = tmp_path / "run"
-    r = run_cli(
+    r = cli_in_process(
         [
             "train",
             f"--config={ROOT / 'configs' / 'quickstart.py'}",

@@ -1,33 +1,16 @@
 """Run summaries: the start screen of a tiny run, the end screen, TensorBoard text, eval table."""
 
-import contextlib
-import io
 import json
 import re
 
-import pytest
-
 from gpt2_jax.cli import main as cli
-from gpt2_jax.config import base as config_lib
-from gpt2_jax.train import loop as train_lib
 from gpt2_jax.train import summary
 
-from .helpers import TINY
-
-
-@pytest.fixture(scope="module")
-def tiny_run(tmp_path_factory):
-    """(workdir, stdout) of a real 6-step tiny run (progress bar off: summaries on stdout)."""
-    workdir = tmp_path_factory.mktemp("summary") / "run"
-    cfg = config_lib.load_config_file(TINY)
-    out = io.StringIO()
-    with contextlib.redirect_stdout(out):
-        train_lib.train(cfg, workdir)
-    return workdir, out.getvalue()
+# tiny_run (conftest.py): the tiny config's 6-step run, its stdout with the progress bar off.
 
 
 def test_start_summary_lists_what_the_run_will_do(tiny_run):
-    workdir, stdout = tiny_run
+    workdir, stdout = tiny_run.workdir, tiny_run.stdout
     start = stdout.split("gpt2-jax train: done")[0]
     expected = [
         r"model +1\.6M parameters \(1,6\d\d,\d{3}\), 1 layer x 2 heads x n_embd 32",
@@ -48,7 +31,7 @@ def test_start_summary_lists_what_the_run_will_do(tiny_run):
 
 
 def test_end_summary_gives_metrics_wall_time_and_paths(tiny_run):
-    workdir, stdout = tiny_run
+    workdir, stdout = tiny_run.workdir, tiny_run.stdout
     end = stdout.split("gpt2-jax train: done")[1]
     assert re.search(r"trained +steps 0 -> 6 in \d+ min \d+ s wall", end), end
     assert re.search(r"validation +loss \d+\.\d{4}, perplexity \d+\.\d\d \(\d+ scored", end)
@@ -57,7 +40,7 @@ def test_end_summary_gives_metrics_wall_time_and_paths(tiny_run):
 
 
 def test_summaries_and_config_go_to_tensorboard(tiny_run):
-    workdir, _ = tiny_run
+    workdir = tiny_run.workdir
     events = b"".join(p.read_bytes() for p in (workdir / "tensorboard").glob("*.summary"))
     for tag in (b"run/start", b"run/end", b"run/config"):
         assert tag in events, tag
@@ -83,7 +66,7 @@ def test_eval_table_has_a_row_per_split_aligned():
 
 
 def test_eval_prints_json_on_stdout_and_the_table_on_stderr(tiny_run, capsys):
-    workdir, _ = tiny_run
+    workdir = tiny_run.workdir
     assert cli.main(["eval", f"--workdir={workdir}", "--config.train.progress=false"]) == 0
     captured = capsys.readouterr()
     record = json.loads(captured.out.strip().splitlines()[-1])

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import subprocess
 import sys
 
 import pytest
@@ -57,21 +56,24 @@ def test_wandb_offline_holds_the_train_losses_and_a_resume_continues_the_run(tmp
 
 def test_report_to_none_writes_only_metrics_jsonl(tmp_path):
     workdir = tmp_path / "run"
-    r = _train(workdir, "--config.train.report_to=none")
+    r = helpers.cli_in_process(
+        [
+            "train",
+            f"--config={helpers.TINY}",
+            f"--workdir={workdir}",
+            "--config.train.report_to=none",
+        ]
+    )
     assert r.returncode == 0, r.stderr[-2000:]
     assert (workdir / "metrics.jsonl").is_file()
     assert not (workdir / "tensorboard").exists() and not (workdir / "wandb").exists()
 
 
-def test_without_wandb_installed_one_line_before_anything_compiles(tmp_path):
+def test_without_wandb_installed_one_line_before_anything_compiles(tmp_path, monkeypatch):
     workdir = tmp_path / "run"
-    code = (
-        "import sys; sys.modules['wandb'] = None\n"
-        "from gpt2_jax.cli import main as cli\n"
-        f"sys.exit(cli.main(['train', '--config={helpers.TINY}', '--workdir={workdir}', "
-        "'--config.train.report_to=wandb']))\n"
-    )
-    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    monkeypatch.setitem(sys.modules, "wandb", None)  # `import wandb` raises ImportError
+    argv = ["train", f"--config={helpers.TINY}", f"--workdir={workdir}"]
+    r = helpers.cli_in_process([*argv, "--config.train.report_to=wandb"])
     assert r.returncode == 2, r.stderr[-2000:]
     assert r.stderr.strip().splitlines()[-1] == (
         "gpt2-jax train: error: train.report_to has wandb, but the wandb package is not "

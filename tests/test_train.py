@@ -6,6 +6,7 @@ import signal
 import subprocess
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 
 import jax
 import numpy as np
@@ -18,7 +19,16 @@ from gpt2_jax.train import loop as train_lib
 from gpt2_jax.train import monitor
 from gpt2_jax.weights import checkpoint as ckpt_lib
 
-from .helpers import ROOT, TINY, run_cli, tiny_config, train_losses
+from .helpers import (
+    ROOT,
+    TINY,
+    cli_in_process,
+    copy_run,
+    run_cli,
+    tiny_config,
+    train_losses,
+    train_shared,
+)
 
 # final_params restores a checkpoint as saved (no target shardings): Orbax says so each time.
 pytestmark = pytest.mark.filterwarnings("ignore:Sharding info not provided when restoring")
@@ -57,12 +67,9 @@ def test_train_writes_workdir_and_learns(tmp_path):
     assert {"step", "split", "loss", "learning_rate", "tokens_per_second"} <= set(train_line)
 
 
-def test_resume_gives_the_losses_of_an_uninterrupted_run(tmp_path):
-    cfg = tiny_config(**{"model.dropout": 0.1})
-    full = tmp_path / "full"
-    train_lib.train(cfg, full)  # 6 steps, checkpoints at 3 and 6
-    part = tmp_path / "part"
-    shutil.copytree(full, part)
+def test_resume_gives_the_losses_of_an_uninterrupted_run(tiny_dropout_run, tmp_path):
+    full = tiny_dropout_run.workdir  # 6 steps, checkpoints at 3 and 6
+    part = copy_run(tiny_dropout_run, tmp_path / "part")
     shutil.rmtree(part / "checkpoints" / "6")  # as if the run had died after step 3
     train_lib.train(tiny_config(**{"model.dropout": 0.1}), part)
     assert train_losses(part) == train_losses(full)  # bitwise: same device count
@@ -70,17 +77,17 @@ def test_resume_gives_the_losses_of_an_uninterrupted_run(tmp_path):
     jax.tree.map(np.testing.assert_array_equal, a, b)
 
 
-def test_rerun_of_a_finished_run_trains_nothing_more(tmp_path):
-    train_lib.train(tiny_config(), tmp_path)
-    before = train_losses(tmp_path)
-    train_lib.train(tiny_config(), tmp_path)
-    assert train_losses(tmp_path) == before
+def test_rerun_of_a_finished_run_trains_nothing_more(tiny_run, tmp_path):
+    work = copy_run(tiny_run, tmp_path / "run")
+    before = train_losses(work)
+    train_lib.train(tiny_config(), work)
+    assert train_losses(work) == before
 
 
-def test_gradient_accumulation_matches_one_big_batch(tmp_path):
-    one = train_lib.train(tiny_config(), tmp_path / "one")
+def test_gradient_accumulation_matches_one_big_batch(tiny_run, tmp_path):
+    one = tiny_run.results
     two = train_lib.train(tiny_config(**{"optim.accumulation_steps": 2}), tmp_path / "two")
-    la, lb = train_losses(tmp_path / "one"), train_losses(tmp_path / "two")
+    la, lb = train_losses(tiny_run.workdir), train_losses(tmp_path / "two")
     np.testing.assert_allclose([lb[s] for s in sorted(lb)], [la[s] for s in sorted(la)], rtol=1e-5)
     np.testing.assert_allclose(two["validation"]["loss"], one["validation"]["loss"], rtol=1e-5)
 
@@ -112,9 +119,14 @@ def saved_layouts(workdir) -> dict:
 def test_two_devices_and_fsdp_match_one_device(tmp_path):
     args = ["train", f"--config={TINY}", "--config.model.dropout=0.1", "--config.train.steps=4"]
     args.append("--config.model.scan_layers=true")  # the stacked layout: its layer axis stays whole
-    one = run_cli([*args, f"--workdir={tmp_path}/one"], devices=1)
-    two = run_cli([*args, f"--workdir={tmp_path}/two"], devices=2)
-    fsdp = run_cli([*args, f"--workdir={tmp_path}/fsdp", "--config.mesh.fsdp=2"], devices=2)
+    # Two devices need a process of their own (XLA_FLAGS before jax starts): both at once,
+    # while this one (1 device) trains the reference.
+    with ThreadPoolExecutor(2) as pool:
+        two = pool.submit(run_cli, [*args, f"--workdir={tmp_path}/two"], devices=2)
+        fsdp_args = [*args, f"--workdir={tmp_path}/fsdp", "--config.mesh.fsdp=2"]
+        fsdp = pool.submit(run_cli, fsdp_args, devices=2)
+        one = cli_in_process([*args, f"--workdir={tmp_path}/one"])
+        two, fsdp = two.result(), fsdp.result()
     for out in (one, two, fsdp):
         assert out.returncode == 0, out.stderr[-3000:]
     assert "'data': 2" in two.stdout + two.stderr and "'fsdp': 2" in fsdp.stdout + fsdp.stderr
@@ -143,8 +155,40 @@ def test_two_devices_and_fsdp_match_one_device(tmp_path):
     assert split["params/h/attn/c_attn/kernel"][0] == (None, None, "fsdp")  # [L, C, 3C]
 
 
-def test_sigterm_saves_then_the_same_command_resumes_exactly(tmp_path):
-    steps = 60
+@pytest.fixture(scope="module")
+def forty_steps(tmp_path_factory):
+    """The uninterrupted run the interrupted ones must reproduce: 40 steps, saved at the end."""
+    return train_shared(
+        tmp_path_factory, "forty", **{"train.steps": 40, "train.checkpoint_every": 0}
+    )
+
+
+def test_an_executable_from_the_compilation_cache_trains_bit_identically(tmp_path):
+    """The suite runs on a persistent compilation cache (conftest.py): a run whose programs
+    come from it gives the metrics and weights of a run that compiled them."""
+    env = {"JAX_COMPILATION_CACHE_DIR": str(tmp_path / "xla_cache"), "JAX_LOG_COMPILES": "1"}
+    args = ["train", f"--config={TINY}", "--config.model.dropout=0.1", "--config.train.steps=3"]
+    cold = run_cli([*args, f"--workdir={tmp_path / 'cold'}"], env_extra=env)
+    warm = run_cli([*args, f"--workdir={tmp_path / 'warm'}"], env_extra=env)
+    for out in (cold, warm):
+        assert out.returncode == 0, out.stderr[-3000:]
+    hit = "Persistent compilation cache hit for 'jit_train_step'"
+    assert hit not in cold.stderr and hit in warm.stderr, warm.stderr[-3000:]
+
+    def metrics(workdir):  # every logged figure but the timings
+        lines = [json.loads(x) for x in (workdir / "metrics.jsonl").read_text().splitlines()]
+        return [{k: v for k, v in r.items() if "per_second" not in k and k != "mfu"} for r in lines]
+
+    assert metrics(tmp_path / "warm") == metrics(tmp_path / "cold")
+    jax.tree.map(
+        np.testing.assert_array_equal,
+        final_params(tmp_path / "warm"),
+        final_params(tmp_path / "cold"),
+    )
+
+
+def test_sigterm_saves_then_the_same_command_resumes_exactly(forty_steps, tmp_path):
+    steps = 40
     args = train_command(f"--config.train.steps={steps}", "--config.train.checkpoint_every=0")
     work = tmp_path / "killed"
     proc = subprocess.Popen(
@@ -170,9 +214,7 @@ def test_sigterm_saves_then_the_same_command_resumes_exactly(tmp_path):
     )
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert f"resumed from {work / 'checkpoints' / str(saved)}" in resumed.stdout + resumed.stderr
-    full = tmp_path / "full"
-    train_lib.train(tiny_config(**{"train.steps": steps, "train.checkpoint_every": 0}), full)
-    assert train_losses(work) == train_losses(full)
+    assert train_losses(work) == train_losses(forty_steps.workdir)
 
 
 def test_too_little_data_for_one_batch_is_a_clear_error_before_anything_is_written(tmp_path):
@@ -182,7 +224,7 @@ def test_too_little_data_for_one_batch_is_a_clear_error_before_anything_is_writt
     assert not (tmp_path / "run").exists()
 
 
-def test_kill_9_mid_run_then_the_same_command_resumes(tmp_path):
+def test_kill_9_mid_run_then_the_same_command_resumes(forty_steps, tmp_path):
     """kill -9 (no handler runs) while checkpoints are being written every step: the same
     command resumes from the last complete one, trains the losses of an uninterrupted run,
     and leaves no unfinished checkpoint directory behind."""
@@ -208,8 +250,7 @@ def test_kill_9_mid_run_then_the_same_command_resumes(tmp_path):
     lines = [json.loads(x) for x in (work / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in lines if r["split"] == "train"] == list(range(1, 41))
 
-    full = tmp_path / "full"
-    train_lib.train(tiny_config(**{"train.steps": 40, "train.checkpoint_every": 0}), full)
+    full = forty_steps.workdir
     assert train_losses(work) == train_losses(full)  # bitwise: same device count
     jax.tree.map(np.testing.assert_array_equal, final_params(work), final_params(full))
 
@@ -217,20 +258,18 @@ def test_kill_9_mid_run_then_the_same_command_resumes(tmp_path):
 # ---------------------------------------------------------------------- keep-N, eval splits
 
 
+PRUNED = {
+    "train.checkpoint_every": 1,
+    "train.keep_checkpoints": 2,
+    "eval.splits": "validation,train",
+}
+
+
 @pytest.fixture(scope="module")
 def pruned_run(tmp_path_factory):
     """6 tiny steps, a checkpoint every step of which 2 are kept, eval of two splits."""
-    workdir = tmp_path_factory.mktemp("pruned")
-    overrides = {
-        "train.checkpoint_every": 1,
-        "train.keep_checkpoints": 2,
-        "eval.splits": "validation,train",
-    }
-    with pytest.MonkeyPatch.context() as mp:  # conftest's autouse env is per test
-        mp.setenv("GPT2_JAX_CACHE", str(tmp_path_factory.getbasetemp() / "gpt2_jax_cache"))
-        mp.setenv("HF_DATASETS_OFFLINE", "1")
-        results = train_lib.train(tiny_config(**overrides), workdir)
-    return {"workdir": workdir, "overrides": overrides, "results": results}
+    run = train_shared(tmp_path_factory, "pruned", **PRUNED)
+    return {"workdir": run.workdir, "overrides": PRUNED, "results": run.results}
 
 
 def test_keep_checkpoints_prunes_all_but_the_newest(pruned_run):

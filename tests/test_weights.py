@@ -27,11 +27,9 @@ pytestmark = pytest.mark.filterwarnings("ignore:Sharding info not provided when 
 
 
 @pytest.fixture(scope="module")
-def six_steps(tmp_path_factory):
-    """A finished 6-step tiny run (dropout 0.1, scanned layers), checkpoints at 3 and 6."""
-    workdir = tmp_path_factory.mktemp("six") / "run"
-    train_lib.train(tiny_config(**{"model.dropout": 0.1}), workdir)
-    return workdir
+def six_steps(tiny_dropout_run):
+    """A finished 6-step tiny run (dropout 0.1), checkpoints at 3 and 6; shared: read only."""
+    return tiny_dropout_run.workdir
 
 
 def resumable_copy(src, dst):
