@@ -68,20 +68,20 @@ def test_budget_is_the_accelerators_limit_or_a_share_of_available_ram():
     assert preflight.device_budget(odd, 1) == (None, "unknown")
 
 
-def test_refusal_names_the_figures_and_what_to_change():
+def test_refusal_names_the_figures_and_what_to_change(tmp_path):
     est = preflight.MemoryEstimate(
         params=GiB, opt_state=2 * GiB, batch=0, temp=30 * GiB, peak=33 * GiB
     )
-    cfg = tiny_config()
-    preflight.check_fits(est, 40 * GiB, "test", cfg)  # fits: nothing happens
+    plan = plan_lib.training(tiny_config(), tmp_path / "a", 1)
+    preflight.check_fits(est, 40 * GiB, "test", plan)  # fits: nothing happens
     with pytest.raises(preflight.PreflightError) as e:
-        preflight.check_fits(est, 16 * GiB, "test budget", cfg)
+        preflight.check_fits(est, 16 * GiB, "test budget", plan)
     msg = str(e.value)
     assert "33.00 GiB" in msg and "16.00 GiB" in msg and "test budget" in msg
     for key in ("model.remat", "optim.accumulation_steps", "mesh.fsdp", "train.batch_size"):
         assert key in msg
     assert isinstance(e.value, config_lib.ConfigError)  # the CLI's one-line exit 2
-    remat = tiny_config(**{"model.remat": True})
+    remat = plan_lib.training(tiny_config(**{"model.remat": True}), tmp_path / "b", 1)
     with pytest.raises(preflight.PreflightError) as e:
         preflight.check_fits(est, GiB, "test", remat)
     assert "model.remat" not in str(e.value)  # already on: not advised

@@ -115,27 +115,27 @@ def device_budget(device, local_devices: int) -> tuple[int | None, str]:
     return None, "unknown"
 
 
-def advice(cfg) -> str:
-    """What to change, skipping what is already done."""
+def advice(plan) -> str:
+    """What to change, skipping what is already done (``plan``: the run's plan)."""
     tips = []
-    if not cfg.model.remat:
+    if not plan.model.remat:
         tips.append("--config.model.remat=True (recompute activations)")
     tips.append(
-        f"--config.optim.accumulation_steps={2 * cfg.optim.accumulation_steps} "
+        f"--config.optim.accumulation_steps={2 * plan.optim.accumulation_steps} "
         f"(smaller microbatches, same batch)"
     )
     tips.append("a larger --config.mesh.fsdp (shard parameters and optimizer state)")
-    tips.append(f"a smaller --config.train.batch_size (now {cfg.train.batch_size})")
+    tips.append(f"a smaller --config.train.batch_size (now {plan.train.batch_size})")
     return "; ".join(tips)
 
 
-def check_fits(est: MemoryEstimate, budget: int | None, source: str, cfg) -> None:
+def check_fits(est: MemoryEstimate, budget: int | None, source: str, plan) -> None:
     """Raises PreflightError when the predicted peak exceeds the budget."""
     if budget is None or est.peak <= budget:
         return
     raise PreflightError(
         f"memory preflight: {est.describe()} exceeds the {_gib(budget)} available "
-        f"({source}). Try {advice(cfg)}; or skip this check with --config.train.preflight=False"
+        f"({source}). Try {advice(plan)}; or skip this check with --config.train.preflight=False"
     )
 
 
@@ -152,18 +152,18 @@ def _processes_on_this_host() -> int:
 # ------------------------------------------------------------------ the train step
 
 
-def check_step(compiled, abstract_state, abstract_batch, cfg) -> MemoryEstimate | None:
+def check_step(compiled, abstract_state, abstract_batch, plan) -> MemoryEstimate | None:
     """Refuses a compiled train step that cannot fit in the devices' memory.
 
     ``compiled``: the jitted step, lowered and compiled on the run's mesh; the abstract
-    state and batch it was compiled for (ShapeDtypeStructs with shardings); ``cfg`` for
+    state and batch it was compiled for (ShapeDtypeStructs with shardings); ``plan`` for
     ``train.preflight`` and the advice. Raises PreflightError when it cannot fit; returns
     the estimate (None when skipped). With several processes all of them agree on the
     verdict (and this is a barrier: no process writes to the workdir before every one has
     decided where its weights come from).
     """
     est, budget, source = None, None, "unknown"
-    analysis = compiled.memory_analysis() if cfg.train.preflight else None
+    analysis = compiled.memory_analysis() if plan.train.preflight else None
     if analysis is not None:  # None: skipped, or a backend without the analysis
         est = estimate(analysis, abstract_state, abstract_batch)
         device = jax.local_devices()[0]
@@ -184,5 +184,5 @@ def check_step(compiled, abstract_state, abstract_batch, cfg) -> MemoryEstimate 
         limit = f"of {_gib(budget)} ({source})" if budget is not None else "(budget unknown)"
         print(f"preflight: {est.describe()} {limit}", file=sys.stderr, flush=True)
     if est is not None:
-        check_fits(est, budget, source, cfg)
+        check_fits(est, budget, source, plan)
     return est
