@@ -28,7 +28,7 @@ _API = {
     "save_pretrained": "gpt2_jax.weights.hf",
     "generate": "gpt2_jax.evaluation.generate",
     "generate_batch": "gpt2_jax.evaluation.generate",
-    "GPT2JaxLM": "gpt2_jax.evaluation.harness",
+    "GPT2JaxLM": "gpt2_jax.evaluation.harness.lm",
     "get_tokenizer": "gpt2_jax.data.tokenizer",
     "UserError": "gpt2_jax.errors",
 }

@@ -280,9 +280,9 @@ def _preflight(cfg, workdir) -> preflight.MemoryEstimate | None:
     """What ``train.loop.train`` runs before it writes anything: the plan, the one step
     build (the ahead-of-time compile) and the memory preflight of that compiled step."""
     plan = plan_lib.training(cfg, workdir, jax.device_count())
-    plan = plan_lib.with_data(plan, cfg, steps_per_epoch=1)  # train.steps is set: unused
-    step = step_lib.build_step(cfg, plan)
-    return preflight.check_step(step.compiled, step.abstract_state, step.abstract_batch, cfg)
+    plan = plan_lib.with_data(plan, steps_per_epoch=1)  # train.steps is set: unused
+    step = step_lib.build_step(plan)
+    return preflight.check_step(step.compiled, step.abstract_state, step.abstract_batch, plan)
 
 
 def test_preflight_reads_the_device_limit_and_refuses_what_cannot_fit(

@@ -97,7 +97,7 @@ def test_resume_applies_remat_and_dropout_and_records_them(
         seen.append(model_cfg)
         return original(*args, model_cfg=model_cfg, **kw)
 
-    monkeypatch.setattr(train_lib, "train_step", spy)
+    monkeypatch.setattr(step_lib, "train_step", spy)
     work = resumable_copy(six_steps, tmp_path / "w")
     train_lib.train(tiny_config(**{"model.remat": True, "model.dropout": 0.0}), work)
     assert seen and seen[0].remat and seen[0].resid_pdrop == seen[0].attn_pdrop == 0.0

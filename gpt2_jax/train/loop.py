@@ -116,7 +116,7 @@ def _harness_hook(plan: plan_lib.Plan, workdir: Path):
             "pip install 'gpt2_jax[eval]'"
         ) from None
     try:
-        return harness.TrainingHook(plan, plan.model, workdir)
+        return harness.TrainingHook(plan, workdir)
     except harness.HarnessError as e:
         raise config_lib.ConfigError(str(e)) from None
 

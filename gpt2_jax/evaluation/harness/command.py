@@ -32,7 +32,7 @@ def command_args(model_args: str, workdir, step, init_from, batch_size) -> dict:
     if not args.get("workdir") and not args.get("init_from"):
         raise HarnessError("give --workdir=DIR (a trained run) or --init_from=hf:<dir or hub id>")
     if args.get("init_from"):
-        config_lib.parse_init_from(str(args["init_from"]))
+        config_lib.init_from_spec(str(args["init_from"]))
     return args
 
 

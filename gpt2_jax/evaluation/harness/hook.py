@@ -7,12 +7,10 @@ from pathlib import Path
 
 import jax
 
-from gpt2_jax.config import plan as plan_lib
 from gpt2_jax.core import workdir as wd
 from gpt2_jax.evaluation.harness import results
 from gpt2_jax.evaluation.harness import tasks as tasks_lib
 from gpt2_jax.evaluation.harness.lm import GPT2JaxLM
-from gpt2_jax.model import config as gpt2_config
 
 
 class TrainingHook:
@@ -25,9 +23,10 @@ class TrainingHook:
     executables compile once) and gets each step's params.
     """
 
-    def __init__(self, cfg, model_cfg: gpt2_config.GPT2Config, workdir):
-        e = cfg.eval
-        self.model_cfg = model_cfg
+    def __init__(self, plan, workdir):
+        """``plan``: the run's plan (its eval section, eval batch, seed and model)."""
+        e = plan.eval
+        self.model_cfg = plan.model
         self.workdir = Path(workdir)
         self.tasks, self.manager = tasks_lib.load_tasks(
             e.harness_tasks,
@@ -35,10 +34,10 @@ class TrainingHook:
             flag="eval.harness_tasks",
             path_flag="eval.harness_include_path",
         )
-        self.batch_size = plan_lib.eval_batch(cfg, jax.device_count())
+        self.batch_size = plan.eval_batch
         self.limit = e.harness_limit or None
         self.num_fewshot = None if e.harness_num_fewshot < 0 else e.harness_num_fewshot
-        self.seed = cfg.train.seed
+        self.seed = plan.train.seed
         self.lm: GPT2JaxLM | None = None
 
     def __call__(self, step: int, params: dict) -> dict[str, float]:
