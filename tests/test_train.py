@@ -167,6 +167,7 @@ def test_an_executable_from_the_compilation_cache_trains_bit_identically(tmp_pat
     come from it gives the metrics and weights of a run that compiled them."""
     env = {"JAX_COMPILATION_CACHE_DIR": str(tmp_path / "xla_cache"), "JAX_LOG_COMPILES": "1"}
     args = ["train", f"--config={TINY}", "--config.model.dropout=0.1", "--config.train.steps=3"]
+    args.append("--config.train.report_to=none")  # no TensorBoard writer: not what is checked
     cold = run_cli([*args, f"--workdir={tmp_path / 'cold'}"], env_extra=env)
     warm = run_cli([*args, f"--workdir={tmp_path / 'warm'}"], env_extra=env)
     for out in (cold, warm):
