@@ -94,6 +94,32 @@ def train_losses(workdir) -> dict:
     return {r["step"]: r["loss"] for r in lines if r["split"] == "train"}
 
 
+def last_json(stdout: str, n: int = 1) -> list[dict]:
+    """The last ``n`` lines of a command's stdout, each a JSON record."""
+    import json
+
+    return [json.loads(line) for line in stdout.strip().splitlines()[-n:]]
+
+
+def checkpoint_params(workdir):
+    """The params of a run's latest checkpoint, restored as saved (no target shardings)."""
+    from gpt2_jax.weights import checkpoint as ckpt_lib
+
+    ckpt = ckpt_lib.Checkpointer(Path(workdir) / "checkpoints", read_only=True)
+    return ckpt.restore(None)["params"]
+
+
+def tree_max_abs_diff(a, b) -> float:
+    """The largest |a - b| over the leaves of two trees of one structure."""
+    import jax
+
+    assert jax.tree.structure(a) == jax.tree.structure(b)
+    return max(
+        float(np.max(np.abs(np.asarray(x) - np.asarray(y))))
+        for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True)
+    )
+
+
 def snapshot(root) -> dict:
     """Every file under ``root``: {relative path: (size, mtime_ns, sha256)}. "Untouched" means
     equal: nothing added, deleted, rewritten or touched."""
@@ -192,6 +218,29 @@ def random_hf_model(seed: int = 0, **config):
             is_ln_scale = name.endswith(("ln_1.weight", "ln_2.weight", "ln_f.weight"))
             p.copy_(1.0 + 0.2 * torch.randn_like(p) if is_ln_scale else 0.1 * torch.randn_like(p))
     return m
+
+
+def torch_loss(m, blocks: np.ndarray) -> float:
+    """Hugging Face's shifted loss over equal-length blocks [N, T] (= mean of per-block losses)."""
+    import torch
+
+    ids = torch.as_tensor(np.asarray(blocks), dtype=torch.long)
+    with torch.no_grad():
+        return float(m(ids, labels=ids).loss)
+
+
+def torch_greedy(m, prompt: list[int], n: int) -> tuple[list[int], float]:
+    """Greedy continuation ids and the smallest top-1 / top-2 logit gap along the way."""
+    import torch
+
+    ids, gap = list(prompt), np.inf
+    with torch.no_grad():
+        for _ in range(n):
+            logits = m(torch.as_tensor([ids], dtype=torch.long)).logits[0, -1]
+            top2 = torch.topk(logits, 2).values
+            gap = min(gap, float(top2[0] - top2[1]))
+            ids.append(int(logits.argmax()))
+    return ids, gap
 
 
 def torch_sliding_window(m, ids: np.ndarray, max_length: int, stride: int) -> tuple[float, int]:

@@ -1,8 +1,6 @@
-"""The `gpt2-jax` command line end to end, as a new user runs it.
-
-What a command computes is checked through ``cli.main`` in this process (the code behind
-``python -m gpt2_jax`` after start-up); what only a process shows (exit codes, nothing on
-stderr but the one error line, the console script) through ``python -m gpt2_jax``.
+"""The `gpt2-jax` command line end to end, as a new user runs it: what a command computes
+through ``cli.main`` in this process, what only a process shows (exit codes, stderr holding
+just the error line, the console script) through ``python -m gpt2_jax``.
 
 A tiny random Hugging Face GPT-2 (2 layers, n_embd 32, the full 50257 vocabulary) is the
 starting point; PyTorch's GPT2LMHeadModel is the reference for every number checked:
@@ -20,7 +18,6 @@ import sys
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-import jax
 import numpy as np
 import pytest
 import torch
@@ -40,7 +37,7 @@ from gpt2_jax.weights import checkpoint as ckpt_lib
 from gpt2_jax.weights import hf
 
 from . import helpers
-from .helpers import ROOT, cli_in_process, run_cli, snapshot, torch_sliding_window
+from .helpers import ROOT, checkpoint_params, cli_in_process, last_json, run_cli, snapshot
 
 CONFIG = f"{ROOT / 'configs' / 'gpt2_wikitext2.py'}:local"
 SHAPE = dict(n_layer=2, n_head=2, n_embd=32, n_positions=64, vocab_size=50257)
@@ -63,29 +60,6 @@ def random_hf_model(seed: int = 0, **sizes):
     return helpers.random_hf_model(seed, **{**SHAPE, **sizes})
 
 
-def torch_loss(m, blocks: np.ndarray) -> float:
-    """Hugging Face's shifted loss over equal-length blocks [N, T] (= mean of per-block losses)."""
-    ids = torch.as_tensor(np.asarray(blocks), dtype=torch.long)
-    with torch.no_grad():
-        return float(m(ids, labels=ids).loss)
-
-
-def torch_greedy(m, prompt: list[int], n: int) -> tuple[list[int], float]:
-    """Greedy continuation ids and the smallest top-1 / top-2 logit gap along the way."""
-    ids, gap = list(prompt), np.inf
-    with torch.no_grad():
-        for _ in range(n):
-            logits = m(torch.as_tensor([ids], dtype=torch.long)).logits[0, -1]
-            top2 = torch.topk(logits, 2).values
-            gap = min(gap, float(top2[0] - top2[1]))
-            ids.append(int(logits.argmax()))
-    return ids, gap
-
-
-def last_json(stdout: str, n: int = 1) -> list[dict]:
-    return [json.loads(line) for line in stdout.strip().splitlines()[-n:]]
-
-
 def assert_user_error(proc, command: str, *needles: str) -> None:
     """Exit code 2, no traceback, exactly one 'gpt2-jax CMD: error:' line naming the thing."""
     err = proc.stderr
@@ -100,29 +74,13 @@ def assert_user_error(proc, command: str, *needles: str) -> None:
         assert needle in message, (needle, err[-3000:])
 
 
-def tree_max_abs_diff(a, b) -> float:
-    assert jax.tree.structure(a) == jax.tree.structure(b)
-    return max(
-        float(np.max(np.abs(np.asarray(x) - np.asarray(y))))
-        for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True)
-    )
-
-
-def checkpoint_params(workdir: Path):
-    return ckpt_lib.Checkpointer(workdir / "checkpoints", read_only=True).restore(None)["params"]
-
-
 # ---------------------------------------------------------------------- fixtures
 
 
 @pytest.fixture(scope="module")
 def env(tmp_path_factory):
-    """What conftest's (function-scoped) autouse fixture sets, for module-scoped runs too."""
-    return {
-        "GPT2_JAX_CACHE": str(tmp_path_factory.getbasetemp() / "gpt2_jax_cache"),
-        "HF_HUB_OFFLINE": "1",
-        "HF_DATASETS_OFFLINE": "1",
-    }
+    """What conftest's (function-scoped) autouse fixture sets, for the processes started."""
+    return helpers.isolation_env(tmp_path_factory.getbasetemp())
 
 
 def cli_run(args, env, **kw):
@@ -135,15 +93,6 @@ def cli_runs(arg_lists, env):
     """Several independent commands, two at a time (most of each is Python/JAX start-up)."""
     with ThreadPoolExecutor(2) as pool:
         return list(pool.map(lambda args: cli_run(args, env), arg_lists))
-
-
-def cli_main(args, env):
-    """A command through cli.main in this process (what it computes, without the start-up),
-    under ``env`` (module-scoped fixtures run outside conftest's per-test environment)."""
-    with pytest.MonkeyPatch.context() as mp:
-        for key, value in env.items():
-            mp.setenv(key, value)
-        return cli_in_process(args)
 
 
 @pytest.fixture(scope="module")
@@ -226,21 +175,23 @@ def train_args(workdir: Path, hf_dir: Path, texts, steps: int) -> list[str]:
 
 
 @pytest.fixture(scope="module")
-def run(tmp_path_factory, hf_model, texts, env):
+def run(tmp_path_factory, hf_model, texts):
     """`gpt2-jax train` for 2 steps from a private copy of the Hugging Face directory."""
     root = tmp_path_factory.mktemp("run")
     hf_copy = root / "hf_for_training"
     shutil.copytree(hf_model[1], hf_copy)
     workdir = root / "workdir"
-    proc = cli_main(train_args(workdir, hf_copy, texts, steps=2), env)
+    with helpers.isolated(tmp_path_factory.getbasetemp()):
+        proc = cli_in_process(train_args(workdir, hf_copy, texts, steps=2))
     assert proc.returncode == 0, proc.stderr[-3000:]
     return {"workdir": workdir, "hf": hf_copy, "proc": proc}
 
 
 @pytest.fixture(scope="module")
-def exported(run, env, tmp_path_factory):
+def exported(run, tmp_path_factory):
     out = tmp_path_factory.mktemp("export") / "hf_out"
-    proc = cli_main(["export", f"--workdir={run['workdir']}", f"--out={out}"], env)
+    with helpers.isolated(tmp_path_factory.getbasetemp()):
+        proc = cli_in_process(["export", f"--workdir={run['workdir']}", f"--out={out}"])
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert f"wrote {out}" in proc.stdout
     return out
@@ -249,11 +200,11 @@ def exported(run, env, tmp_path_factory):
 # ---------------------------------------------------------------------- 1. eval from hf:
 
 
-def test_eval_init_from_hf_matches_pytorch(hf_model, texts, env, hf_tokenizer):
+def test_eval_init_from_hf_matches_pytorch(hf_model, texts, hf_tokenizer):
     m, hf_dir = hf_model
     base = ["eval", f"--config={CONFIG}", f"--config.init_from=hf:{hf_dir}", *data_args(texts)]
-    blocks_run = cli_main([*base, "--config.train.progress=false"], env)
-    window_run = cli_main([*base, "--config.eval.stride=32"], env)
+    blocks_run = cli_in_process([*base, "--config.train.progress=false"])
+    window_run = cli_in_process([*base, "--config.eval.stride=32"])
     for proc in (blocks_run, window_run):
         assert proc.returncode == 0, proc.stderr[-3000:]
 
@@ -263,7 +214,7 @@ def test_eval_init_from_hf_matches_pytorch(hf_model, texts, env, hf_tokenizer):
     blocks = run_clm_blocks(texts["validation"], hf_tokenizer)
     assert len(blocks) >= 3 * EVAL_BATCH  # several batches, the last one padded or not
     assert res["tokens"] == len(blocks) * (BLOCK - 1)
-    np.testing.assert_allclose(res["loss"], torch_loss(m, blocks), rtol=1e-5)
+    np.testing.assert_allclose(res["loss"], helpers.torch_loss(m, blocks), rtol=1e-5)
     np.testing.assert_allclose(res["perplexity"], np.exp(res["loss"]), rtol=1e-9)
     assert "eval:" not in blocks_run.stderr  # train.progress=false silences the bar
 
@@ -272,7 +223,7 @@ def test_eval_init_from_hf_matches_pytorch(hf_model, texts, env, hf_tokenizer):
     assert {"split", "loss", "perplexity", "tokens", "windows"} <= set(win)
     assert isinstance(win["windows"], int) and isinstance(win["scored_tokens"], int)
     _, stream = run_clm_tokens(texts["validation"], hf_tokenizer)
-    ref_loss, ref_tokens = torch_sliding_window(m, np.asarray(stream), BLOCK, 32)
+    ref_loss, ref_tokens = helpers.torch_sliding_window(m, np.asarray(stream), BLOCK, 32)
     assert win["tokens"] == ref_tokens
     np.testing.assert_allclose(win["loss"], ref_loss, rtol=1e-5)
     assert win["windows"] == -(-(len(stream) - BLOCK) // 32) + 1
@@ -312,14 +263,14 @@ def test_train_from_hf_starts_at_its_weights(run, hf_model, texts, hf_tokenizer)
     # Step 1's loss is computed on the unchanged weights: torch's loss on the first batch.
     blocks = run_clm_blocks(texts["train"], hf_tokenizer)
     first = blocks[data.BatchLoader(len(blocks), 4, seed=0).indices(0)]
-    np.testing.assert_allclose(train_loss[1], torch_loss(m, first), rtol=2e-5)
+    np.testing.assert_allclose(train_loss[1], helpers.torch_loss(m, first), rtol=2e-5)
     (final,) = last_json(run["proc"].stdout)
     assert final["split"] == "validation" and final["tokens"] == EVAL_BATCH * (BLOCK - 1)
 
     # The checkpoint is the HF weights moved by two small AdamW steps (|update| <~ lr each);
     # any other init (scratch is std 0.02 vs these std-0.1 weights) would be ~0.1 away.
     _, hf_params = hf.load_pretrained(hf_dir)
-    diff = tree_max_abs_diff(checkpoint_params(workdir), hf_params)
+    diff = helpers.tree_max_abs_diff(checkpoint_params(workdir), hf_params)
     assert 0 < diff < 5 * 2 * LR, diff
 
     saved = json.loads((workdir / "config.json").read_text())
@@ -328,14 +279,14 @@ def test_train_from_hf_starts_at_its_weights(run, hf_model, texts, hf_tokenizer)
     assert got == SHAPE and saved["model"]["size"] == ""
 
 
-def test_train_rerun_resumes_without_the_hf_weights(run, texts, env, tmp_path):
+def test_train_rerun_resumes_without_the_hf_weights(run, texts, tmp_path):
     workdir = tmp_path / "workdir"
     shutil.copytree(run["workdir"], workdir)
     before = (workdir / "metrics.jsonl").read_text().splitlines()
     hidden = run["hf"].with_name("hf_moved_away")
     run["hf"].rename(hidden)  # the same command must not need (or reload) them
     try:
-        proc = cli_main(train_args(workdir, run["hf"], texts, steps=3), env)
+        proc = cli_in_process(train_args(workdir, run["hf"], texts, steps=3))
     finally:
         hidden.rename(run["hf"])
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -344,7 +295,7 @@ def test_train_rerun_resumes_without_the_hf_weights(run, texts, env, tmp_path):
     lines = (workdir / "metrics.jsonl").read_text().splitlines()
     steps = [(r["step"], r["split"]) for r in map(json.loads, lines)]
     assert lines[: len(before)] == before and (3, "train") in steps
-    diff = tree_max_abs_diff(checkpoint_params(workdir), checkpoint_params(run["workdir"]))
+    diff = helpers.tree_max_abs_diff(checkpoint_params(workdir), checkpoint_params(run["workdir"]))
     assert 0 < diff < 5 * LR  # one more small step from step 2, not a reload
 
 
@@ -378,14 +329,14 @@ def test_export_loads_in_transformers_with_the_same_logits(run, exported, capfd)
     assert tok(text)["input_ids"] == tokenizer.get_tokenizer().encode_ordinary(text)
 
 
-def test_export_refuses_a_non_empty_dir_unless_overwrite(run, exported, env):
+def test_export_refuses_a_non_empty_dir_unless_overwrite(run, exported):
     before = snapshot(exported)
     args = ["export", f"--workdir={run['workdir']}", f"--out={exported}"]
-    refused = cli_main(args, env)
+    refused = cli_in_process(args)
     assert_user_error(refused, "export", str(exported), "--overwrite")
     assert snapshot(exported) == before
     assert sorted(p.name for p in exported.parent.iterdir()) == [exported.name]  # no temp dir
-    again = cli_main([*args, "--overwrite"], env)
+    again = cli_in_process([*args, "--overwrite"])
     assert again.returncode == 0, again.stderr[-3000:]
     after = snapshot(exported)
     assert sorted(after) == sorted(before)
@@ -394,31 +345,30 @@ def test_export_refuses_a_non_empty_dir_unless_overwrite(run, exported, env):
     assert after["model.safetensors"][mtime] != before["model.safetensors"][mtime]  # rewritten
 
 
-def test_eval_of_the_run_matches_its_export(run, exported, texts, env, hf_tokenizer):
-    proc = cli_main(
+def test_eval_of_the_run_matches_its_export(run, exported, texts, hf_tokenizer):
+    proc = cli_in_process(
         [
             "eval",
             f"--workdir={run['workdir']}",
             "--config.eval.max_batches=2",
             "--config.train.progress=false",
-        ],
-        env,
+        ]
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     (res,) = last_json(proc.stdout)
     blocks = run_clm_blocks(texts["validation"], hf_tokenizer)[: 2 * EVAL_BATCH]
     assert res["tokens"] == blocks.size - len(blocks)
     loaded = transformers.GPT2LMHeadModel.from_pretrained(exported).eval()
-    np.testing.assert_allclose(res["loss"], torch_loss(loaded, blocks), rtol=1e-5)
+    np.testing.assert_allclose(res["loss"], helpers.torch_loss(loaded, blocks), rtol=1e-5)
 
 
 # ---------------------------------------------------------------------- 4. generate
 
 
-def test_generate_greedy_from_workdir_and_hf(run, exported, hf_model, env):
+def test_generate_greedy_from_workdir_and_hf(run, exported, hf_model):
     greedy = ["--prompt=Hello", "--max_new_tokens=5", "--temperature=0"]
     first, second, from_hf = (
-        cli_main(args, env)
+        cli_in_process(args)
         for args in (
             ["generate", f"--workdir={run['workdir']}", *greedy],
             ["generate", f"--workdir={run['workdir']}", *greedy],
@@ -432,12 +382,12 @@ def test_generate_greedy_from_workdir_and_hf(run, exported, hf_model, env):
     enc = tokenizer.get_tokenizer()
     trained = transformers.GPT2LMHeadModel.from_pretrained(exported).eval()
     for proc, reference in ((first, trained), (from_hf, hf_model[0])):
-        ids, gap = torch_greedy(reference, enc.encode_ordinary("Hello"), 5)
+        ids, gap = helpers.torch_greedy(reference, enc.encode_ordinary("Hello"), 5)
         if gap > 1e-3:  # no near-tie that float rounding could flip
             assert proc.stdout == tokenizer.decode(enc, ids) + "\n"
 
 
-def test_generate_seed_controls_sampling(hf_model, env):
+def test_generate_seed_controls_sampling(hf_model):
     sample = [
         "generate",
         f"--init_from=hf:{hf_model[1]}",
@@ -447,7 +397,7 @@ def test_generate_seed_controls_sampling(hf_model, env):
         "--top_k=0",
     ]
     a, a_again, b = (
-        cli_main([*sample, seed], env) for seed in ("--seed=0", "--seed=0", "--seed=1")
+        cli_in_process([*sample, seed]) for seed in ("--seed=0", "--seed=0", "--seed=1")
     )
     for proc in (a, a_again, b):
         assert proc.returncode == 0, proc.stderr[-3000:]

@@ -22,6 +22,7 @@ from gpt2_jax.weights import checkpoint as ckpt_lib
 from .helpers import (
     ROOT,
     TINY,
+    checkpoint_params,
     cli_in_process,
     copy_run,
     run_cli,
@@ -30,13 +31,8 @@ from .helpers import (
     train_shared,
 )
 
-# final_params restores a checkpoint as saved (no target shardings): Orbax says so each time.
+# checkpoint_params restores a checkpoint as saved (no target shardings): Orbax says so each time.
 pytestmark = pytest.mark.filterwarnings("ignore:Sharding info not provided when restoring")
-
-
-def final_params(workdir):
-    ckpt = ckpt_lib.Checkpointer(workdir / "checkpoints", read_only=True)
-    return ckpt.restore(None)["params"]
 
 
 def train_command(*overrides: str) -> list[str]:
@@ -73,7 +69,7 @@ def test_resume_gives_the_losses_of_an_uninterrupted_run(tiny_dropout_run, tmp_p
     shutil.rmtree(part / "checkpoints" / "6")  # as if the run had died after step 3
     train_lib.train(tiny_config(**{"model.dropout": 0.1}), part)
     assert train_losses(part) == train_losses(full)  # bitwise: same device count
-    a, b = final_params(full), final_params(part)
+    a, b = checkpoint_params(full), checkpoint_params(part)
     jax.tree.map(np.testing.assert_array_equal, a, b)
 
 
@@ -168,6 +164,7 @@ def test_an_executable_from_the_compilation_cache_trains_bit_identically(tmp_pat
     come from it gives the metrics and weights of a run that compiled them."""
     env = {"JAX_COMPILATION_CACHE_DIR": str(tmp_path / "xla_cache"), "JAX_LOG_COMPILES": "1"}
     args = ["train", f"--config={TINY}", "--config.model.dropout=0.1", "--config.train.steps=3"]
+    args.append("--config.train.report_to=none")  # no TensorBoard writer: not what is checked
     cold = run_cli([*args, f"--workdir={tmp_path / 'cold'}"], env_extra=env)
     warm = run_cli([*args, f"--workdir={tmp_path / 'warm'}"], env_extra=env)
     for out in (cold, warm):
@@ -182,8 +179,8 @@ def test_an_executable_from_the_compilation_cache_trains_bit_identically(tmp_pat
     assert metrics(tmp_path / "warm") == metrics(tmp_path / "cold")
     jax.tree.map(
         np.testing.assert_array_equal,
-        final_params(tmp_path / "warm"),
-        final_params(tmp_path / "cold"),
+        checkpoint_params(tmp_path / "warm"),
+        checkpoint_params(tmp_path / "cold"),
     )
 
 
@@ -252,7 +249,7 @@ def test_kill_9_mid_run_then_the_same_command_resumes(forty_steps, tmp_path):
 
     full = forty_steps.workdir
     assert train_losses(work) == train_losses(full)  # bitwise: same device count
-    jax.tree.map(np.testing.assert_array_equal, final_params(work), final_params(full))
+    jax.tree.map(np.testing.assert_array_equal, checkpoint_params(work), checkpoint_params(full))
 
 
 # ---------------------------------------------------------------------- keep-N, eval splits
@@ -297,7 +294,7 @@ def test_each_eval_split_is_scored_on_its_own_blocks(pruned_run):
     model_cfg = config_lib.model_config(cfg)
     for split in ("validation", "train"):
         want = evaluate.eval_blocks(
-            model_cfg, final_params(workdir), blocks[split][np.arange(n)], cfg.eval.batch_size
+            model_cfg, checkpoint_params(workdir), blocks[split][np.arange(n)], cfg.eval.batch_size
         )
         assert results[split]["tokens"] == want["tokens"] == n * (cfg.data.block_size - 1)
         np.testing.assert_allclose(results[split]["loss"], want["loss"], rtol=1e-5)
