@@ -80,13 +80,17 @@ def setup(tmp_path_factory):
 def _evaluate(model, setup, tasks=TASKS, **kwargs):
     import lm_eval
 
-    return lm_eval.simple_evaluate(
-        model=model,
-        tasks=list(tasks),
-        task_manager=setup["manager"],
-        log_samples=True,
-        **kwargs,
-    )
+    from gpt2_jax.evaluation.harness import results as results_lib
+
+    # lm-eval's own backend in this (JAX, multithreaded) process: no forked bootstrap pool.
+    with results_lib.bootstrap_in_process():
+        return lm_eval.simple_evaluate(
+            model=model,
+            tasks=list(tasks),
+            task_manager=setup["manager"],
+            log_samples=True,
+            **kwargs,
+        )
 
 
 @pytest.fixture(scope="module")
@@ -267,7 +271,7 @@ def test_bootstrap_switch_is_scoped_to_the_call(monkeypatch):
 
     monkeypatch.delenv("DISABLE_MULTIPROC", raising=False)
     forks = multiprocessing.get_start_method(allow_none=True) in (None, "fork")
-    with results._bootstrap_in_process():
+    with results.bootstrap_in_process():
         assert os.environ.get("DISABLE_MULTIPROC") == ("1" if forks else None)
     assert "DISABLE_MULTIPROC" not in os.environ
 

@@ -21,7 +21,7 @@ _PER_TASK = ("results", "groups", "group_subtasks", "configs", "versions", "n-sh
 
 
 @contextlib.contextmanager
-def _bootstrap_in_process():
+def bootstrap_in_process():
     """lm-eval's bootstrap (perplexity stderr) runs a multiprocessing pool: forked from a
     process running XLA's threads it can deadlock. ``gpt2-jax lm-eval`` starts its pools
     from a fork server (cli/main.py); otherwise lm-eval's documented switch,
@@ -58,7 +58,7 @@ def run(
 
     if seed[2] is not None:
         lm.seed = int(seed[2])
-    with _bootstrap_in_process():
+    with bootstrap_in_process():
         return lm_eval.simple_evaluate(
             model=lm,
             tasks=list(tasks),
