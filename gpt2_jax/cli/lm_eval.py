@@ -26,9 +26,7 @@ def cmd_lm_eval(args, overrides) -> int:
             f"lm-eval takes no --config.{bad[0]} (only --config.distributed.*; model settings "
             f"go in --model_args)"
         )
-    cfg = config_lib.base_config()
-    cfg.lock()
-    config_lib.apply_overrides(cfg, overrides)
+    cfg = config_lib.for_weights(None, "", overrides)  # the defaults + distributed.* flags
     sharding.maybe_initialize_distributed(cfg.distributed)  # under launch, or a cluster
     results, path, written = harness.evaluate_command(
         tasks=args.tasks,
