@@ -229,9 +229,9 @@ def test_blocked_attention_equals_the_plain_attention(T):
     after the value matmul) against the training one, with and without a segment mask."""
     qkv = jax.random.normal(jax.random.PRNGKey(T), (2, T, 3 * 48))
     segments = (jnp.arange(T)[None, :] >= jnp.asarray([[T // 3], [T // 2]])).astype(int)
-    for mask in (None, attention.segment_mask(segments)):
-        want = attention.xla_attention(qkv, 3, None, mask)
-        got = attention.blocked_attention(qkv, 3, mask, block=128)
+    for seg in (None, segments):
+        want = attention.xla_attention(qkv, 3, None, seg)
+        got = attention.blocked_attention(qkv, 3, seg, block=128)
         np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
     small = attention.blocked_attention(qkv, 3, None, block=16)
     np.testing.assert_allclose(small, attention.xla_attention(qkv, 3), rtol=1e-5, atol=1e-6)

@@ -439,6 +439,12 @@ def validate(
     s.eval.validate()
     s.mesh.validate(num_devices)
     s.data.validate()  # DataError: missing files, empty globs, ...
+    require(
+        not (s.eval.stride and s.data.examples),
+        "eval.stride",
+        f"the sliding window reads one token stream (data.format='text'); data.format="
+        f"{s.data.format!r} evaluates each example's targets: set eval.stride=0",
+    )
     return mcfg
 
 

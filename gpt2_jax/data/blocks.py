@@ -64,8 +64,13 @@ class Blocks:
 
 
 def load_splits(data_cfg: DataConfig, splits=("train", "validation")) -> dict[str, Blocks]:
-    """Loads, tokenizes (cached) and groups each split; ``{split: Blocks}``."""
+    """Loads, tokenizes (cached) and groups each split; ``{split: Blocks}``, or for the SFT
+    formats ``{split: examples.Examples}`` (rows of one or, packed, several examples)."""
     data_cfg.validate()
+    if data_cfg.examples:  # one example a row (prompt_completion, messages)
+        from gpt2_jax.data.examples import load_examples
+
+        return {name: load_examples(data_cfg, name) for name in splits}
     specs = {name: splits_lib.split_spec(data_cfg, name) for name in splits}  # errors first
     out = {}
     for name, spec in specs.items():

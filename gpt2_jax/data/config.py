@@ -17,6 +17,7 @@ from gpt2_jax.data import sources
 from gpt2_jax.data.sources import DataError
 
 ENCODING_ERRORS = ("strict", "replace", "ignore", "backslashreplace")
+FORMATS = ("text", "prompt_completion", "messages")
 BUILTIN_PYDOC = "pydoc_topics"
 
 
@@ -46,6 +47,16 @@ class DataConfig:
     num_threads: int = 0  # the old name of num_proc (used when num_proc is 0)
     encoding_errors: str = "strict"  # undecodable bytes in local text files: strict | replace | ...
     max_rows: int = 0  # 0 = all; else only the first N rows of each split (quick runs)
+    # What a row is (docs/finetuning.md): 'text' (concatenated into blocks, every token a
+    # target), 'prompt_completion' or 'messages' (one example a row, loss on the completion /
+    # assistant turns only).
+    format: str = "text"
+    prompt_column: str = "prompt"  # prompt_completion: the columns holding the two strings
+    completion_column: str = "completion"
+    messages_column: str = "messages"  # messages: a list of {role, content} a row
+    chat_template: str = ""  # messages: a Jinja template (text, or a .jinja file); '' = the default
+    packing: bool = False  # SFT formats: examples share rows (best-fit decreasing), each alone
+    document_mask: bool = False  # text: attention and positions restart at every <|endoftext|>
 
     @classmethod
     def from_mapping(cls, mapping) -> DataConfig:
@@ -95,7 +106,35 @@ class DataConfig:
             raise DataError(
                 "data.validation_fraction and data.validation_rows are both set; set one of them"
             )
+        self._check_format()
         self._check_sources()
+
+    @property
+    def examples(self) -> bool:
+        """True for the SFT formats: one example a row, targets masked (data.examples)."""
+        return self.format != "text"
+
+    def _check_format(self) -> None:
+        if self.format not in FORMATS:
+            close = difflib.get_close_matches(self.format, FORMATS, n=1)
+            hint = f" (did you mean {close[0]!r}?)" if close else ""
+            raise DataError(f"data.format={self.format!r} is not one of {list(FORMATS)}{hint}")
+        if self.packing and not self.examples:
+            raise DataError(
+                "data.packing packs whole examples of the prompt_completion and messages "
+                "formats; for the text format use data.document_mask=true (with "
+                "data.append_eos=true): attention and positions restart at every <|endoftext|>"
+            )
+        if self.document_mask and self.examples:
+            raise DataError(
+                f"data.document_mask applies to the text format; data.format={self.format!r} "
+                "keeps examples apart already (data.packing=true packs them, each alone)"
+            )
+        if self.document_mask and not self.append_eos:
+            raise DataError(
+                "data.document_mask=true needs data.append_eos=true: documents are told apart "
+                "by the <|endoftext|> appended after each row"
+            )
 
     def _check_sources(self) -> None:
         name = self.dataset

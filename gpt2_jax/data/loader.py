@@ -32,6 +32,7 @@ class BatchLoader:
         *,
         shuffle: bool = True,
         block_size: int | None = None,
+        unit: str = "blocks",
     ):
         if global_batch_size <= 0 or global_batch_size % process_count:
             raise DataError(
@@ -50,7 +51,7 @@ class BatchLoader:
         if self.steps_per_epoch == 0:
             what = f" of {block_size} tokens" if block_size else ""
             raise DataError(
-                f"{self.num_examples} blocks{what} < global batch "
+                f"{self.num_examples} {unit}{what} < global batch "
                 f"{self.global_batch_size}: use a smaller batch or block_size, or more data"
             )
 

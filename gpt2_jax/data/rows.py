@@ -34,7 +34,8 @@ def load_rows(data_cfg: DataConfig, spec: dict) -> RowSource:
             "data.validation_split_percentage > 0, data.validation_fraction > 0 or "
             "data.validation_files"
         )
-    if isinstance(rows, datasets.Dataset):  # streamed rows are checked as they come
+    text = "format" not in spec  # the SFT formats check their own columns (data.examples)
+    if text and isinstance(rows, datasets.Dataset):  # streamed rows are checked as they come
         sources.check_text_column(column, rows.column_names, rows.features.get(column))
     return source
 

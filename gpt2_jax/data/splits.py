@@ -24,6 +24,8 @@ def split_spec(data_cfg: DataConfig, split: str) -> dict:
     """
     name = data_cfg.dataset
     spec = dict(split=split, text_column=data_cfg.text_column)
+    if data_cfg.examples:  # the text format's spec (and so its cache keys) stays as it was
+        spec.update(format=data_cfg.format, columns=list(example_columns(data_cfg)))
     if name == BUILTIN_PYDOC:
         spec.update(kind="pydoc", holdout=holdout(data_cfg, split), topics_sha=pydoc.pydoc_sha())
     elif name:
@@ -75,6 +77,13 @@ def _files_spec(data_cfg: DataConfig, split: str) -> dict:
         holdout=cut,
         encoding_errors=data_cfg.encoding_errors,
     )
+
+
+def example_columns(data_cfg: DataConfig) -> tuple[str, ...]:
+    """The columns an example of the SFT formats is read from, in order."""
+    if data_cfg.format == "messages":
+        return (data_cfg.messages_column,)
+    return (data_cfg.prompt_column, data_cfg.completion_column)
 
 
 def holdout(data_cfg: DataConfig, split: str):

@@ -265,6 +265,9 @@ def cache_report(blocks: dict) -> str:
     token cache was reused. ``blocks``: ``{split: Blocks}`` as ``load_splits`` returns."""
     infos = {name: b.cache for name, b in blocks.items() if getattr(b, "cache", None)}
     parts, covered = [], set()
+    for name, b in blocks.items():  # examples (the SFT formats): tokenized each run
+        if hasattr(b, "report"):
+            parts.append(f"{name}: {b.report()}")
     for info in infos.values():
         if info.built and not covered.intersection(info.splits):
             covered.update(info.splits)
@@ -280,7 +283,7 @@ def cache_report(blocks: dict) -> str:
     if reused:
         parts.append(f"{' + '.join(reused)} from the token cache")
     if not infos:
-        return ""
+        return "; ".join(parts)
     root = Path(next(iter(infos.values())).path).parent
     return "; ".join(parts) + f" ({root})"
 

@@ -18,6 +18,8 @@ import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec
 from tqdm import tqdm
 
+from gpt2_jax.data.tokenizer import EOT_ID
+from gpt2_jax.model.attention import document_segments
 from gpt2_jax.model.config import GPT2Config
 from gpt2_jax.model.gpt2 import GPT2
 from gpt2_jax.model.losses import token_nll
@@ -25,26 +27,42 @@ from gpt2_jax.model.losses import token_nll
 # ------------------------------------------------------------------ jitted pieces
 
 
-@functools.partial(jax.jit, static_argnames="model_cfg")
+def _logits(model_cfg: GPT2Config, params: dict, input_ids: jax.Array, document_mask: bool):
+    """[B, T, V] logits; ``document_mask``: attention and positions restart at every
+    ``<|endoftext|>`` (as the run trained with ``data.document_mask``)."""
+    positions = segments = None
+    if document_mask:
+        positions, segments = document_segments(input_ids, EOT_ID)
+    return GPT2(model_cfg).apply(
+        {"params": params}, input_ids, positions=positions, segment_ids=segments
+    )
+
+
+@functools.partial(jax.jit, static_argnames=("model_cfg", "document_mask"))
 def _blocks_nll_sum(
-    model_cfg: GPT2Config, params: dict, input_ids: jax.Array, weights: jax.Array
+    model_cfg: GPT2Config,
+    params: dict,
+    input_ids: jax.Array,
+    weights: jax.Array,
+    document_mask: bool = False,
 ) -> jax.Array:
     """input_ids: [B, T] int32, weights: [B] float32 (0 = padding) -> float32 scalar.
 
     The weighted sum of the B * (T - 1) shifted next-token NLLs.
     """
-    logits = GPT2(model_cfg).apply({"params": params}, input_ids)  # [B, T, V]
+    logits = _logits(model_cfg, params, input_ids, document_mask)  # [B, T, V]
     nll = token_nll(logits, input_ids)  # [B, T - 1]
     return jnp.sum(nll.sum(axis=-1) * weights)
 
 
-@functools.partial(jax.jit, static_argnames="model_cfg")
+@functools.partial(jax.jit, static_argnames=("model_cfg", "document_mask"))
 def _windows_nll(
     model_cfg: GPT2Config,
     params: dict,
     input_ids: jax.Array,
     target_mask: jax.Array,
     hf_weights: jax.Array,
+    document_mask: bool = False,
 ) -> tuple[jax.Array, jax.Array]:
     """Sliding-window sums for one batch of padded windows.
 
@@ -53,11 +71,26 @@ def _windows_nll(
     mean NLL in Hugging Face's reference (0 for padding windows).
     Returns float32 scalars (sum of scored NLLs, sum of hf_weights * window mean NLL).
     """
-    logits = GPT2(model_cfg).apply({"params": params}, input_ids)  # [B, L, V]
+    logits = _logits(model_cfg, params, input_ids, document_mask)  # [B, L, V]
     nll = token_nll(logits, input_ids) * target_mask  # [B, L - 1]
     window_sum = nll.sum(axis=-1)  # [B]
     window_mean = window_sum / jnp.maximum(target_mask.sum(axis=-1), 1.0)
     return window_sum.sum(), jnp.sum(window_mean * hf_weights)
+
+
+@functools.partial(jax.jit, static_argnames="model_cfg")
+def _examples_nll(model_cfg: GPT2Config, params: dict, batch: dict) -> tuple[jax.Array, jax.Array]:
+    """One batch of SFT rows (``data.examples.Examples``' dict of [B, T] arrays) -> (sum of
+    the targets' NLLs, their count), float32 scalars."""
+    logits = GPT2(model_cfg).apply(
+        {"params": params},
+        batch["input_ids"],
+        positions=batch.get("positions"),
+        segment_ids=batch.get("segment_ids"),
+    )
+    mask = batch["loss_mask"][:, 1:]
+    nll = jnp.where(mask, token_nll(logits, batch["input_ids"]), 0.0)
+    return jnp.sum(nll), jnp.sum(mask, dtype=jnp.float32)
 
 
 # ------------------------------------------------------------------ shared plumbing
@@ -156,6 +189,7 @@ def eval_blocks(
     *,
     batch_sharding: NamedSharding | None = None,
     progress: bool = True,
+    document_mask: bool = False,
 ) -> dict:
     """Mean next-token NLL over fixed blocks, as run_clm.py's ``eval_loss``.
 
@@ -189,9 +223,40 @@ def eval_blocks(
             ids = np.asarray(blocks[idx], dtype=np.int32)
             yield put(ids), put(weights)
 
-    step = functools.partial(_blocks_nll_sum, model_cfg, params)
+    step = functools.partial(_blocks_nll_sum, model_cfg, params, document_mask=document_mask)
     sums = _run(step, batches(), n_batches, progress, "eval")
     return _result(math.fsum(float(s) for s in sums), n * (T - 1))
+
+
+def eval_examples(
+    model_cfg: GPT2Config,
+    params: dict,
+    examples,
+    batch_size: int,
+    *,
+    batch_sharding: NamedSharding | None = None,
+    progress: bool = True,
+) -> dict:
+    """Mean NLL over the target tokens of SFT rows (``data.examples.Examples``, or its
+    first rows): the training loss's definition, over the split. Rows are padded to whole
+    batches with rows of no target. Returns ``{"loss", "perplexity", "tokens"}`` (tokens:
+    the targets scored)."""
+    n = len(examples)
+    put = _placer(batch_size, batch_sharding)
+    params = _place_params(params, batch_sharding)
+    lo, hi = local_rows(batch_size, batch_sharding)
+
+    def batches():
+        for start in range(0, n, batch_size):
+            idx = np.arange(start + lo, start + hi)
+            rows = examples[np.where(idx < n, idx, 0)]
+            rows["loss_mask"] &= (idx < n)[:, None]  # padding rows score nothing
+            yield ({k: put(v) for k, v in rows.items()},)
+
+    step = functools.partial(_examples_nll, model_cfg, params)
+    out = _run(step, batches(), -(-n // batch_size), progress, "eval")
+    total, count = math.fsum(float(s) for s, _ in out), int(sum(float(c) for _, c in out))
+    return _result(total, max(count, 1)) | {"tokens": count}
 
 
 # ------------------------------------------------------------------ sliding window
@@ -253,6 +318,7 @@ def eval_sliding_window(
     *,
     batch_sharding: NamedSharding | None = None,
     progress: bool = True,
+    document_mask: bool = False,
 ) -> dict:
     """Hugging Face's "perplexity of fixed-length models" over one token stream.
 
@@ -293,7 +359,7 @@ def eval_sliding_window(
                 put(x) for x in _window_batch(tokens, np.concatenate([rows, pad]), max_length)
             )
 
-    step = functools.partial(_windows_nll, model_cfg, params)
+    step = functools.partial(_windows_nll, model_cfg, params, document_mask=document_mask)
     out = _run(step, batches(), n_batches, progress, "eval (sliding window)")
     exact_sum = math.fsum(float(s) for s, _ in out)
     hf_sum = math.fsum(float(w) for _, w in out)
@@ -346,18 +412,17 @@ def evaluate_splits(plan, params, splits: dict, mesh, progress: bool) -> list[di
                 batch_size=batch_size,
                 batch_sharding=sharding.batch_sharding(mesh),
                 progress=progress,
+                document_mask=d.document_mask,
             )
         else:
             if e.max_batches:
                 blocks = _Head(blocks, e.max_batches * batch_size)
-            res = eval_blocks(
-                model_cfg,
-                params,
-                blocks,
-                batch_size,
-                batch_sharding=sharding.batch_sharding(mesh),
-                progress=progress,
-            )
+            kwargs = dict(batch_sharding=sharding.batch_sharding(mesh), progress=progress)
+            if d.examples:
+                res = eval_examples(model_cfg, params, blocks, batch_size, **kwargs)
+            else:
+                kwargs["document_mask"] = d.document_mask
+                res = eval_blocks(model_cfg, params, blocks, batch_size, **kwargs)
         out.append(
             {
                 "split": name,

@@ -18,22 +18,22 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from gpt2_jax.model.attention import Attention, segment_mask
+from gpt2_jax.model.attention import Attention
 from gpt2_jax.model.config import DTYPES, GPT2Config
 from gpt2_jax.model.layers import MLP, layer_norm
 
 
 class Block(nn.Module):
-    """One pre-LayerNorm transformer block: [B, T, C] -> [B, T, C] (``mask`` as
+    """One pre-LayerNorm transformer block: [B, T, C] -> [B, T, C] (``segment_ids`` as
     ``Attention``'s)."""
 
     model_cfg: GPT2Config
     scanned: bool = False  # nn.scan wants a (carry, out) pair back
 
     @nn.compact
-    def __call__(self, x: jax.Array, deterministic: bool, mask=None):
+    def __call__(self, x: jax.Array, deterministic: bool, segment_ids=None):
         h = layer_norm(self.model_cfg, "ln_1")(x)
-        x = x + Attention(self.model_cfg, name="attn")(h, deterministic, mask)
+        x = x + Attention(self.model_cfg, name="attn")(h, deterministic, segment_ids)
         x = x + MLP(self.model_cfg, name="mlp")(
             layer_norm(self.model_cfg, "ln_2")(x), deterministic
         )
@@ -88,7 +88,6 @@ class GPT2(nn.Module):
             name="wpe",
         )
         x = wte(input_ids) + wpe(jnp.arange(T)[None, :] if positions is None else positions)
-        mask = None if segment_ids is None else segment_mask(segment_ids)
         x = nn.Dropout(model_cfg.embd_pdrop)(x, deterministic=deterministic)
 
         block = nn.remat(Block, static_argnums=(2,)) if model_cfg.remat else Block
@@ -99,10 +98,10 @@ class GPT2(nn.Module):
                 split_rngs={"params": True, "dropout": True},
                 in_axes=(nn.broadcast, nn.broadcast),
                 length=model_cfg.n_layer,
-            )(model_cfg, scanned=True, name="h")(x, deterministic, mask)
+            )(model_cfg, scanned=True, name="h")(x, deterministic, segment_ids)
         else:
             for i in range(model_cfg.n_layer):
-                x = block(model_cfg, name=f"h_{i}")(x, deterministic, mask)
+                x = block(model_cfg, name=f"h_{i}")(x, deterministic, segment_ids)
 
         x = layer_norm(model_cfg, "ln_f")(x)  # (B, T, C)
         if return_hidden:

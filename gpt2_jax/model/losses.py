@@ -1,6 +1,6 @@
 """The loss heads: GPT-2's tied output head turned into next-token log-probabilities.
 
-One family, four variants, each for one caller; all give the same numbers where they
+One family, five variants, each for one caller; all give the same numbers where they
 overlap (tests/test_model.py holds each to full logits, directly or through another):
 
 - ``token_nll``: from full logits [B, T, V] (``GPT2(...)``'s output); the reference,
@@ -13,6 +13,8 @@ overlap (tests/test_model.py holds each to full logits, directly or through anot
 - ``mean_token_nll``: the training head. Its mean over the batch, the logits formed
   ``HEAD_CHUNK`` rows at a time with the gradient computed alongside (a ``custom_vjp``),
   so neither the batch's logits nor their gradient ever exist whole.
+- ``weighted_token_nll_sum``: the training head of the SFT formats and packed rows: the
+  chunked head with a weight per prediction (0 outside the completion, and on padding).
 - ``scored_logprobs``: the lm-eval harness's head. Log-probabilities of chosen targets at
   chosen positions of each row, and whether each target is the argmax (greedy), the
   logits formed ``SCORE_CHUNK`` positions at a time, against the real (unpadded) ``wte``.
@@ -117,14 +119,53 @@ def mean_token_nll(
     return _chunked_nll(h, wte, targets, chunk)
 
 
+def weighted_token_nll_sum(
+    hidden: jax.Array,
+    wte: jax.Array,
+    input_ids: jax.Array,
+    weights: jax.Array,
+    chunk: int = HEAD_CHUNK,
+) -> jax.Array:
+    """``sum(hidden_token_nll(...) * weights)`` for training, never holding the logits.
+
+    weights: [B, T - 1] float32, each prediction's share of the loss: for the SFT formats
+    ``loss_mask[:, 1:] / (target tokens in the global batch)``, so the sums of a step's
+    microbatches add up to the mean over its targets (Hugging Face's
+    ``num_items_in_batch``). A row of zero weights contributes 0, never a NaN. The same
+    chunked head as ``mean_token_nll`` beyond ``chunk`` predictions.
+    """
+    B, T, C = hidden.shape
+    if B * (T - 1) <= chunk:
+        return jnp.sum(hidden_token_nll(hidden, wte, input_ids) * weights)
+    h = hidden[:, :-1].reshape(-1, C)
+    targets = input_ids[:, 1:].reshape(-1).astype(jnp.int32)
+    return _chunked_wnll(h, wte, targets, weights.reshape(-1).astype(jnp.float32), chunk)
+
+
 @functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
 def _chunked_nll(h: jax.Array, wte: jax.Array, targets: jax.Array, chunk: int) -> jax.Array:
     """h [N, C], wte [V, C], targets [N] int32 -> the mean NLL (float32 scalar)."""
     return _chunked_nll_fwd(h, wte, targets, chunk)[0]
 
 
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
+def _chunked_wnll(h, wte, targets, weights, chunk: int) -> jax.Array:
+    """h [N, C], wte [V, C], targets [N] int32, weights [N] f32 -> sum(nll * weights)."""
+    return _chunked_wnll_fwd(h, wte, targets, weights, chunk)[0]
+
+
 def _chunked_nll_fwd(h, wte, targets, chunk):
     """The loss, and as residuals the finished gradients dh [N, C] and dwte [V, C]."""
+    return _chunked_head(h, wte, targets, None, chunk)
+
+
+def _chunked_wnll_fwd(h, wte, targets, weights, chunk):
+    loss, (dh, dw, targets) = _chunked_head(h, wte, targets, weights, chunk)
+    return loss, (dh, dw, targets, weights)
+
+
+def _chunked_head(h, wte, targets, weights, chunk):
+    """Both heads' forward pass: ``weights`` None is the mean (each real row 1 / N)."""
     N, C = h.shape
     V = wte.shape[0]
     w = _padded_head(wte, h.dtype)  # (Vp, C)
@@ -133,21 +174,28 @@ def _chunked_nll_fwd(h, wte, targets, chunk):
     pad = n_chunks * chunk - N
     hs = jnp.pad(h, ((0, pad), (0, 0))).reshape(n_chunks, chunk, C)
     ts = jnp.pad(targets, (0, pad)).reshape(n_chunks, chunk)
-    real = (jnp.arange(n_chunks * chunk) < N).reshape(n_chunks, chunk)
+    if weights is None:
+        rs = (jnp.arange(n_chunks * chunk) < N).reshape(n_chunks, chunk)
+    else:  # padding rows weigh 0
+        rs = jnp.pad(weights, (0, pad)).reshape(n_chunks, chunk)
 
     def one_chunk(dw_t, xs):
         hc, tc, rc = xs  # (chunk, C), (chunk,), (chunk,)
         logits, logz = _logits_logz(hc, w, V)  # (chunk, Vp), (chunk,)
-        nll = jnp.where(rc, logz - _picked(logits, tc), 0.0)
-        weight = (rc / N)[:, None]  # d(mean)/d(nll); 0 on padding rows
+        if weights is None:
+            nll = jnp.where(rc, logz - _picked(logits, tc), 0.0)
+            weight = (rc / N)[:, None]  # d(mean)/d(nll); 0 on padding rows
+        else:
+            nll = (logz - _picked(logits, tc)) * rc
+            weight = rc[:, None]
         dlogits = jnp.exp(logits - logz[:, None]) * weight - jax.nn.one_hot(tc, Vp) * weight
         dlogits = dlogits.astype(h.dtype)
         dh = jnp.einsum("nv,vc->nc", dlogits, w, preferred_element_type=jnp.float32)
         dw_t = dw_t + jnp.einsum("nc,nv->cv", hc, dlogits, preferred_element_type=jnp.float32)
         return dw_t, (jnp.sum(nll), dh)
 
-    dw_t, (nll, dh) = jax.lax.scan(one_chunk, jnp.zeros((C, Vp), jnp.float32), (hs, ts, real))
-    loss = jnp.sum(nll) / N
+    dw_t, (nll, dh) = jax.lax.scan(one_chunk, jnp.zeros((C, Vp), jnp.float32), (hs, ts, rs))
+    loss = jnp.sum(nll) / N if weights is None else jnp.sum(nll)
     dh = dh.reshape(n_chunks * chunk, C)[:N].astype(h.dtype)
     dw = dw_t.T[:V].astype(wte.dtype)
     return loss, (dh, dw, targets)
@@ -161,7 +209,15 @@ def _chunked_nll_bwd(chunk, res, g):
     return (g * dh).astype(dh.dtype), (g * dw).astype(dw.dtype), zero_targets
 
 
+def _chunked_wnll_bwd(chunk, res, g):
+    """As ``_chunked_nll_bwd``; the weights are data: a zero cotangent."""
+    dh, dw, targets, weights = res
+    grads = _chunked_nll_bwd(chunk, (dh, dw, targets), g)
+    return (*grads, jnp.zeros_like(weights))
+
+
 _chunked_nll.defvjp(_chunked_nll_fwd, _chunked_nll_bwd)
+_chunked_wnll.defvjp(_chunked_wnll_fwd, _chunked_wnll_bwd)
 
 
 def _score_chunk(B: int, C: int, head_rows: int) -> int:

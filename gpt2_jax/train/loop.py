@@ -74,7 +74,7 @@ def run_plan(plan: plan_lib.Plan, workdir: Path) -> dict:
     # ("train" may be an eval split too)
     loader = data_lib.BatchLoader(
         len(splits["train"]), plan.train.batch_size, plan.train.seed, jax.process_index(),
-        jax.process_count(),
+        jax.process_count(), unit="rows of examples" if plan.data.examples else "blocks",
     )  # fmt: skip
     data = _Data(splits["train"], {name: splits[name] for name in plan.eval.splits}, loader)
     plan = plan_lib.with_data(plan, data.loader.steps_per_epoch)
@@ -293,10 +293,14 @@ class _Run:
                     if hook.due(self.step):
                         hook.fn(self.step)
 
-    def _batch(self, step: int) -> jax.Array:
-        local = self.data.train[self.data.loader.indices(step)]  # [B / processes, T]
-        local = local.reshape(self.plan.optim.accumulation_steps, -1, local.shape[-1])
-        return sharding.put_batch(local, self.step_build.batch_sharding)  # [accum, micro, T]
+    def _batch(self, step: int):
+        # [B / processes, T] tokens, or (SFT formats) a dict of such arrays
+        local = self.data.train[self.data.loader.indices(step)]
+        accum, sh = self.plan.optim.accumulation_steps, self.step_build.batch_sharding
+        # -> [accum, micro, T] each
+        return jax.tree.map(
+            lambda x: sharding.put_batch(x.reshape(accum, -1, x.shape[-1]), sh), local
+        )
 
     # ---------------------------------------------------------------- the hooks
 

@@ -18,7 +18,9 @@ import numpy as np
 import optax
 
 from gpt2_jax.config import plan as plan_lib
+from gpt2_jax.data.tokenizer import EOT_ID
 from gpt2_jax.model import config as gpt2_config
+from gpt2_jax.model import attention
 from gpt2_jax.model import gpt2 as model_lib
 from gpt2_jax.model import losses as losses_lib
 from gpt2_jax.optim import optimizer as optim
@@ -51,21 +53,51 @@ def init_state(
 
 def loss_fn(
     params,
-    batch: jax.Array,
+    batch,
     dropout_rng: jax.Array,
     *,
     model_cfg: gpt2_config.GPT2Config,
     deterministic: bool = False,
+    document_mask: bool = False,
+    num_targets: jax.Array | None = None,
 ) -> jax.Array:
-    """Mean next-token cross-entropy over a batch [B, T] (each block's T-1 predictions)."""
+    """The loss of one microbatch.
+
+    ``batch`` [B, T] int (the text format): the mean next-token cross-entropy over each
+    block's T - 1 predictions; with ``document_mask`` attention and positions restart at
+    every ``<|endoftext|>`` (``attention.document_segments``), every prediction still a
+    target. ``batch`` a dict (the SFT formats, ``data.examples``: ``input_ids``,
+    ``loss_mask``, and packed ``positions``, ``segment_ids``, all [B, T]): the sum of the
+    targets' NLLs divided by ``num_targets``, the target count of the whole step's batch.
+    """
+    if isinstance(batch, dict):
+        ids, positions, segments = batch["input_ids"], batch.get("positions"), batch.get("segment_ids")
+    else:
+        ids, positions, segments = batch, None, None
+        if document_mask:
+            positions, segments = attention.document_segments(ids, EOT_ID)
     hidden = model_lib.GPT2(model_cfg).apply(
         {"params": params},
-        batch,
+        ids,
         deterministic=deterministic,
         return_hidden=True,
+        positions=positions,
+        segment_ids=segments,
         rngs={"dropout": dropout_rng},
     )
-    return losses_lib.mean_token_nll(hidden, params["wte"]["embedding"], batch)
+    wte = params["wte"]["embedding"]
+    if not isinstance(batch, dict):
+        return losses_lib.mean_token_nll(hidden, wte, ids)
+    weights = batch["loss_mask"][:, 1:].astype(jnp.float32) / num_targets
+    return losses_lib.weighted_token_nll_sum(hidden, wte, ids, weights)
+
+
+def count_targets(batch) -> jax.Array | None:
+    """The target tokens of a step's whole batch (at least 1: no targets gives loss 0, not
+    NaN); None for the text format, whose loss is a mean of means."""
+    if not isinstance(batch, dict):
+        return None
+    return jnp.maximum(jnp.sum(batch["loss_mask"], dtype=jnp.float32), 1.0)
 
 
 def train_step(
@@ -75,21 +107,30 @@ def train_step(
     model_cfg: gpt2_config.GPT2Config,
     tx: optax.GradientTransformation,
     skip_nonfinite: bool = False,
+    document_mask: bool = False,
 ) -> tuple[TrainState, dict]:
-    """One optimizer update from ``batch`` [accum, micro_batch, T] int32.
+    """One optimizer update from ``batch`` [accum, micro_batch, T] int32 (or, the SFT
+    formats, a dict of such arrays: ``loss_fn``).
 
-    Gradients of the ``accum`` microbatches are averaged by a scan inside the step (every
-    block has the same T-1 targets, so this is the mean over all tokens).
+    Gradients of the ``accum`` microbatches are accumulated by a scan inside the step. Text:
+    averaged (every block has the same T-1 targets, so this is the mean over all tokens).
+    SFT: summed, each microbatch's sum already divided by the target count of the whole
+    batch, so any ``accum`` gives the same mean over its targets (``num_items_in_batch``).
     ``skip_nonfinite``: a non-finite loss or gradient norm leaves params and optimizer
     state as they were (the step counter still advances).
     """
     rng = jax.random.fold_in(state["rng"], state["step"])
-    grad_fn = jax.value_and_grad(functools.partial(loss_fn, model_cfg=model_cfg))
-    accum = batch.shape[0]
+    num_targets = count_targets(batch)
+    grad_fn = jax.value_and_grad(
+        functools.partial(
+            loss_fn, model_cfg=model_cfg, document_mask=document_mask, num_targets=num_targets
+        )
+    )
+    accum = jax.tree.leaves(batch)[0].shape[0]
     params = state["params"]
 
     if accum == 1:
-        loss, grads = grad_fn(params, batch[0], jax.random.fold_in(rng, 0))
+        loss, grads = grad_fn(params, jax.tree.map(lambda x: x[0], batch), jax.random.fold_in(rng, 0))
     else:
 
         def micro(carry, xs):
@@ -99,7 +140,8 @@ def train_step(
 
         zeros = (jnp.zeros((), jnp.float32), jax.tree.map(jnp.zeros_like, params))
         (loss, grads), _ = jax.lax.scan(micro, zeros, (batch, jnp.arange(accum)))
-        loss, grads = jax.tree.map(lambda x: x / accum, (loss, grads))
+        if num_targets is None:  # text: the mean of the microbatches' means
+            loss, grads = jax.tree.map(lambda x: x / accum, (loss, grads))
 
     grad_norm = optax.global_norm(grads)
     new_params, opt_state = tx.apply(grads, state["opt_state"], params)  # optim.Fused...
@@ -117,6 +159,22 @@ def train_step(
 
 
 # ------------------------------------------------------------------ the step builder
+
+
+def batch_spec(plan: plan_lib.Plan, lead: tuple[int, ...], batch_sh=None):
+    """The abstract batch of ``plan``'s data: [*lead, T] int32 token blocks (text), or the
+    SFT formats' dict (``data.examples.Examples``' arrays)."""
+    shape = (*lead, plan.data.block_size)
+
+    def spec(dtype):
+        return jax.ShapeDtypeStruct(shape, dtype, sharding=batch_sh)
+
+    if not plan.data.examples:
+        return spec(np.int32)
+    out = {"input_ids": spec(np.int32), "loss_mask": spec(np.bool_)}
+    if plan.data.packing:
+        out.update(positions=spec(np.int32), segment_ids=spec(np.int32))
+    return out
 
 
 @dataclasses.dataclass(frozen=True)
@@ -152,12 +210,13 @@ def build_step(plan: plan_lib.Plan) -> Step:
     abstract_state = jax.tree.map(
         lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, state_sh
     )
-    abstract_batch = jax.ShapeDtypeStruct(
-        (accum, plan.micro_batch, plan.data.block_size), np.int32, sharding=batch_sh
-    )
+    abstract_batch = batch_spec(plan, (accum, plan.micro_batch), batch_sh)
     skip = plan.train.nonfinite == "skip"
+    doc = plan.data.document_mask
     jitted = jax.jit(
-        functools.partial(train_step, model_cfg=plan.model, tx=tx, skip_nonfinite=skip),
+        functools.partial(
+            train_step, model_cfg=plan.model, tx=tx, skip_nonfinite=skip, document_mask=doc
+        ),
         in_shardings=(state_sh, batch_sh),
         out_shardings=(state_sh, None),
         donate_argnums=0,

@@ -88,7 +88,7 @@ def start_summary(
         _row("malloc", allocator.state() or "not tuned (allocator.tune() not called)"),
         _row("batch", _batch(t["batch_size"], o.get("accumulation_steps", 1), block)),
         _row("steps", steps),
-        _row("blocks", f"{per_split} (of {block} tokens)"),
+        _row(*_rows_line(d, per_split, block)),
         *([_row("data", data)] if data else []),
         _row(
             "optimizer", f"lr {o['learning_rate']:g}, {o['schedule']}, warmup {o['warmup_steps']}"
@@ -97,6 +97,15 @@ def start_summary(
         _row("workdir", str(workdir)),
     ]
     return "\n".join(lines)
+
+
+def _rows_line(d: dict, per_split: str, block: int) -> tuple[str, str]:
+    """The summary's row of examples a split: blocks of text, or the SFT formats' rows."""
+    if d.get("format", "text") == "text":
+        mask = ", attention within each document" if d.get("document_mask") else ""
+        return "blocks", f"{per_split} (of {block} tokens{mask})"
+    how = "packed, each example alone" if d.get("packing") else "one example each, right-padded"
+    return "rows", f"{per_split} (of {block} tokens, {how}; loss on the completion tokens)"
 
 
 def _batch(batch_size: int, accum: int, block: int) -> str:
