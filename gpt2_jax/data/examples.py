@@ -18,7 +18,7 @@ skipped (counted: ``skipped``); a split where every example is skipped is an err
 
 ``Examples`` serves rows of ``block_size`` tokens: one example a row, right-padded, or with
 ``data.packing`` several a row, best-fit decreasing, each with its own ``segment_ids`` and
-``positions`` from 0 (``pack``). ``examples[idx]`` is a dict of [len(idx), block_size]
+``positions`` from 0 (``best_fit_decreasing``). ``examples[idx]`` is a dict of [len(idx), block_size]
 arrays: ``input_ids``, ``loss_mask`` (token t is a target: the prediction made at t - 1
 counts; never the first token of an example, never padding) and, packed, ``positions`` and
 ``segment_ids`` (padding: segment 0).
@@ -37,11 +37,10 @@ from gpt2_jax.data.config import DataConfig
 from gpt2_jax.data.sources import DataError, say
 
 EOS = "<|endoftext|>"
-READ_ROWS = 1024
 
 
 @dataclasses.dataclass
-class Stats:
+class ExampleStats:
     """What tokenizing a split found (the run summary's data line)."""
 
     rows: int = 0  # rows read
@@ -60,7 +59,7 @@ def common_prefix(a: np.ndarray, b: np.ndarray) -> int:
     return int(differ[0]) if len(differ) else n
 
 
-def _encode(enc, text: str) -> np.ndarray:
+def _encode_text(enc, text: str) -> np.ndarray:
     # Hugging Face's tokenizer reads "<|endoftext|>" in text as the special token: so here.
     return np.asarray(enc.encode(text, allowed_special={EOS}), np.int32)
 
@@ -69,7 +68,7 @@ def prompt_completion(enc, prompt: str, completion: str) -> tuple[np.ndarray, np
     """(ids int32 [n], target bool [n]) of one row, as TRL 1.16 tokenizes it."""
     if not completion.endswith(EOS):
         completion += EOS
-    prompt_ids, ids = _encode(enc, prompt), _encode(enc, prompt + completion)
+    prompt_ids, ids = _encode_text(enc, prompt), _encode_text(enc, prompt + completion)
     target = np.zeros(len(ids), bool)
     target[common_prefix(prompt_ids, ids) :] = True
     return ids, target
@@ -145,10 +144,10 @@ def load_examples(data_cfg: DataConfig, split: str) -> Examples:
     selection = source.selections[spec["split"]]
     encode = _encoder(data_cfg)
     columns = list(splits.example_columns(data_cfg))
-    block, stats = data_cfg.block_size, Stats()
+    block, stats = data_cfg.block_size, ExampleStats()
     ids_list, target_list = [], []
     row = 0
-    for table in sources.tables(source, 0, READ_ROWS):
+    for table in sources.tables(source, 0, corpus.READ_ROWS):
         if row == 0:
             _check_columns(data_cfg, table.column_names, source.what)
         n = len(table)
@@ -187,7 +186,7 @@ def load_examples(data_cfg: DataConfig, split: str) -> Examples:
 # ---------------------------------------------------------------- packing
 
 
-def pack(lengths: np.ndarray, capacity: int) -> list[list[int]]:
+def best_fit_decreasing(lengths: np.ndarray, capacity: int) -> list[list[int]]:
     """Best-fit decreasing: example indices per row, each row's lengths summing to at most
     ``capacity``. Longest first (ties by index); each goes to the row with the least room
     that fits it, else a new row. Deterministic; O(n log n + n * distinct room sizes)."""
@@ -226,8 +225,12 @@ class Examples:
         self.offsets = np.concatenate([[0], np.cumsum(self.lengths)])
         self.tokens = np.concatenate(ids).astype(np.int32)
         self.targets = np.concatenate(targets).astype(bool)
-        self.stats = stats or Stats(rows=len(ids))
-        self.rows = pack(self.lengths, self.block_size) if packing else [[i] for i in range(len(ids))]
+        self.stats = stats or ExampleStats(rows=len(ids))
+        self.rows = (
+            best_fit_decreasing(self.lengths, self.block_size)
+            if packing
+            else [[i] for i in range(len(ids))]
+        )
         self.cache = None  # token_cache.cache_report reads it: not cached
 
     def __len__(self) -> int:

@@ -348,7 +348,6 @@ def eval_sliding_window(
     put = _placer(batch_size, batch_sharding)
     params = _place_params(params, batch_sharding)
     n_batches = -(-len(plan) // batch_size)
-
     lo, hi = local_rows(batch_size, batch_sharding)
 
     def batches():
