@@ -115,7 +115,12 @@ def _resolve_targets(target_modules: Any, n_layer: int, source: str) -> tuple[st
         return lora.MODULES
     if not target_modules or not isinstance(target_modules, (str, list, tuple)):
         raise PeftError(f"{source}: target_modules={target_modules!r} names no module")
-    if not isinstance(target_modules, str):
+    if isinstance(target_modules, str):
+        try:
+            re.compile(target_modules)
+        except re.error as e:
+            raise PeftError(f"{source}: target_modules={target_modules!r}: bad regex ({e})") from e
+    else:
         target_modules = [str(t) for t in target_modules]
         names = [f"transformer.h.{i}.{m}" for i in range(n_layer) for m in lora.MODULES]
         for t in target_modules:
