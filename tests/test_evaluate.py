@@ -92,10 +92,10 @@ params = model.init_params(cfg, jax.random.PRNGKey(0))
 ids = np.load(sys.argv[2])
 seen = []
 for name in ("_blocks_nll_sum", "_windows_nll"):
-    def spy(cfg, params, input_ids, *rest, _real=getattr(evaluate, name)):
+    def spy(cfg, params, input_ids, *rest, _real=getattr(evaluate, name), **kw):
         seen.append([len(input_ids.sharding.device_set), input_ids.shape[0],
                      input_ids.addressable_shards[0].data.shape[0]])
-        return _real(cfg, params, input_ids, *rest)
+        return _real(cfg, params, input_ids, *rest, **kw)
     setattr(evaluate, name, spy)
 batch = NamedSharding(Mesh(np.array(jax.devices()), ("data",)), PartitionSpec("data"))
 blocks = ids[: 11 * 64].reshape(11, 64)  # batch 4: 3 batches, the last one padded

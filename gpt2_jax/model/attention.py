@@ -168,8 +168,10 @@ class Attention(nn.Module):
     def __call__(self, x: jax.Array, deterministic: bool, segment_ids=None) -> jax.Array:
         model_cfg = self.model_cfg
         C = x.shape[-1]
-        qkv = dense(model_cfg, 3 * C, "c_attn", model_cfg.initializer_range)(x)  # (B, T, 3C)
+        qkv = dense(
+            model_cfg, 3 * C, "c_attn", model_cfg.initializer_range, "attn.c_attn", deterministic
+        )(x)  # (B, T, 3C)
         dropout = lambda a: nn.Dropout(model_cfg.attn_pdrop)(a, deterministic=deterministic)  # noqa: E731
         y = attend(qkv, model_cfg, deterministic, segment_ids, dropout)
-        y = dense(model_cfg, C, "c_proj", residual_std(model_cfg))(y)
+        y = dense(model_cfg, C, "c_proj", residual_std(model_cfg), "attn.c_proj", deterministic)(y)
         return nn.Dropout(model_cfg.resid_pdrop)(y, deterministic=deterministic)

@@ -13,6 +13,8 @@ import dataclasses
 
 import jax.numpy as jnp
 
+from gpt2_jax.model.lora import LoraConfig
+
 # Named sizes: (n_layer, n_head, n_embd), as in Hugging Face's configs.
 SIZES = {
     "gpt2": dict(n_layer=12, n_head=12, n_embd=768),
@@ -53,6 +55,10 @@ class GPT2Config:
     param_dtype: str = "float32"  # parameter (and optimizer state) dtype
     scan_layers: bool = False  # True: one block compiled and scanned over layers, params under "h"
     remat: bool = False  # recompute block activations in the backward pass (saves memory)
+    # LoRA adapters on the block's projections (model.lora), in the "lora" collection; None:
+    # none (the model and its params exactly as without the field). Neither a shape nor a
+    # runtime field: the adapters' shapes follow it, the base's do not.
+    lora: LoraConfig | None = None
 
     @property
     def inner_dim(self) -> int:
@@ -76,6 +82,8 @@ class GPT2Config:
                 raise ValueError(
                     f"model.{name}={getattr(self, name)!r} is not one of {list(DTYPES)}"
                 )
+        if self.lora is not None:
+            self.lora.validate()
 
 
 # What the weights fix (a checkpoint's shape) vs how to compute with them (a user may change

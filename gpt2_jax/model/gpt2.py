@@ -3,13 +3,15 @@
 Parameter names mirror Hugging Face's ``GPT2LMHeadModel`` (``wte, wpe, h_<i>/{ln_1,
 attn/{c_attn, c_proj}, ln_2, mlp/{c_fc, c_proj}}, ln_f``); with ``scan_layers=True`` the
 blocks are one module scanned over the layers and their parameters are stacked under
-``h`` (leading axis = layer). The output head is tied to ``wte``.
+``h`` (leading axis = layer). The output head is tied to ``wte``. With ``model_cfg.lora``,
+LoRA adapters ride beside the params in the ``"lora"`` collection, in the same two layouts
+(``model.lora``); the ``"params"`` tree is the same with or without them.
 
 The model package, one job a module: ``config`` (GPT2Config), ``layers`` (Dense,
 LayerNorm, MLP), ``attention`` (the attention paths and which one runs), this module
 (Block, GPT2, parameter layouts), ``decode`` (the KV-cache forward), ``losses`` (the loss
-heads), ``flops``. This module never sees the experiment config: the train loop builds a
-``GPT2Config``.
+heads), ``flops``, ``lora`` (LoRA adapters). This module never sees the experiment config:
+the train loop builds a ``GPT2Config``.
 """
 
 from __future__ import annotations
@@ -49,6 +51,8 @@ class GPT2(nn.Module):
     ``positions`` [B, T] int, each token's position in its own sequence (default
     ``arange(T)``), and ``segment_ids`` [B, T] int, which sequence each token belongs to: a
     token attends only to earlier tokens of its own segment.
+    LoRA (``model_cfg.lora`` set): ``apply({"params": base, "lora": adapters}, ...)``, the
+    adapters as ``lora.init_adapters`` lays them out; ``init`` makes both collections.
     """
 
     model_cfg: GPT2Config
@@ -94,7 +98,7 @@ class GPT2(nn.Module):
         if model_cfg.scan_layers:
             x, _ = nn.scan(
                 block,
-                variable_axes={"params": 0},
+                variable_axes={"params": 0, "lora": 0},
                 split_rngs={"params": True, "dropout": True},
                 in_axes=(nn.broadcast, nn.broadcast),
                 length=model_cfg.n_layer,
