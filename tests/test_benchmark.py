@@ -4,9 +4,14 @@ import json
 import subprocess
 import sys
 
+import pytest
+
 from .conftest import ROOT
 
 
+# ~50-70 s of the 2-core suite (jax and torch, six kinds of rows): run by `make test-all`,
+# so that `make test` stays under its 12 minutes with the SFT and LoRA tests added.
+@pytest.mark.slow
 def test_benchmark_quick_tiny_writes_json_markdown_and_png(tmp_path):
     proc = subprocess.run(
         [
