@@ -637,12 +637,6 @@ GOOD = [{"prompt": f"Question {i}:", "completion": f" answer {i}."} for i in ran
             [*GOOD[:3], {"prompt": "Q", "completion": 5}, *GOOD[3:]],
             (),
             ("row 3", "int 5"),
-            marks=pytest.mark.xfail(
-                strict=True,
-                reason="datasets 5 reads a column of strings and numbers as its Json feature; "
-                "sources.tables hands over its Arrow storage, JSON text: 5 -> '5', 'b' -> "
-                "'\"b\"' (quotes and all), and no error",
-            ),
         ),
         (
             [{"prompt": "word " * 80, "completion": " A"} for _ in range(4)],

@@ -103,7 +103,7 @@ def _check_text(value, index: int, key: str) -> str:
 
 def _check_messages(value, index: int, key: str) -> list:
     if not isinstance(value, list) or not value:
-        raise _bad_row(index, f"data.{key} must be a non-empty list of {{role, content}}")
+        raise _bad_row(index, f"data.{key}: must be a non-empty list of {{role, content}}")
     for turn in value:
         if not isinstance(turn, dict) or "role" not in turn or "content" not in turn:
             raise _bad_row(index, f"data.{key}: each turn needs 'role' and 'content': {turn!r:.80}")
@@ -118,11 +118,32 @@ def _encoder(data_cfg: DataConfig):
     if data_cfg.format == "messages":
         template = chat.compile_template(chat.template_source(data_cfg.chat_template))
         key = data_cfg.messages_column
-        return lambda row, i: conversation(enc, template, _check_messages(row[key], i, key))
+        return lambda row, i: conversation(
+            enc, template, _check_messages(row[key], i, "messages_column")
+        )
     p, c = data_cfg.prompt_column, data_cfg.completion_column
     return lambda row, i: prompt_completion(
         enc, _check_text(row[p], i, "prompt_column"), _check_text(row[c], i, "completion_column")
     )
+
+
+def _column_values(table, column: str, is_json: bool) -> list:
+    """A column's values as Python objects. datasets reads a json column of mixed types
+    (strings and numbers, turns with other keys) as its ``Json`` feature, stored as JSON
+    text (``is_json``, or an Arrow json extension type): decoded here, so a number is a
+    number (and refused by name), not its text."""
+    import json
+
+    import pyarrow as pa
+
+    col = table.column(column)
+    if isinstance(col.type, pa.ExtensionType):
+        is_json = is_json or "json" in str(col.type.extension_name)
+        chunks = col.chunks if isinstance(col, pa.ChunkedArray) else [col]
+        raw = [v for c in chunks for v in c.storage.to_pylist()]
+    else:
+        raw = col.to_pylist()
+    return [None if v is None else json.loads(v) for v in raw] if is_json else raw
 
 
 def _check_columns(data_cfg: DataConfig, names, what: str) -> None:
@@ -144,6 +165,8 @@ def load_examples(data_cfg: DataConfig, split: str) -> Examples:
     selection = source.selections[spec["split"]]
     encode = _encoder(data_cfg)
     columns = list(splits.example_columns(data_cfg))
+    features = getattr(source.rows, "features", None) or {}
+    json_columns = {c for c in columns if type(features.get(c)).__name__ == "Json"}
     block, stats = data_cfg.block_size, ExampleStats()
     ids_list, target_list = [], []
     row = 0
@@ -153,7 +176,7 @@ def load_examples(data_cfg: DataConfig, split: str) -> Examples:
         n = len(table)
         keys = lambda row=row, n=n: corpus.holdout_keys(selection.seed, row, n)  # noqa: E731
         take = selection.mask(row, n, keys)
-        values = {c: table.column(c).to_pylist() for c in columns}
+        values = {c: _column_values(table, c, c in json_columns) for c in columns}
         for j in np.flatnonzero(take):
             if data_cfg.max_rows and stats.rows >= data_cfg.max_rows:
                 break
