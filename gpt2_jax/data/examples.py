@@ -127,23 +127,38 @@ def _encoder(data_cfg: DataConfig):
     )
 
 
-def _column_values(table, column: str, is_json: bool) -> list:
+def _json_kind(feature) -> str:
+    """'value' for datasets' ``Json`` feature, 'items' for a ``List(Json)``, else ''."""
+    if type(feature).__name__ == "Json":
+        return "value"
+    if type(getattr(feature, "feature", None)).__name__ == "Json":
+        return "items"
+    return ""
+
+
+def _column_values(table, column: str, json_kind: str) -> list:
     """A column's values as Python objects. datasets reads a json column of mixed types
-    (strings and numbers, turns with other keys) as its ``Json`` feature, stored as JSON
-    text (``is_json``, or an Arrow json extension type): decoded here, so a number is a
-    number (and refused by name), not its text."""
+    (strings and numbers; chat turns with other keys) as its ``Json`` feature, stored as
+    JSON text (``json_kind``, or an Arrow json extension type): decoded here, so a number is
+    a number (and refused by name), not its text."""
     import json
 
     import pyarrow as pa
 
     col = table.column(column)
     if isinstance(col.type, pa.ExtensionType):
-        is_json = is_json or "json" in str(col.type.extension_name)
+        json_kind = json_kind or ("value" if "json" in str(col.type.extension_name) else "")
         chunks = col.chunks if isinstance(col, pa.ChunkedArray) else [col]
         raw = [v for c in chunks for v in c.storage.to_pylist()]
     else:
         raw = col.to_pylist()
-    return [None if v is None else json.loads(v) for v in raw] if is_json else raw
+
+    def load(v):
+        return None if v is None else json.loads(v)
+
+    if json_kind == "items":
+        return [v if not isinstance(v, list) else [load(x) for x in v] for v in raw]
+    return [load(v) for v in raw] if json_kind else raw
 
 
 def _check_columns(data_cfg: DataConfig, names, what: str) -> None:
@@ -166,7 +181,7 @@ def load_examples(data_cfg: DataConfig, split: str) -> Examples:
     encode = _encoder(data_cfg)
     columns = list(splits.example_columns(data_cfg))
     features = getattr(source.rows, "features", None) or {}
-    json_columns = {c for c in columns if type(features.get(c)).__name__ == "Json"}
+    json_columns = {c: _json_kind(features.get(c)) for c in columns}
     block, stats = data_cfg.block_size, ExampleStats()
     ids_list, target_list = [], []
     row = 0
@@ -176,7 +191,7 @@ def load_examples(data_cfg: DataConfig, split: str) -> Examples:
         n = len(table)
         keys = lambda row=row, n=n: corpus.holdout_keys(selection.seed, row, n)  # noqa: E731
         take = selection.mask(row, n, keys)
-        values = {c: _column_values(table, c, c in json_columns) for c in columns}
+        values = {c: _column_values(table, c, json_columns[c]) for c in columns}
         for j in np.flatnonzero(take):
             if data_cfg.max_rows and stats.rows >= data_cfg.max_rows:
                 break
