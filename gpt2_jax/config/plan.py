@@ -177,8 +177,12 @@ def _plan(cfg, source, num_devices: int, notes=(), validated: bool = False) -> P
     record = config_lib.resolved_record(cfg, source.model_cfg)
     adapters = source.model_cfg.lora
     if adapters is not None:  # the adapters that run (the base's identity: train.loop)
-        record["lora"].update(rank=adapters.rank, alpha=float(adapters.alpha),
-                              dropout=adapters.dropout, targets=lora_lib.targets_text(adapters))
+        record["lora"].update(
+            rank=adapters.rank,
+            alpha=float(adapters.alpha),
+            dropout=adapters.dropout,
+            targets=lora_lib.targets_text(adapters),
+        )
     return Plan(
         model=source.model_cfg,
         source=source,

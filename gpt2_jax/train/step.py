@@ -25,10 +25,9 @@ import optax
 
 from gpt2_jax.config import plan as plan_lib
 from gpt2_jax.data.tokenizer import EOT_ID
+from gpt2_jax.model import attention, lora
 from gpt2_jax.model import config as gpt2_config
-from gpt2_jax.model import attention
 from gpt2_jax.model import gpt2 as model_lib
-from gpt2_jax.model import lora
 from gpt2_jax.model import losses as losses_lib
 from gpt2_jax.optim import optimizer as optim
 from gpt2_jax.parallel import sharding

@@ -15,8 +15,10 @@ LoRA (``weights.lora_base``): a checkpoint whose saved config has ``lora.rank > 
 adapters, not params; its Source names the base (``init_from``) and the base's recorded
 identity, and ``params_of`` loads the base, checks its hash and merges the adapters in. An
 ``hf`` source with an adapter directory (``lora.init_from``, the commands' ``--adapter``)
-is merged the same way; ``train`` reads that adapter itself, as its starting adapters. Moving checkpoints aside
-(``train.fresh``, ``train.resume_step``) happens here too, and never deletes anything.
+is merged the same way; ``train`` reads that adapter itself, as its starting adapters.
+
+Moving checkpoints aside (``train.fresh``, ``train.resume_step``) happens here too, and
+never deletes anything.
 """
 
 from __future__ import annotations
@@ -329,7 +331,10 @@ def _from_hf(request: Request, adapter: bool) -> Source:
     source = Source("hf", model_cfg, path=directory)
     if not (adapter and request.adapter):
         return source
-    lora_cfg, _ = peft.read_adapter_config(request.adapter, model_cfg)
+    try:
+        lora_cfg, _ = peft.read_adapter_config(request.adapter, model_cfg)
+    except peft.PeftError as e:
+        raise peft.PeftError(f"lora.init_from: {e}") from None
     return dataclasses.replace(source, lora=lora_cfg, adapter=Path(request.adapter))
 
 
@@ -408,7 +413,10 @@ def params_of(source: Source) -> dict:
         params = load_hf_params(source)
         if source.adapter is None:
             return params
-        return lora_base.merge_adapter_dir(params, source.model_cfg, source.adapter)
+        try:
+            return lora_base.merge_adapter_dir(params, source.model_cfg, source.adapter)
+        except lora_base.peft.PeftError as e:
+            raise lora_base.peft.PeftError(f"lora.init_from: {e}") from None
     if source.lora is not None:
         base = load_hf_params(source.base)
         now = lora_base.base_identity(source.base.describe(), base)
