@@ -24,7 +24,7 @@ from safetensors.numpy import load_file, save_file
 
 from gpt2_jax.config import base as config_lib
 from gpt2_jax.config import plan as plan_lib
-from gpt2_jax.model import gpt2
+from gpt2_jax.model import gpt2, lora
 from gpt2_jax.train import lora_run
 from gpt2_jax.weights import checkpoint as ckpt_lib
 from gpt2_jax.weights import hf, lora_base
@@ -285,7 +285,7 @@ def test_eval_and_generate_of_the_workdir_and_of_base_plus_adapter_agree(run, ex
     d = helpers.cli_in_process(["generate", f"--init_from={base}",
                                 f"--adapter={exported['adapter']}", *flags])  # fmt: skip
     assert c.returncode == d.returncode == 0, c.stderr + d.stderr
-    assert c.stdout == d.stdout and "LoRA adapters merged" in c.stderr
+    assert c.stdout == d.stdout and f"(LoRA adapters on {base})" in c.stderr
     # lm-eval's loading: the same merged weights.
     _, from_workdir, _ = harness.load_weights(workdir=workdir)
     _, from_adapter, _ = harness.load_weights(init_from=base, adapter=str(exported["adapter"]))
@@ -355,4 +355,38 @@ def test_lora_with_sft_packing_and_accumulation(bases, tmp_path):
     assert sorted(losses[0]) == [1, 2, 3]
     np.testing.assert_allclose(
         [losses[1][s] for s in (1, 2, 3)], [losses[0][s] for s in (1, 2, 3)], rtol=1e-5
+    )
+
+
+def test_sft_lora_recipes(tmp_path, bases):
+    cfg = config_lib.load_config_file(str(helpers.ROOT / "configs" / "sft.py:lora"))
+    config_lib.validate(cfg, 1)
+    s = config_lib.sections(cfg)
+    assert s.lora.lora_config() == lora.LoraConfig(rank=16, alpha=32.0, dropout=0.05)
+    assert s.init_from == "hf:openai-community/gpt2" and s.optim.learning_rate == 2e-4
+    local = config_lib.load_config_file(str(helpers.ROOT / "configs" / "sft.py:local_lora"))
+    with pytest.raises(config_lib.ConfigError, match="lora.rank: LoRA adapts pretrained"):
+        plan_lib.training(local, tmp_path / "run", 1)
+    config_lib.apply_overrides(
+        local, {"init_from": f"hf:{bases['base']}", "data.block_size": "64"}
+    )
+    plan = plan_lib.training(local, tmp_path / "run", 1)
+    assert plan.model.lora.rank == 16 and plan.model.n_embd == SHAPE["n_embd"]
+    assert plan.record["lora"]["targets"] == "c_attn,c_proj,c_fc"
+    assert not (tmp_path / "run").exists()
+
+
+def test_training_starts_from_a_peft_adapter(run, exported, bases, tmp_path):
+    """lora.init_from: the adapter's config fixes rank, alpha and targets (a note says so),
+    and its tensors are the starting adapters (the first warmup step's learning rate is 0:
+    still them after it)."""
+    overrides = {**lora_overrides(bases["base"]), "lora.rank": 16, "train.steps": 1,
+                 "optim.learning_rate": 1e-30, "lora.init_from": exported["adapter"]}  # fmt: skip
+    got = helpers.cli_in_process(cli_args("train", overrides, f"--workdir={tmp_path / 'run'}"))
+    assert got.returncode == 0, got.stderr[-3000:]
+    assert "note: lora.rank: 16 -> 4" in got.stderr
+    jax.tree.map(
+        np.testing.assert_array_equal,
+        helpers.checkpoint_params(tmp_path / "run"),
+        helpers.checkpoint_params(run["workdir"]),
     )

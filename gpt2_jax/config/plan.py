@@ -149,7 +149,8 @@ def lora_diff(a: lora_lib.LoraConfig | None, b: lora_lib.LoraConfig | None) -> l
 
 def _resumed_lora(lo: LoraSection, source: weights.Source) -> lora_lib.LoraConfig | None:
     """A resume's adapters: the checkpoint's. Its kind (LoRA or every weight) and, with
-    ``lora.rank > 0``, rank, alpha and targets must be what the keys ask."""
+    ``lora.rank > 0``, rank, alpha and targets must be what the keys ask (with
+    ``lora.init_from``, what its adapter fixed on the first run: not compared again)."""
     saved, where = source.lora, source.path / str(source.step)
     fresh = "train in another --workdir, or add --config.train.fresh=true to start over"
     if saved is None and lo.on:
@@ -160,7 +161,7 @@ def _resumed_lora(lo: LoraSection, source: weights.Source) -> lora_lib.LoraConfi
             f"{lora_lib.targets_text(saved)}), and lora.rank=0: set lora.rank={saved.rank} "
             f"to resume them, or {fresh}"
         )
-    diff = lora_diff(lo.lora_config(), saved)
+    diff = [] if lo.init_from else lora_diff(lo.lora_config(), saved)
     if diff:
         raise ConfigError(
             f"lora: the keys differ from the adapters of {where} ({'; '.join(diff)}); {fresh}"

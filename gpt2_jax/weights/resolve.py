@@ -90,7 +90,7 @@ class Source:
     def describe(self) -> str:
         if self.kind == "checkpoint" and self.lora is not None:
             where = self.base.describe() if self.base is not None else "its base"
-            return f"checkpoint {self.path / str(self.step)} (LoRA adapters merged into {where})"
+            return f"checkpoint {self.path / str(self.step)} (LoRA adapters on {where})"
         if self.kind == "checkpoint":
             return f"checkpoint {self.path / str(self.step)}"
         if self.kind == "hf" and self.adapter is not None:
