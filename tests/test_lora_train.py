@@ -367,9 +367,7 @@ def test_sft_lora_recipes(tmp_path, bases):
     local = config_lib.load_config_file(str(helpers.ROOT / "configs" / "sft.py:local_lora"))
     with pytest.raises(config_lib.ConfigError, match="lora.rank: LoRA adapts pretrained"):
         plan_lib.training(local, tmp_path / "run", 1)
-    config_lib.apply_overrides(
-        local, {"init_from": f"hf:{bases['base']}", "data.block_size": "64"}
-    )
+    config_lib.apply_overrides(local, {"init_from": f"hf:{bases['base']}", "data.block_size": "64"})
     plan = plan_lib.training(local, tmp_path / "run", 1)
     assert plan.model.lora.rank == 16 and plan.model.n_embd == SHAPE["n_embd"]
     assert plan.record["lora"]["targets"] == "c_attn,c_proj,c_fc"
