@@ -271,6 +271,7 @@ def test_a_full_checkpoint_is_not_resumed_with_lora_on(full_run, bases, tmp_path
 
 def test_eval_and_generate_of_the_workdir_and_of_base_plus_adapter_agree(run, exported, bases):
     from gpt2_jax.evaluation import harness
+    from gpt2_jax.evaluation.harness import command as harness_command
 
     workdir, base = run["workdir"], f"hf:{bases['base']}"
     a = helpers.cli_in_process(["eval", f"--workdir={workdir}"])
@@ -286,10 +287,14 @@ def test_eval_and_generate_of_the_workdir_and_of_base_plus_adapter_agree(run, ex
                                 f"--adapter={exported['adapter']}", *flags])  # fmt: skip
     assert c.returncode == d.returncode == 0, c.stderr + d.stderr
     assert c.stdout == d.stdout and f"(LoRA adapters on {base})" in c.stderr
-    # lm-eval's loading: the same merged weights.
+    # lm-eval's loading: the same merged weights; --adapter goes with --init_from.
     _, from_workdir, _ = harness.load_weights(workdir=workdir)
     _, from_adapter, _ = harness.load_weights(init_from=base, adapter=str(exported["adapter"]))
     assert helpers.tree_max_abs_diff(from_workdir, from_adapter) < 1e-6
+    args = harness_command.command_args("", "", None, base, None, str(exported["adapter"]))
+    assert args == {"init_from": base, "adapter": str(exported["adapter"])}
+    with pytest.raises(harness.HarnessError, match="--adapter"):
+        harness_command.command_args("", str(workdir), None, "", None, str(exported["adapter"]))
 
 
 # ---------------------------------------------------------------------- bad input

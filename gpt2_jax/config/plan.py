@@ -115,6 +115,12 @@ def training_lora(s, source: weights.Source) -> tuple[lora_lib.LoraConfig | None
     from gpt2_jax.weights import peft
 
     lo, notes = s.lora, []
+    if lo.on and not s.init_from and source.kind != "checkpoint":  # (a checkpoint: resolve's)
+        raise ConfigError(
+            "lora.rank: LoRA adapts pretrained weights, and init_from is empty: set "
+            "init_from=hf:<dir or hub id> (the base model), or lora.rank=0 (and no "
+            "lora.init_from) to train every weight"
+        )
     if source.kind == "checkpoint":
         adapters = _resumed_lora(lo, source)
     elif lo.init_from:
@@ -128,12 +134,6 @@ def training_lora(s, source: weights.Source) -> tuple[lora_lib.LoraConfig | None
         adapters = lo.lora_config()
     if adapters is None:
         return None, notes
-    if not s.init_from:
-        raise ConfigError(
-            f"lora.rank: LoRA adapts pretrained weights, and init_from is empty: set "
-            f"init_from=hf:<dir or hub id> (the base model), or lora.rank=0 to train every "
-            f"weight (rank {adapters.rank})"
-        )
     return dataclasses.replace(adapters, dropout=float(lo.dropout)), notes
 
 

@@ -14,8 +14,9 @@ How a config becomes a run (``train(cfg, workdir)``), top to bottom:
    harness, checkpoint, stop), and finish (final eval, harness, last checkpoint, summary).
 
 LoRA (``plan.model.lora``): ``lora_run.prepare`` loads and identifies the frozen base
-before the step compiles; the state holds the adapters, the base rides beside it
-(``self.base``), and evaluations read the adapters merged into it.
+before the step compiles; the state holds the adapters, the base rides beside it (the
+step's third argument, ``_Run.base_args``), and evaluations read the adapters merged into
+it (``_Run._weights``).
 """
 
 from __future__ import annotations
