@@ -24,6 +24,19 @@ bundled help text by configs/data/make_pydoc_sft.py; PSF License), held out 5%, 
 quickstart's model shape with a 256-token context, from scratch unless
 ``--config.init_from=hf:DIR`` names a GPT-2 to fine-tune (a Hugging Face directory, e.g.
 ``gpt2-jax export``'s). ``:tiny`` is the variant the tests use.
+
+``:lora`` is the default run with LoRA (docs/finetuning.md#lora): rank 16, alpha 32 on every
+target (``c_attn``, both ``c_proj``, ``c_fc``), learning rate 2e-4 as PEFT's recipes use;
+only the adapters train (2.36M, 1.9% of gpt2's parameters), the base stays as it was:
+
+    gpt2-jax train --config=configs/sft.py:lora --workdir=runs/sft_lora
+    gpt2-jax export --workdir=runs/sft_lora --out=runs/sft_lora_adapter   # a PEFT adapter
+
+The TRL + PEFT equivalent adds ``--use_peft --lora_r 16 --lora_alpha 32
+--lora_target_modules c_attn c_proj c_fc --learning_rate 2e-4``. ``:local_lora`` is
+``:local`` with the same adapters (learning rate 1e-3: a short run), on the GPT-2 that
+``--config.init_from=hf:DIR`` names (LoRA needs pretrained weights to adapt);
+``--config.lora.rank=16`` on any variant does the same with its own learning rate.
 """
 
 from pathlib import Path
@@ -56,7 +69,13 @@ def get_config(arg=None):
     c.optim.accumulation_steps = 4
     c.eval.batch_size = 8
     c.eval.max_batches = 50  # 400 of tldr's 6,447 validation rows at each eval
-    if arg in ("local", "tiny"):
+    if arg in ("lora", "local_lora"):
+        c.lora.rank = 16
+        c.lora.alpha = 32.0
+        c.lora.dropout = 0.05  # TRL's --use_peft default
+        c.lora.targets = "c_attn,c_proj,c_fc"
+        c.optim.learning_rate = 2e-4
+    if arg in ("local", "tiny", "local_lora"):
         c.init_from = ""
         c.model.size = ""
         c.model.n_layer, c.model.n_head, c.model.n_embd = 4, 4, 128
@@ -72,7 +91,7 @@ def get_config(arg=None):
         c.train.log_every = 25
         c.train.eval_every = 100
         c.train.checkpoint_every = 100
-        c.optim.learning_rate = 3e-3
+        c.optim.learning_rate = 1e-3 if arg == "local_lora" else 3e-3
         c.optim.warmup_steps = 20
         c.optim.schedule = "cosine"
         c.optim.accumulation_steps = 1
@@ -90,6 +109,6 @@ def get_config(arg=None):
         c.train.checkpoint_every = 3
         c.optim.warmup_steps = 2
         c.eval.batch_size = 8
-    elif arg not in (None, "local"):
-        raise ValueError(f"configs/sft.py: unknown variant {arg!r} (local, tiny)")
+    elif arg not in (None, "local", "lora", "local_lora"):
+        raise ValueError(f"configs/sft.py: unknown variant {arg!r} (local, tiny, lora, local_lora)")
     return c

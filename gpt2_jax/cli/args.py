@@ -20,7 +20,8 @@ ABOUT = {
     "generate": "Sample text from a run's checkpoint or from Hugging Face weights with the "
     "KV-cache decoder; one prompt streams as it is made.",
     "export": "Write a run's checkpoint as a Hugging Face GPT-2 directory (config.json, "
-    "model.safetensors, tokenizer files).",
+    "model.safetensors, tokenizer files); a LoRA run's as a PEFT adapter directory, or "
+    "with --merge as a Hugging Face GPT-2 with the adapters merged in.",
     "lm-eval": "Score a run's checkpoint or Hugging Face weights on EleutherAI "
     "lm-evaluation-harness tasks (lambada_openai, hellaswag, wikitext, ...).",
     "plot": "Draw one or more runs' training curves into one PNG.",
@@ -31,16 +32,23 @@ USAGE = """\
 usage:
   gpt2-jax train    --config=configs/NAME.py[:ARG] --workdir=DIR [--config.KEY=VALUE ...]
   gpt2-jax eval     --workdir=DIR [--step=N|best] [--config.KEY=VALUE ...]
-  gpt2-jax eval     --config=configs/NAME.py --config.init_from=hf:PATH_OR_HUB_ID
-  gpt2-jax generate --workdir=DIR | --init_from=hf:PATH_OR_HUB_ID --prompt=TEXT [...]
-  gpt2-jax export   --workdir=DIR --out=HF_DIR [--overwrite]
-  gpt2-jax lm-eval  --workdir=DIR [--step=N|best] | --init_from=hf:PATH_OR_HUB_ID --tasks=T1,T2
+  gpt2-jax eval     --config=configs/NAME.py --config.init_from=hf:PATH_OR_HUB_ID [--adapter=DIR]
+  gpt2-jax generate --workdir=DIR | --init_from=hf:PATH_OR_HUB_ID [--adapter=DIR] --prompt=TEXT
+  gpt2-jax export   --workdir=DIR --out=HF_DIR [--merge] [--overwrite]
+  gpt2-jax lm-eval  --workdir=DIR [--step=N|best] | --init_from=hf:PATH_OR_HUB_ID [--adapter=DIR]
+                    --tasks=T1,T2
                     [--num_fewshot --limit --batch_size --include_path --output_path
                      --log_samples --seed --gen_kwargs --model_args]
   gpt2-jax launch   --processes=N --devices_per_process=M [--port=P] -- train|eval|lm-eval ...
   gpt2-jax plot     WORKDIR [WORKDIR ...] [--out=FILE.png]
   gpt2-jax COMMAND --help   for a command's flags
 """
+
+
+ADAPTER_HELP = (
+    "a PEFT LoRA adapter directory merged into the --init_from weights once before use "
+    "(the same as --config.lora.init_from=DIR)"
+)
 
 
 def help_text() -> str:
@@ -88,6 +96,8 @@ def parser(command: str) -> argparse.ArgumentParser:
             default=None,
             help="checkpoint of --workdir: N, best (train.keep_best), or latest (default)",
         )
+    if command in ("eval", "generate"):
+        p.add_argument("--adapter", default="", help=ADAPTER_HELP)
     if command == "generate":
         p.add_argument("--init_from", default="", help="hf:<dir or hub id>")
         p.add_argument("--prompt", default=None, help="text to continue (default: a newline)")
@@ -113,6 +123,12 @@ def parser(command: str) -> argparse.ArgumentParser:
     if command == "export":
         p.add_argument("--out", required=True, help="output Hugging Face directory")
         p.add_argument("--overwrite", action="store_true")
+        p.add_argument(
+            "--merge",
+            action="store_true",
+            help="a LoRA run: a Hugging Face GPT-2 with the adapters merged in (default: "
+            "a PEFT adapter directory)",
+        )
     return p
 
 
@@ -121,6 +137,7 @@ def _lm_eval_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--workdir", default="", help="a gpt2-jax run directory")
     p.add_argument("--step", type=step_flag, default=None, help="N, best, or latest (default)")
     p.add_argument("--init_from", default="", help="hf:<dir or hub id> instead of --workdir")
+    p.add_argument("--adapter", default="", help=ADAPTER_HELP)
     p.add_argument("--tasks", required=True, help="comma-separated lm-eval task names")
     p.add_argument("--num_fewshot", type=int, default=None, help="few-shot examples per task")
     p.add_argument("--limit", type=float, default=None, help="docs per task (< 1: a fraction)")

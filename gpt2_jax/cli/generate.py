@@ -6,7 +6,7 @@ import sys
 from pathlib import Path
 
 from gpt2_jax.cli.args import UsageError
-from gpt2_jax.cli.common import model_and_params
+from gpt2_jax.cli.common import model_and_params, with_adapter
 
 
 def cmd_generate(args, overrides) -> int:
@@ -15,6 +15,7 @@ def cmd_generate(args, overrides) -> int:
 
     _check_flags(args)
     prompts = _read_prompts(args)
+    overrides = with_adapter(args, overrides)
     cfg = gen_lib.command_config(args.config, args.workdir, args.init_from, overrides)
     model_cfg, params, source = model_and_params(cfg, args, announce=False)
     enc = tokenizer.get_tokenizer()

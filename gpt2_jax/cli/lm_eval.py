@@ -33,6 +33,7 @@ def cmd_lm_eval(args, overrides) -> int:
         workdir=args.workdir,
         step=args.step,
         init_from=args.init_from,
+        adapter=args.adapter,
         model_args=args.model_args,
         batch_size=args.batch_size,
         num_fewshot=args.num_fewshot,

@@ -33,6 +33,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.init_from = ""  # '' = random init; 'hf:<dir or hub id>' = start from Hugging Face weights
 
     c.model = _model_defaults()
+    c.lora = _lora_defaults()
     c.data = ml_collections.ConfigDict(DataConfig().to_dict())
     c.train = _train_defaults()
     c.optim = _optim_defaults()
@@ -63,6 +64,16 @@ def _model_defaults() -> ml_collections.ConfigDict:
     m.scan_layers = False
     m.remat = False  # recompute activations in backward (less memory, ~1/3 more compute)
     return m
+
+
+def _lora_defaults() -> ml_collections.ConfigDict:
+    lo = ml_collections.ConfigDict()
+    lo.rank = 0  # LoRA rank r (0 = off: every weight trains); > 0 needs init_from (the base)
+    lo.alpha = 16.0  # the adapters' output is scaled by alpha / rank (PEFT's lora_alpha)
+    lo.dropout = 0.0  # dropout on the input of the LoRA branch (PEFT's lora_dropout)
+    lo.targets = "c_attn,c_proj,c_fc"  # PEFT's module names; attn.c_proj / mlp.c_proj pick one
+    lo.init_from = ""  # '' = fresh adapters (B = 0); a PEFT adapter directory to start from
+    return lo
 
 
 def _train_defaults() -> ml_collections.ConfigDict:
@@ -394,6 +405,7 @@ class Sections:
     mesh: MeshConfig
     distributed: DistributedConfig
     init_from: str
+    lora: sections_lib.LoraSection
 
 
 def sections(cfg: ml_collections.ConfigDict) -> Sections:
@@ -407,6 +419,7 @@ def sections(cfg: ml_collections.ConfigDict) -> Sections:
         mesh=typed(MeshConfig, cfg.mesh),
         distributed=typed(DistributedConfig, cfg.distributed),
         init_from=cfg.init_from,
+        lora=typed(sections_lib.LoraSection, cfg.lora),
     )
 
 
@@ -433,6 +446,7 @@ def validate(
         f"{s.data.block_size} must be in [2, model.n_positions={mcfg.n_positions}]",
     )
     init_from_spec(s.init_from)
+    s.lora.validate()
     s.train.validate()
     _check_batches(s.train, s.optim, num_devices)
     s.optim.validate()

@@ -8,6 +8,7 @@ comments are in ``config/base.py``), validated beside its definition:
     optim         optim.config.OptimConfig
     mesh          parallel.config.MeshConfig;  distributed: parallel.config.DistributedConfig
     train, eval   TrainConfig, EvalConfig (here: only the commands read them)
+    lora          LoraSection (here), whose ``lora_config()`` is model.lora.LoraConfig
 
 The plan (``config/plan.py``) builds them once; below it nothing reads a ConfigDict.
 """
@@ -17,7 +18,8 @@ from __future__ import annotations
 import dataclasses
 from typing import Any, TypeVar
 
-from gpt2_jax.errors import require
+from gpt2_jax.errors import ConfigError, require
+from gpt2_jax.model import lora as lora_lib
 
 T = TypeVar("T")
 
@@ -120,6 +122,38 @@ class EvalConfig:
             "eval.harness_num_fewshot",
             "must be >= 0, or -1 for each task's default",
         )
+
+
+@dataclasses.dataclass(frozen=True)
+class LoraSection:
+    """The ``lora`` keys. LoRA is on when ``rank > 0`` or ``init_from`` names a PEFT
+    adapter (whose adapter_config.json then fixes rank, alpha and targets)."""
+
+    rank: int
+    alpha: float
+    dropout: float
+    targets: str
+    init_from: str
+
+    @property
+    def on(self) -> bool:
+        return self.rank > 0 or bool(self.init_from)
+
+    def lora_config(self) -> lora_lib.LoraConfig | None:
+        """The adapters' config (model.lora.LoraConfig) for ``rank > 0``, else None."""
+        return lora_lib.lora_from_section(self)
+
+    def validate(self) -> None:
+        require(
+            isinstance(self.rank, int) and self.rank >= 0,
+            "lora.rank",
+            f"must be an integer >= 0 (0 = off), got {self.rank!r}",
+        )
+        as_config = lora_lib.lora_from_section(dataclasses.replace(self, rank=self.rank or 1))
+        try:
+            as_config.validate()
+        except ValueError as e:
+            raise ConfigError(str(e)) from None
 
 
 _HINTS = {("TrainConfig", "wandb"): WandbConfig}

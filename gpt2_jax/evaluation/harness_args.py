@@ -7,7 +7,9 @@ from __future__ import annotations
 from gpt2_jax.errors import UserError
 
 # The model arguments `model_args="k=v,..."` may set (anything else is an error naming it).
-MODEL_ARGS = ("init_from", "workdir", "step", "batch_size", "dtype", "max_gen_toks", "seed")
+MODEL_ARGS = (
+    "init_from", "adapter", "workdir", "step", "batch_size", "dtype", "max_gen_toks", "seed",
+)  # fmt: skip
 MAX_GEN_TOKS = 256  # lm-eval's default for generate_until (the hf backend's max_gen_toks)
 DEFAULT_SEEDS = (0, 1234, 1234, 1234)  # lm-eval's: python, numpy, torch, few-shot
 

@@ -89,6 +89,30 @@ class LoraConfig:
             raise ValueError(f"lora.targets is empty; valid names: {', '.join(TARGETS)}")
 
 
+def lora_from_section(section) -> LoraConfig | None:
+    """A config's ``lora`` section (a mapping of plain values: ``rank``, ``alpha``,
+    ``dropout``, ``targets`` as ``"c_attn,c_proj"`` or a list) -> its LoraConfig, None for
+    rank 0 (LoRA off). Not validated (``LoraConfig.validate`` names the bad key)."""
+    get = section.get if hasattr(section, "get") else lambda k, d: getattr(section, k, d)
+    rank = get("rank", 0)
+    if not rank:
+        return None
+    targets = get("targets", "")
+    if isinstance(targets, str):
+        targets = [t.strip() for t in targets.split(",") if t.strip()]
+    return LoraConfig(
+        rank=rank,
+        alpha=float(get("alpha", 16.0)),
+        dropout=float(get("dropout", 0.0)),
+        targets=tuple(targets),
+    )
+
+
+def targets_text(lora_cfg: LoraConfig) -> str:
+    """The targets as the ``lora.targets`` config key writes them (``"c_attn,c_proj"``)."""
+    return ",".join(lora_cfg.targets)
+
+
 def module_paths(lora_cfg: LoraConfig) -> tuple[str, ...]:
     """The modules ``lora_cfg.targets`` adapt, in ``MODULES`` order (``c_proj`` is two)."""
     chosen = {path for t in lora_cfg.targets for path in TARGETS.get(t, ())}

@@ -41,15 +41,17 @@ def make_schedule(optim_cfg, total_steps: int) -> optax.Schedule:
 
 
 def decay_mask(params, decay_embeddings: bool = False):
-    """True where weight decay applies: Dense kernels (and embeddings if asked).
+    """True where weight decay applies: Dense kernels and LoRA's A and B matrices (and
+    embeddings if asked).
 
-    Biases and LayerNorm scales never decay (as in GPT-2 recipes and HF's Trainer).
+    Biases and LayerNorm scales never decay (as in GPT-2 recipes and HF's Trainer, which
+    decays every other weight: a PEFT model's ``lora_A`` / ``lora_B`` too).
     """
     flat = traverse_util.flatten_dict(params)
 
     def decays(path) -> bool:
         leaf = path[-1]
-        if leaf == "kernel":
+        if leaf in ("kernel", "lora_A", "lora_B"):
             return True
         return leaf == "embedding" and decay_embeddings
 

@@ -12,6 +12,11 @@ How a config becomes a run (``train(cfg, workdir)``), top to bottom:
 4. ``_Run``: setup (workdir, state created sharded or restored, logger, summary), a short
    loop that runs the compiled step and the hooks due at each step (log, progress, eval,
    harness, checkpoint, stop), and finish (final eval, harness, last checkpoint, summary).
+
+LoRA (``plan.model.lora``): ``lora_run.prepare`` loads and identifies the frozen base
+before the step compiles; the state holds the adapters, the base rides beside it (the
+step's third argument, ``_Run.base_args``), and evaluations read the adapters merged into
+it (``_Run._weights``).
 """
 
 from __future__ import annotations
@@ -36,7 +41,7 @@ from gpt2_jax.core import workdir as wd
 from gpt2_jax.evaluation.perplexity import evaluate_splits  # noqa: F401  (train_lib.evaluate_splits)
 from gpt2_jax.model import gpt2 as model_lib
 from gpt2_jax.parallel import sharding
-from gpt2_jax.train import preflight, summary, trackers
+from gpt2_jax.train import lora_run, preflight, summary, trackers
 from gpt2_jax.train.monitor import (
     Interrupts,
     MetricLogger,
@@ -78,19 +83,25 @@ def run_plan(plan: plan_lib.Plan, workdir: Path) -> dict:
     )  # fmt: skip
     data = _Data(splits["train"], {name: splits[name] for name in plan.eval.splits}, loader)
     plan = plan_lib.with_data(plan, data.loader.steps_per_epoch)
-    # A bad HF checkpoint fails here, before the workdir is touched.
-    source = plan.source
-    hf_params = weights.load_hf_params(source) if source.kind == "hf" else None
+    # A bad HF checkpoint (or LoRA base, or adapter) fails here, before the workdir is touched.
+    source, lora = plan.source, None
+    if plan.model.lora is not None:
+        lora = lora_run.prepare(plan)
+        plan = dataclasses.replace(plan, record=lora.record)  # with the base's identity
+    hf_params = weights.load_hf_params(source) if source.kind == "hf" and not lora else None
     tracker_names = trackers.check_names(plan.train.report_to)  # e.g. wandb, not installed
     # Harness tasks (eval.harness_tasks): known, and their data loadable, before compiling.
     harness_hook = _harness_hook(plan, workdir)
     # ---- the step, compiled once; the memory preflight refuses a run that cannot fit
     # (nothing written yet). With many processes it is also a barrier.
     step = build_step(plan)
-    preflight.check_step(step.compiled, step.abstract_state, step.abstract_batch, plan)
+    state_sizes = step.abstract_state
+    if lora is not None:  # the parameters a step holds: the adapters and the base
+        state_sizes = {**state_sizes, "params": (state_sizes["params"], step.abstract_base)}
+    preflight.check_step(step.compiled, state_sizes, step.abstract_batch, plan)
     with contextlib.ExitStack() as stack:
         run = _Run(workdir, plan, step, data, stack, harness_hook, tracker_names)
-        run.setup(hf_params)
+        run.setup(hf_params, lora)
         run.loop()
         return run.finish()
 
@@ -100,6 +111,14 @@ class _Data:
     train: Any  # data.Blocks of the train split
     evals: dict  # split name -> data.Blocks
     loader: Any  # data.BatchLoader
+
+
+def eval_plan(plan: plan_lib.Plan) -> plan_lib.Plan:
+    """The plan the evaluations read: LoRA's adapters are merged into the weights they get,
+    so the model they run has none."""
+    if plan.model.lora is None:
+        return plan
+    return dataclasses.replace(plan, model=dataclasses.replace(plan.model, lora=None))
 
 
 def _harness_hook(plan: plan_lib.Plan, workdir: Path):
@@ -116,7 +135,7 @@ def _harness_hook(plan: plan_lib.Plan, workdir: Path):
             "pip install 'gpt2_jax[eval]'"
         ) from None
     try:
-        return harness.TrainingHook(plan, workdir)
+        return harness.TrainingHook(eval_plan(plan), workdir)
     except harness.HarnessError as e:
         raise config_lib.ConfigError(str(e)) from None
 
@@ -174,8 +193,13 @@ class _Run:
 
     # ---------------------------------------------------------------- setup
 
-    def setup(self, hf_params) -> None:
+    def setup(self, hf_params, lora: lora_run.LoraRun | None = None) -> None:
         plan, workdir, source, s = self.plan, self.workdir, self.plan.source, self.step_build
+        self.base_args, self.merge = (), None
+        if lora is not None:  # the frozen base, placed once; the step's third argument
+            self.base_args = (lora_run.place(lora.base, s.base_shardings),)
+            self.merge = lora_run.merger(plan.model.lora, s.base_shardings)
+            hf_params = lora.adapters  # the starting adapters (None: fresh)
         self.run_start = time.perf_counter()
         moved = _prepare_workdir(plan.train.fresh, workdir, source)
         self.ckpt = ckpt_lib.Checkpointer(
@@ -200,6 +224,12 @@ class _Run:
         )  # after the restore: an unreadable checkpoint changes nothing
         self.start = int(self.state["step"])
         self._open_log(moved)
+
+    def _weights(self) -> dict:
+        """The params the evaluations read: LoRA's adapters merged into the base."""
+        if self.merge is None:
+            return self.state["params"]
+        return self.merge(self.base_args[0], self.state["params"])
 
     def _open_log(self, moved: list[str]) -> None:
         from tqdm import tqdm
@@ -232,9 +262,11 @@ class _Run:
         resumed = None
         if self.resume_step is not None:
             resumed = self.ckpt.directory / str(self.resume_step)
+        trained = model_lib.count_params(self.step_build.abstract_state["params"])
         return summary.start_summary(
             plan.record,
-            params=model_lib.count_params(self.step_build.abstract_state["params"]),
+            params=trained + sum(model_lib.count_params(b) for b in self.base_args),
+            trainable=trained,
             device_count=jax.device_count(),
             process_count=jax.process_count(),
             platform=jax.devices()[0].platform,
@@ -281,7 +313,8 @@ class _Run:
         self.step = self.start
         with Interrupts() as self.interrupts:
             while self.step < self.total:
-                self.state, metrics = self.step_build.compiled(self.state, self._batch(self.step))
+                batch = self._batch(self.step)
+                self.state, metrics = self.step_build.compiled(self.state, batch, *self.base_args)
                 self.step += 1
                 if self.step == self.start + 1:
                     # The first step may carry compilation: tokens/s counts from its end.
@@ -333,16 +366,15 @@ class _Run:
 
     def _eval(self, step: int) -> None:
         t0 = time.perf_counter()
-        params = self.state["params"]
-        mesh = self.step_build.mesh
-        self.evals = evaluate_splits(self.plan, params, self.data.evals, mesh, progress=False)
+        mesh, plan = self.step_build.mesh, eval_plan(self.plan)
+        self.evals = evaluate_splits(plan, self._weights(), self.data.evals, mesh, progress=False)
         for r in self.evals:
             self.log.write({"step": step, **r})
         self.paused += time.perf_counter() - t0
 
     def _harness(self, step: int) -> None:
         t0 = time.perf_counter()
-        self.harness_scalars = self.harness_hook(step, self.state["params"])
+        self.harness_scalars = self.harness_hook(step, self._weights())
         self.log.write({"step": step, "split": "lm_eval", **self.harness_scalars})
         self.paused += time.perf_counter() - t0
 

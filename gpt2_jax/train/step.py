@@ -3,6 +3,12 @@
 ``train_step`` is one optimizer update, gradient accumulation scanned inside it;
 ``build_step(plan)`` makes the optimizer, the abstract state, shardings, donation, jit and
 the ahead-of-time compile, once a run (the loop runs it; ``preflight.check_step`` reads it).
+
+LoRA (``model_cfg.lora``): the state's ``params`` are the adapters alone (so the optimizer
+state is theirs alone), and the frozen base params are a third argument of the step,
+``train_step(state, batch, base)``, sharded as the state is and never donated: the
+gradient is taken of the adapters only, the base is a constant of it. Without LoRA the
+step is called and compiled exactly as before, ``train_step(state, batch)``.
 """
 
 from __future__ import annotations
@@ -19,14 +25,15 @@ import optax
 
 from gpt2_jax.config import plan as plan_lib
 from gpt2_jax.data.tokenizer import EOT_ID
+from gpt2_jax.model import attention, lora
 from gpt2_jax.model import config as gpt2_config
-from gpt2_jax.model import attention
 from gpt2_jax.model import gpt2 as model_lib
 from gpt2_jax.model import losses as losses_lib
 from gpt2_jax.optim import optimizer as optim
 from gpt2_jax.parallel import sharding
 
-TrainState = dict[str, Any]  # {"step": int32[], "params": ..., "opt_state": ..., "rng": uint32[2]}
+# {"step": int32[], "params": ..., "opt_state": ..., "rng": uint32[2]}; LoRA: params = adapters
+TrainState = dict[str, Any]
 
 
 # ------------------------------------------------------------------ pure functions
@@ -39,9 +46,12 @@ def init_state(
     tx: optax.GradientTransformation,
     params=None,
 ) -> TrainState:
-    """A fresh train state (random params unless ``params`` is given)."""
+    """A fresh train state (random params unless ``params`` is given). LoRA: ``params``
+    are the adapters (fresh ones: ``lora.init_adapters``, A random and B zero)."""
     init_rng, train_rng = jax.random.split(rng)
-    if params is None:
+    if params is None and model_cfg.lora is not None:
+        params = lora.init_adapters(model_cfg.lora, model_cfg, init_rng, model_cfg.scan_layers)
+    elif params is None:
         params = model_lib.init_params(model_cfg, init_rng)
     return {
         "step": jnp.zeros((), jnp.int32),
@@ -60,8 +70,10 @@ def loss_fn(
     deterministic: bool = False,
     document_mask: bool = False,
     num_targets: jax.Array | None = None,
+    base=None,
 ) -> jax.Array:
-    """The loss of one microbatch.
+    """The loss of one microbatch. ``base``: LoRA's frozen params, ``params`` then the
+    adapters (``{"params": base, "lora": params}``; the head is the base's ``wte``).
 
     ``batch`` [B, T] int (the text format): the mean next-token cross-entropy over each
     block's T - 1 predictions; with ``document_mask`` attention and positions restart at
@@ -76,8 +88,9 @@ def loss_fn(
         ids, positions, segments = batch, None, None
         if document_mask:
             positions, segments = attention.document_segments(ids, EOT_ID)
+    variables = {"params": params} if base is None else {"params": base, lora.COLLECTION: params}
     hidden = model_lib.GPT2(model_cfg).apply(
-        {"params": params},
+        variables,
         ids,
         deterministic=deterministic,
         return_hidden=True,
@@ -85,7 +98,7 @@ def loss_fn(
         segment_ids=segments,
         rngs={"dropout": dropout_rng},
     )
-    wte = params["wte"]["embedding"]
+    wte = (params if base is None else base)["wte"]["embedding"]
     if not isinstance(batch, dict):
         return losses_lib.mean_token_nll(hidden, wte, ids)
     weights = batch["loss_mask"][:, 1:].astype(jnp.float32) / num_targets
@@ -103,6 +116,7 @@ def count_targets(batch) -> jax.Array | None:
 def train_step(
     state: TrainState,
     batch: jax.Array,
+    base=None,
     *,
     model_cfg: gpt2_config.GPT2Config,
     tx: optax.GradientTransformation,
@@ -117,14 +131,17 @@ def train_step(
     SFT: summed, each microbatch's sum already divided by the target count of the whole
     batch, so any ``accum`` gives the same mean over its targets (``num_items_in_batch``).
     ``skip_nonfinite``: a non-finite loss or gradient norm leaves params and optimizer
-    state as they were (the step counter still advances).
+    state as they were (the step counter still advances). ``base``: LoRA's frozen params
+    (``state["params"]`` are then the adapters, the only arguments differentiated).
     """
     rng = jax.random.fold_in(state["rng"], state["step"])
     num_targets = count_targets(batch)
+    frozen = {} if base is None else {"base": base}
     grad_fn = jax.value_and_grad(
         functools.partial(
-            loss_fn, model_cfg=model_cfg, document_mask=document_mask, num_targets=num_targets
-        )
+            loss_fn, model_cfg=model_cfg, document_mask=document_mask, num_targets=num_targets,
+            **frozen,
+        )  # fmt: skip
     )
     accum = jax.tree.leaves(batch)[0].shape[0]
     params = state["params"]
@@ -190,6 +207,8 @@ class Step:
     batch_sharding: jax.sharding.NamedSharding
     abstract_state: Any  # ShapeDtypeStructs with their shardings
     abstract_batch: jax.ShapeDtypeStruct
+    base_shardings: Any = None  # LoRA: the frozen base params' shardings (else None)
+    abstract_base: Any = None  # LoRA: the base params' ShapeDtypeStructs with their shardings
 
 
 def build_step(plan: plan_lib.Plan) -> Step:
@@ -213,16 +232,38 @@ def build_step(plan: plan_lib.Plan) -> Step:
     abstract_batch = batch_spec(plan, (accum, plan.micro_batch), batch_sh)
     skip = plan.train.nonfinite == "skip"
     doc = plan.data.document_mask
+    base_sh, abstract_base = _base_spec(plan, mesh)
+    frozen = () if base_sh is None else (base_sh,)  # LoRA's base: a third argument
     jitted = jax.jit(
         functools.partial(
             train_step, model_cfg=plan.model, tx=tx, skip_nonfinite=skip, document_mask=doc
         ),
-        in_shardings=(state_sh, batch_sh),
+        in_shardings=(state_sh, batch_sh, *frozen),
         out_shardings=(state_sh, None),
         donate_argnums=0,
     )
-    compiled = jitted.lower(abstract_state, abstract_batch).compile()
+    base_args = () if abstract_base is None else (abstract_base,)
+    compiled = jitted.lower(abstract_state, abstract_batch, *base_args).compile()
     return Step(
         compiled, tx, schedule, mesh, abstract_fn, state_sh, batch_sh, abstract_state,
-        abstract_batch,
+        abstract_batch, base_sh, abstract_base,
     )  # fmt: skip
+
+
+def base_params_spec(model_cfg: gpt2_config.GPT2Config) -> Any:
+    """The abstract params of a LoRA run's base: ``model_cfg`` without the adapters."""
+    plain = dataclasses.replace(model_cfg, lora=None)
+    return jax.eval_shape(functools.partial(model_lib.init_params, plain), jax.random.PRNGKey(0))
+
+
+def _base_spec(plan: plan_lib.Plan, mesh) -> tuple[Any, Any]:
+    """(shardings, abstract arrays with them) of a LoRA run's frozen base params, sharded
+    by the state's rules (FSDP splits them as it splits full fine-tuning's); (None, None)
+    without LoRA."""
+    if plan.model.lora is None:
+        return None, None
+    abstract = base_params_spec(plan.model)
+    shardings = sharding.state_sharding(mesh, abstract)
+    return shardings, jax.tree.map(
+        lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shardings
+    )

@@ -55,10 +55,12 @@ def start_summary(
     weights: str,
     workdir: str | Path,
     data: str = "",
+    trainable: int | None = None,
 ) -> str:
     """The start-of-run screen. ``config``: the resolved config as a dict (``to_dict``);
     ``blocks``: examples per split, e.g. ``{"train": 2088, "validation": 95}``; ``data``:
-    how the tokens were had (``data.cache_report``: tokenized in how long, or reused)."""
+    how the tokens were had (``data.cache_report``: tokenized in how long, or reused);
+    ``params``: every parameter, ``trainable`` the ones trained (LoRA's adapters)."""
     m, t, d, o = config["model"], config["train"], config["data"], config["optim"]
     shape = (
         f"{_plural(m['n_layer'], 'layer')} x {_plural(m['n_head'], 'head')} x n_embd {m['n_embd']}"
@@ -84,6 +86,7 @@ def start_summary(
         "gpt2-jax train: run summary",
         _row("model", f"{params / 1e6:.1f}M parameters ({params:,}), {shape}"),
         _row("weights", weights),
+        *([_row("lora", _lora(config["lora"], trainable, params))] if _lora_on(config) else []),
         _row("devices", f"{devices}; mesh {dict(mesh_shape)}"),
         _row("malloc", allocator.state() or "not tuned (allocator.tune() not called)"),
         _row("batch", _batch(t["batch_size"], o.get("accumulation_steps", 1), block)),
@@ -97,6 +100,21 @@ def start_summary(
         _row("workdir", str(workdir)),
     ]
     return "\n".join(lines)
+
+
+def _lora_on(config: dict) -> bool:
+    return bool((config.get("lora") or {}).get("rank"))
+
+
+def _lora(lo: dict, trainable: int | None, total: int) -> str:
+    """``rank 16, alpha 32 on c_attn,c_proj,c_fc; trains 811,008 of 125,250,816 parameters
+    (0.65%), the base frozen``."""
+    text = f"rank {lo['rank']}, alpha {lo['alpha']:g} on {lo['targets']}"
+    if lo.get("dropout"):
+        text += f", dropout {lo['dropout']:g}"
+    if trainable is not None and total:
+        text += f"; trains {trainable:,} of {total:,} parameters ({100 * trainable / total:.2f}%)"
+    return text + ", the base frozen"
 
 
 def _rows_line(d: dict, per_split: str, block: int) -> tuple[str, str]:

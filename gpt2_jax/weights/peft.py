@@ -239,6 +239,27 @@ def _to_tree(tensors: dict, lora_cfg, model_cfg: GPT2Config, scanned: bool) -> d
     return {f"h_{i}": tree for i, tree in enumerate(layers)}
 
 
+def read_adapter_config(
+    path: str | os.PathLike, model_cfg: GPT2Config
+) -> tuple[lora.LoraConfig, dict]:
+    """A PEFT adapter directory's adapter_config.json -> (the LoraConfig it means for
+    ``model_cfg``'s base, the JSON as read), without reading its tensors. PeftError for a
+    missing directory or file, bad JSON, or a config gpt2_jax cannot use (naming it)."""
+    directory = Path(path).expanduser()
+    if not directory.is_dir():
+        raise PeftError(f"{directory}: no such adapter directory")
+    config_file = directory / ADAPTER_CONFIG
+    if not config_file.is_file():
+        raise PeftError(f"{directory} has no {ADAPTER_CONFIG} (a PEFT adapter directory?)")
+    try:
+        config = json.loads(config_file.read_text())
+    except json.JSONDecodeError as e:
+        raise PeftError(f"{config_file}: not valid JSON ({e})") from e
+    if not isinstance(config, dict):
+        raise PeftError(f"{config_file}: not a JSON object")
+    return lora_config_from_peft(config, model_cfg, str(config_file)), config
+
+
 def read_adapter(
     path: str | os.PathLike, model_cfg: GPT2Config, scanned: bool
 ) -> tuple[lora.LoraConfig, dict, dict]:
@@ -252,16 +273,7 @@ def read_adapter(
     from safetensors import safe_open
 
     directory = Path(path).expanduser()
-    if not directory.is_dir():
-        raise PeftError(f"{directory}: no such adapter directory")
-    config_file = directory / ADAPTER_CONFIG
-    if not config_file.is_file():
-        raise PeftError(f"{directory} has no {ADAPTER_CONFIG} (a PEFT adapter directory?)")
-    try:
-        config = json.loads(config_file.read_text())
-    except json.JSONDecodeError as e:
-        raise PeftError(f"{config_file}: not valid JSON ({e})") from e
-    lora_cfg = lora_config_from_peft(config, model_cfg, str(config_file))
+    lora_cfg, config = read_adapter_config(directory, model_cfg)
     file = directory / ADAPTER_WEIGHTS
     if not file.is_file():
         other = " (adapter_model.bin is not read: save with safetensors)"

@@ -9,8 +9,16 @@ The order, decided here and nowhere else:
   3. random init (``train`` only; eval/export/generate need real weights).
 
 ``train`` asks for the source (``resolve``) and restores the whole train state itself;
-``eval``/``export``/``generate`` call ``load_params``. Moving checkpoints aside
-(``train.fresh``, ``train.resume_step``) happens here too, and never deletes anything.
+``eval``/``export``/``generate``/``lm-eval`` call ``params_of``.
+
+LoRA (``weights.lora_base``): a checkpoint whose saved config has ``lora.rank > 0`` holds
+adapters, not params; its Source names the base (``init_from``) and the base's recorded
+identity, and ``params_of`` loads the base, checks its hash and merges the adapters in. An
+``hf`` source with an adapter directory (``lora.init_from``, the commands' ``--adapter``)
+is merged the same way; ``train`` reads that adapter itself, as its starting adapters.
+
+Moving checkpoints aside (``train.fresh``, ``train.resume_step``) happens here too, and
+never deletes anything.
 """
 
 from __future__ import annotations
@@ -30,7 +38,9 @@ from gpt2_jax.core import workdir as wd
 from gpt2_jax.errors import ConfigError
 from gpt2_jax.model import config as gpt2_config
 from gpt2_jax.model import gpt2 as model_lib
+from gpt2_jax.model import lora
 from gpt2_jax.weights import checkpoint as ckpt_lib
+from gpt2_jax.weights import lora_base
 
 # ``dropout`` is one config key for the three *_pdrop fields.
 _CONFIG_KEY = {"resid_pdrop": "dropout", "embd_pdrop": "dropout", "attn_pdrop": "dropout"}
@@ -43,13 +53,16 @@ class Request:
     ``hf_spec``: the ``init_from`` directory or hub id (None: no ``init_from``);
     ``runtime``: the user's runtime fields (``model.RUNTIME_FIELDS``), applied to any source;
     ``requested``: the config's own model shape, needed for ``train`` without ``init_from``
-    (the shape check against a checkpoint, and random init); ``fresh``: ``train.fresh``.
+    (the shape check against a checkpoint, and random init); ``fresh``: ``train.fresh``;
+    ``adapter``: ``lora.init_from``, a PEFT adapter directory that the weights-reading
+    commands merge into ``hf`` weights (``train`` starts its adapters from it instead).
     """
 
     hf_spec: str | None = None
     runtime: dict = dataclasses.field(default_factory=dict)
     requested: gpt2_config.GPT2Config | None = None
     fresh: bool = False
+    adapter: str = ""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -58,7 +71,10 @@ class Source:
 
     ``model_cfg`` is what runs: the source's shape with the user's runtime fields.
     ``saved_cfg`` (checkpoints only) is the model config the checkpoint was written with,
-    whose ``scan_layers`` is the saved parameter layout.
+    whose ``scan_layers`` is the saved parameter layout. A LoRA run's checkpoint has
+    ``lora`` (its adapters' config), ``base`` (the ``hf`` Source of the weights they adapt)
+    and ``base_record`` (the base identity it recorded); an ``hf`` source with ``adapter``
+    has that PEFT directory merged in by ``params_of``, ``lora`` its config.
     """
 
     kind: str  # "checkpoint" | "hf" | "scratch" | "given" (params passed in by the caller)
@@ -66,10 +82,19 @@ class Source:
     step: int | None = None
     path: Path | None = None  # the checkpoints directory, or the HF directory
     saved_cfg: gpt2_config.GPT2Config | None = None
+    lora: lora.LoraConfig | None = None
+    base: Source | None = None
+    base_record: dict | None = None
+    adapter: Path | None = None
 
     def describe(self) -> str:
+        if self.kind == "checkpoint" and self.lora is not None:
+            where = self.base.describe() if self.base is not None else "its base"
+            return f"checkpoint {self.path / str(self.step)} (LoRA adapters on {where})"
         if self.kind == "checkpoint":
             return f"checkpoint {self.path / str(self.step)}"
+        if self.kind == "hf" and self.adapter is not None:
+            return f"hf:{self.path} with the adapter {self.adapter} merged in"
         if self.kind == "hf":
             return f"hf:{self.path}"
         if self.kind == "given":
@@ -111,11 +136,15 @@ def runtime_changes(saved: gpt2_config.GPT2Config, now: gpt2_config.GPT2Config) 
 
 
 def _is_params(x: Any) -> bool:
-    return isinstance(x, dict) and "wte" in x and ("h" in x or "h_0" in x)
+    """A params tree, or a LoRA adapters tree (only layers: ``h`` or ``h_<i>``)."""
+    if not isinstance(x, dict) or not ("h" in x or "h_0" in x):
+        return False
+    return "wte" in x or all(k == "h" or re.fullmatch(r"h_\d+", str(k)) for k in x)
 
 
 def relayout(tree: Any, scan_layers: bool, n_layer: int) -> Any:
-    """Every params-shaped dict in ``tree`` (params, Adam's mu/nu) in the asked layout.
+    """Every params-shaped dict in ``tree`` (params or LoRA adapters, Adam's mu/nu) in the
+    asked layout.
 
     Scanned (``h`` with a leading layer axis) <-> unrolled (``h_0 .. h_{L-1}``); the
     optimizer state holds the same trees, so a train state converts as a whole.
@@ -194,11 +223,12 @@ def _pick_step(ckpt: ckpt_lib.Checkpointer, step: int | str | None) -> int:
     return step
 
 
-def _saved_model_cfg(ckpt, step: int, flag: str) -> gpt2_config.GPT2Config:
+def _saved_record(ckpt, step: int, flag: str) -> tuple[gpt2_config.GPT2Config, dict]:
+    """(the model config, the whole config record) a checkpoint step was saved with."""
     try:
         saved = ckpt.restore_config(step)  # the run's config: a dict (JSON text before)
         saved = json.loads(saved) if isinstance(saved, str) else saved
-        return gpt2_config.config_from_section(saved["model"])
+        return gpt2_config.config_from_section(saved["model"]), saved
     except Exception as e:  # unreadable config item: as corrupt as a bad array
         raise unreadable(ckpt.directory, step, ckpt.all_steps(), e, flag) from e
 
@@ -234,7 +264,7 @@ def resolve(
         where = ckpt_dir or "(no --workdir given)"
         raise ckpt_lib.CheckpointError(f"step {step}: there is no checkpoint in {where}")
     if request.hf_spec is not None:
-        return _from_hf(request)
+        return _from_hf(request, adapter=not training)
     if not training:
         raise ckpt_lib.CheckpointError(
             "no weights to use: no --workdir given and init_from is empty "
@@ -247,7 +277,7 @@ def _from_checkpoint(request: Request, ckpt_dir: Path, step, flag: str, training
     """Step 1 of the order: the checkpoint's shape with the user's runtime fields."""
     with ckpt_lib.Checkpointer(ckpt_dir, read_only=True) as ckpt:
         step = _pick_step(ckpt, step)
-        saved = _saved_model_cfg(ckpt, step, flag)
+        saved, record = _saved_record(ckpt, step, flag)
     if training and request.hf_spec is None:
         # (With init_from the shape came from those weights, not from the config.)
         diff = shape_diff(saved, request.requested)
@@ -259,12 +289,37 @@ def _from_checkpoint(request: Request, ckpt_dir: Path, step, flag: str, training
                 f"checkpoints aside (kept, not deleted) and start over"
             )
     model_cfg = dataclasses.replace(saved, **request.runtime)
-    return Source("checkpoint", model_cfg, step, ckpt_dir, saved)
+    source = Source("checkpoint", model_cfg, step, ckpt_dir, saved)
+    adapters = lora.lora_from_section(record.get("lora") or {})
+    if adapters is None:
+        return source
+    base_record = (record.get("lora") or {}).get("base")
+    return dataclasses.replace(
+        source, lora=adapters, base_record=base_record,
+        base=_lora_base(request, base_record, ckpt_dir / str(step), training),
+    )  # fmt: skip
 
 
-def _from_hf(request: Request) -> Source:
-    """Step 2 of the order: the shape from the ``hf:`` directory's config.json."""
+def _lora_base(request: Request, recorded: dict | None, where: Path, training: bool) -> Source:
+    """The ``hf`` Source of the base a LoRA checkpoint's adapters adapt: the config's
+    ``init_from``; for the weights-reading commands, else the one the checkpoint recorded."""
     from gpt2_jax.weights import hf
+
+    spec = request.hf_spec
+    if spec is None and not training and recorded and recorded.get("init_from"):
+        spec = hf.parse_init_from(recorded["init_from"])
+    if spec is None:
+        raise ConfigError(
+            f"init_from: {where} holds LoRA adapters, and init_from names no base to "
+            f"apply them to: set init_from=hf:<the base it was trained on>"
+        )
+    return _from_hf(dataclasses.replace(request, hf_spec=spec), adapter=False)
+
+
+def _from_hf(request: Request, adapter: bool) -> Source:
+    """Step 2 of the order: the shape from the ``hf:`` directory's config.json; with
+    ``adapter``, ``request.adapter`` (a PEFT directory, its config checked here) to merge."""
+    from gpt2_jax.weights import hf, peft
 
     directory = hf.checkpoint_dir(request.hf_spec)
     config_path = directory / "config.json"
@@ -273,7 +328,14 @@ def _from_hf(request: Request) -> Source:
     model_cfg = hf.config_from_hf(
         json.loads(config_path.read_text()), str(config_path), **request.runtime
     )
-    return Source("hf", model_cfg, path=directory)
+    source = Source("hf", model_cfg, path=directory)
+    if not (adapter and request.adapter):
+        return source
+    try:
+        lora_cfg, _ = peft.read_adapter_config(request.adapter, model_cfg)
+    except peft.PeftError as e:
+        raise peft.PeftError(f"lora.init_from: {e}") from None
+    return dataclasses.replace(source, lora=lora_cfg, adapter=Path(request.adapter))
 
 
 def _saved_steps(ckpt_dir: Path) -> list[int]:
@@ -330,28 +392,57 @@ def restore(
     return jax.jit(convert, out_shardings=target_sh)(tree)
 
 
+def _whole_copy(abstract):
+    """Shardings for a restore that one command reads whole: one process, one local device
+    (eval/generate place them as they need); several, replicated over every device, so
+    each process holds the whole (addressable) copy."""
+    if jax.process_count() == 1:
+        where = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+    else:
+        mesh = jax.sharding.Mesh(np.asarray(jax.devices()), ("all",))
+        where = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+    return jax.tree.map(lambda _: where, abstract)
+
+
 def params_of(source: Source) -> dict:
     """The params of a resolved checkpoint or ``hf`` source, laid out as its model config
-    says (one device; replicated over every device with several processes)."""
+    says (one device; replicated over every device with several processes). LoRA (a LoRA
+    run's checkpoint, or ``hf`` with an adapter): the base with the adapters merged in,
+    plain params for the model config without LoRA."""
     if source.kind == "hf":
-        return load_hf_params(source)
+        params = load_hf_params(source)
+        if source.adapter is None:
+            return params
+        try:
+            return lora_base.merge_adapter_dir(params, source.model_cfg, source.adapter)
+        except lora_base.peft.PeftError as e:
+            raise lora_base.peft.PeftError(f"lora.init_from: {e}") from None
+    if source.lora is not None:
+        base = load_hf_params(source.base)
+        now = lora_base.base_identity(source.base.describe(), base)
+        where = source.path / str(source.step)
+        lora_base.check_base(source.base_record, now, str(where), source_too=False)
+        return lora.merge(base, adapters_of(source), source.lora)
 
     def abstract_fn(mcfg):
         init = functools.partial(model_lib.init_params, mcfg)
         return {"params": jax.eval_shape(init, jax.random.PRNGKey(0))}
 
-    def shardings_fn(abstract):
-        # One process: one local device (eval/generate place them as they need). Several:
-        # replicated over every device, so each process holds the whole (addressable) copy.
-        if jax.process_count() == 1:
-            where = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
-        else:
-            mesh = jax.sharding.Mesh(np.asarray(jax.devices()), ("all",))
-            where = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
-        return jax.tree.map(lambda _: where, abstract)
+    with ckpt_lib.Checkpointer(source.path, read_only=True) as ckpt:
+        state = restore(source, ckpt, abstract_fn, _whole_copy, "--step", partial=True)
+    return state["params"]
+
+
+def adapters_of(source: Source) -> dict:
+    """The LoRA adapters of a LoRA run's checkpoint (``source.lora`` set), in the
+    ``"lora"`` collection's layout of ``source.model_cfg`` (one device, as ``params_of``)."""
+
+    def abstract_fn(mcfg):
+        init = functools.partial(lora.init_adapters, source.lora, mcfg, scanned=mcfg.scan_layers)
+        return {"params": jax.eval_shape(init, jax.random.PRNGKey(0))}
 
     with ckpt_lib.Checkpointer(source.path, read_only=True) as ckpt:
-        state = restore(source, ckpt, abstract_fn, shardings_fn, "--step", partial=True)
+        state = restore(source, ckpt, abstract_fn, _whole_copy, "--step", partial=True)
     return state["params"]
 
 

@@ -16,12 +16,13 @@ from gpt2_jax.evaluation.harness.lm import GPT2JaxLM
 from gpt2_jax.evaluation.harness_args import HarnessError
 
 
-def command_args(model_args: str, workdir, step, init_from, batch_size) -> dict:
+def command_args(model_args: str, workdir, step, init_from, batch_size, adapter="") -> dict:
     """The model arguments of ``--model_args`` with the weights flags and
     ``--batch_size`` merged in; a HarnessError for a key given twice, an unknown key, or
     no weights named."""
     args = lm_utils.simple_parse_args_string(model_args)
-    for key, value in (("workdir", workdir), ("init_from", init_from), ("step", step)):
+    flags = (("workdir", workdir), ("init_from", init_from), ("step", step), ("adapter", adapter))
+    for key, value in flags:
         if value not in ("", None):
             if key in args:
                 raise HarnessError(f"--{key} and --model_args {key}=... both given")
@@ -33,6 +34,8 @@ def command_args(model_args: str, workdir, step, init_from, batch_size) -> dict:
         raise HarnessError("give --workdir=DIR (a trained run) or --init_from=hf:<dir or hub id>")
     if args.get("init_from"):
         config_lib.init_from_spec(str(args["init_from"]))
+    if args.get("adapter") and not args.get("init_from"):
+        raise HarnessError("--adapter merges a PEFT adapter into --init_from weights: give both")
     return args
 
 
@@ -42,6 +45,7 @@ def evaluate_command(
     workdir: str = "",
     step=None,
     init_from: str = "",
+    adapter: str = "",
     model_args: str = "",
     batch_size: int | None = None,
     num_fewshot: int | None = None,
@@ -57,11 +61,11 @@ def evaluate_command(
     before any weights load, scores, and writes the results JSON (process 0) ->
     (results, results path or None, every file written)."""
     seeds = harness_args.parse_seed(seed)
-    args = command_args(model_args, workdir, step, init_from, batch_size)
+    args = command_args(model_args, workdir, step, init_from, batch_size, adapter)
     if log_samples and not output_path and not args.get("workdir"):
         raise HarnessError("--log_samples needs --output_path (or --workdir) to write them to")
     loading.check_weights(args.get("workdir"), args.get("step"), args.get("init_from", ""),
-                          args.get("dtype"))  # fmt: skip
+                          args.get("dtype"), args.get("adapter", ""))  # fmt: skip
     names, manager = tasks_lib.load_tasks(tasks, include_path)
     lm = GPT2JaxLM.from_args(args)
     lm.progress = progress

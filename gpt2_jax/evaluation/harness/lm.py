@@ -99,11 +99,15 @@ class GPT2JaxLM(TemplateLM):
                                  **kwargs)  # fmt: skip
 
     @classmethod
-    def from_hf(cls, path_or_hub_id, dtype: str | None = None, **kwargs) -> GPT2JaxLM:
-        """Hugging Face GPT-2 weights: a local directory or a hub id."""
+    def from_hf(
+        cls, path_or_hub_id, dtype: str | None = None, adapter: str = "", **kwargs
+    ) -> GPT2JaxLM:
+        """Hugging Face GPT-2 weights: a local directory or a hub id; ``adapter``: a PEFT
+        LoRA adapter directory merged into them once."""
         init_from = str(path_or_hub_id)
         init_from = init_from if init_from.startswith("hf:") else f"hf:{init_from}"
-        return cls._from_weights(loading.load_weights(init_from=init_from, dtype=dtype), **kwargs)
+        loaded = loading.load_weights(init_from=init_from, dtype=dtype, adapter=adapter)
+        return cls._from_weights(loaded, **kwargs)
 
     @classmethod
     def _from_weights(cls, loaded, **kwargs) -> GPT2JaxLM:
@@ -130,15 +134,18 @@ class GPT2JaxLM(TemplateLM):
         init_from, workdir = args.pop("init_from", ""), args.pop("workdir", "")
         step = args.pop("step", None)
         dtype = args.pop("dtype", None)
+        adapter = str(args.pop("adapter", "") or "")
         if args.get("batch_size") in ("auto", None):
             args.pop("batch_size", None)  # lm-eval's auto-detection: our default instead
         kwargs = {k: int(v) for k, v in args.items()}
         if bool(init_from) == bool(workdir):
             raise HarnessError("model_args: give init_from=hf:<dir or hub id> or workdir=DIR")
         if workdir:
+            if adapter:
+                raise HarnessError("model_args: adapter= goes with init_from=, not workdir=")
             step = harness_args.parse_step_arg(step)
             return cls.from_workdir(workdir, step=step, dtype=dtype, **kwargs)
-        return cls.from_hf(str(init_from), dtype=dtype, **kwargs)
+        return cls.from_hf(str(init_from), dtype=dtype, adapter=adapter, **kwargs)
 
     # ---------------------------------------------------------------- lm-eval's hooks
 

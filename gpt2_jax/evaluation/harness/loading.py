@@ -19,10 +19,10 @@ from gpt2_jax.model import gpt2 as model_lib
 from gpt2_jax.weights import resolve as weights
 
 
-def weights_config(workdir, init_from: str, dtype: str | None):
+def weights_config(workdir, init_from: str, dtype: str | None, adapter: str = ""):
     """The config the resolver reads: the run's saved one, or the defaults + init_from;
     ``dtype`` if given, and no dropout (evaluation is deterministic anyway; the config
-    then says what ran)."""
+    then says what ran); ``adapter``: a PEFT adapter merged into ``init_from``'s weights."""
     if workdir and not (Path(workdir) / wd.CONFIG).is_file():
         raise config_lib.ConfigError(
             f"--workdir={workdir} has no config.json (is it a gpt2-jax run directory?)"
@@ -34,23 +34,32 @@ def weights_config(workdir, init_from: str, dtype: str | None):
                 f"dtype={dtype!r} is not one of {list(gpt2_config.DTYPES)}"
             )
         overrides["model.dtype"] = dtype
+    if adapter:
+        if workdir and not init_from:
+            raise harness_args.HarnessError(
+                "adapter= merges a PEFT adapter into init_from= weights, not into a workdir's"
+            )
+        overrides["lora.init_from"] = str(adapter)
     return config_lib.for_weights(workdir or None, init_from, overrides)
 
 
 def load_weights(
-    workdir=None, step=None, init_from: str = "", dtype: str | None = None
+    workdir=None, step=None, init_from: str = "", dtype: str | None = None, adapter: str = ""
 ) -> tuple[gpt2_config.GPT2Config, dict, Any]:
     """(model config, params, weights.Source) of a workdir's checkpoint or of ``hf:``
-    weights, through the one resolver every command uses."""
-    cfg = weights_config(workdir, init_from, dtype)
+    weights (with ``adapter``, a PEFT adapter directory, merged in), through the one
+    resolver every command uses. A LoRA run's checkpoint comes merged into its base."""
+    cfg = weights_config(workdir, init_from, dtype, adapter)
     plan = plan_lib.weights_only(cfg, workdir or None, step, jax.device_count())
     return plan.model, weights.params_of(plan.source), plan.source
 
 
-def check_weights(workdir=None, step=None, init_from: str = "", dtype: str | None = None):
-    """Raises the one-line error of a missing run, checkpoint step or HF directory,
-    without reading any weights (the command checks this before the tasks)."""
-    cfg = weights_config(workdir, init_from, dtype)
+def check_weights(
+    workdir=None, step=None, init_from: str = "", dtype: str | None = None, adapter: str = ""
+):
+    """Raises the one-line error of a missing run, checkpoint step, HF directory or adapter
+    config, without reading any weights (the command checks this before the tasks)."""
+    cfg = weights_config(workdir, init_from, dtype, adapter)
     plan_lib.resolve_weights(cfg, workdir or None, harness_args.parse_step_arg(step))
 
 
