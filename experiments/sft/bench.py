@@ -104,6 +104,19 @@ def padding(rows) -> float:
     return 1 - used / (len(rows) * rows.block_size)
 
 
+def padding_to_longest(rows, batch: int) -> float:
+    """Unpacked rows padded to the longest example of each batch (TRL's collator without
+    packing; a JAX step compiles one shape, so gpt2_jax pads to block_size): the padding
+    fraction over an epoch of the loader's batches. For comparison only."""
+    loader = data_lib.BatchLoader(len(rows), batch, seed=0)
+    used = total = 0
+    for step in range(loader.steps_per_epoch):
+        lengths = rows.lengths[[rows.rows[i][0] for i in loader.indices(step)]]
+        used += int(lengths.sum())
+        total += int(lengths.max()) * batch
+    return 1 - used / total
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--steps", type=int, default=12)
@@ -137,6 +150,9 @@ def main() -> None:
             "rows": len(r.rows),
         }
     lay = result["layouts"]
+    lay["unpacked"]["padding_fraction_if_padded_to_batch_longest"] = padding_to_longest(
+        rows[False], args.batch
+    )
     result["packed_vs_unpacked_target_tokens_per_second"] = (
         lay["packed"]["target_tokens_per_second"] / lay["unpacked"]["target_tokens_per_second"]
     )
