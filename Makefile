@@ -38,7 +38,7 @@ demo: $(VENV)/.installed
 test: $(VENV)/.installed-test
 	$(PY) -m pytest -q -rs -m "not slow and not gpu"
 
-# Adds the `slow` tests: the benchmark's smoke run, and checks over the full shared corpora (../shared/data, or
+# Adds the `slow` tests: the benchmark's smoke run, malloc keeping a 3 GiB block, and checks over the full shared corpora (../shared/data, or
 # GPT2_JAX_SHARED_DATA), which fail rather than skip where that directory is missing.
 test-all: $(VENV)/.installed-test
 	$(PY) -m pytest -q -rs -m "not gpu"

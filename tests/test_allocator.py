@@ -5,6 +5,8 @@ import subprocess
 import sys
 import textwrap
 
+import pytest
+
 from gpt2_jax.core import allocator
 
 # A worker thread (as XLA:CPU's are) allocates, touches and frees N bytes three times; the
@@ -53,6 +55,8 @@ def test_tuned_malloc_reuses_freed_memory_across_rounds():
     assert tuned < pages // 10, tuned  # the same pages again
 
 
+# 3 GiB touched three times: ~45 s of the 2-core suite, so `make test-all` runs it.
+@pytest.mark.slow
 def test_tuned_malloc_keeps_a_block_larger_than_mallopt_can_name():
     # A GPT-2 124M step frees more than 2 GiB (the largest positive int mallopt takes): the
     # trim threshold -1 (SIZE_MAX) keeps it, as the re-exec's MALLOC_TRIM_THRESHOLD_ did.
